@@ -1,0 +1,49 @@
+# Every target creates .venv on first use. PyTorch is pinned to the CPU build on local disk.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP_TEST := $(VENV)/.stamp-test
+STAMP_BENCH := $(VENV)/.stamp-bench
+
+.PHONY: test bench lint typecheck pytest bench-cost bench-full docs clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(STAMP_TEST): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+$(STAMP_BENCH): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[bench]'
+	touch $@
+
+lint: $(STAMP_TEST)
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+typecheck: $(STAMP_TEST)
+	$(BIN)/mypy
+
+pytest: $(STAMP_TEST)
+	$(BIN)/python -m pytest tests
+
+test: lint typecheck pytest
+
+bench: $(STAMP_BENCH)
+	$(BIN)/mtlbal-bench quick
+
+bench-full: $(STAMP_BENCH)
+	$(BIN)/mtlbal-bench all
+
+bench-cost: $(STAMP_BENCH)
+	$(BIN)/python benchmarks/step_time.py
+
+docs: $(STAMP_BENCH)
+	$(BIN)/mtlbal-bench quick --out docs/choosing-a-balancer --report-only
+
+clean:
+	rm -rf $(VENV) build dist .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,26 @@
+"""mtlbal — multi-task loss and gradient balancing for PyTorch.
+
+>>> import mtlbal
+>>> sorted(n for n in ("Balancer", "wrap", "weighting", "aggregation") if hasattr(mtlbal, n))
+['Balancer', 'aggregation', 'weighting', 'wrap']
+"""
+
+from mtlbal import aggregation, engine, functional, presets, transforms, weighting
+from mtlbal.balancer import Balancer, StepInfo
+from mtlbal.optim import BalancedOptimizer, wrap
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BalancedOptimizer",
+    "Balancer",
+    "StepInfo",
+    "__version__",
+    "aggregation",
+    "engine",
+    "functional",
+    "presets",
+    "transforms",
+    "weighting",
+    "wrap",
+]

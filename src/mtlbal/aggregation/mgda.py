@@ -1,0 +1,163 @@
+"""MGDA (Sener & Koltun, NeurIPS 2018, arXiv:1810.04650); MGDA-UB at a cut point.
+
+The min-norm point of the convex hull of the task gradients:
+
+    w* = argmin_{w ∈ Δ_m} ‖Jᵀ w‖² = argmin_{w ∈ Δ_m} wᵀ G w
+
+solved on the Gramian ``G`` (``[m, m]``) by Frank–Wolfe: start from the best pair (the exact
+two-task solution, clipped to 0.999/0.001 as in the reference MinNormSolver), then move toward
+the vertex ``argmin_t (G w)_t`` with the exact line search, until the step changes ``w`` by less
+than ``tol`` (L1) or ``max_iter`` is reached. At a cut point (``Balancer(at=module)``) the same
+solver on the representation's Gramian is MGDA-UB.
+
+Optional gradient normalisation before solving (``"l2"``: ``‖g_t‖``, ``"loss"``: ``L_t``,
+``"loss+"``: ``L_t·‖g_t‖``) follows the original code: the weights are then applied to the
+*raw* gradients, ``w_t / n_t``.
+
+Scale: the solution is a convex combination; with ``reduction="sum"`` (default) it is
+multiplied by ``m`` so that MGDA on identical gradients returns ``Σ_t g_t``.
+
+Host sync: the solver runs in float64 on the host (NumPy), one ``[m, m]`` copy per step.
+
+Example:
+    >>> import torch
+    >>> J = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    >>> MGDA(reduction="mean")(J)
+    tensor([0.5000, 0.5000])
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from mtlbal.aggregation.base import GramianAggregator, Reduction
+
+__all__ = ["MGDA", "min_norm_2", "mgda_weights"]
+
+Normalization = Literal["none", "l2", "loss", "loss+"]
+
+
+def min_norm_2(v11: float, v12: float, v22: float) -> tuple[float, float]:
+    """``argmin_{γ∈[0,1]} ‖γ a + (1−γ) b‖²`` from ``aᵀa, aᵀb, bᵀb``; returns ``(γ, cost)``.
+
+    At the boundaries the reference solver returns 0.999 / 0.001 rather than 1 / 0.
+    """
+    if v12 >= v11:
+        return 0.999, v11
+    if v12 >= v22:
+        return 0.001, v22
+    gamma = -1.0 * (v12 - v22) / (v11 + v22 - 2.0 * v12)
+    return gamma, v22 + gamma * (v12 - v22)
+
+
+def _mgda_numpy(g: np.ndarray, max_iter: int, tol: float) -> np.ndarray:
+    m = g.shape[0]
+    if m == 1:
+        return np.ones(1)
+    best = np.inf
+    sol = np.zeros(m)
+    for i in range(m):
+        for j in range(i + 1, m):
+            gamma, cost = min_norm_2(g[i, i], g[i, j], g[j, j])
+            if cost < best:
+                best = cost
+                sol = np.zeros(m)
+                sol[i], sol[j] = gamma, 1.0 - gamma
+    if m == 2:
+        return sol
+    for _ in range(max_iter):
+        grad = g @ sol
+        t = int(np.argmin(grad))
+        v11 = float(sol @ grad)
+        v12 = float(grad[t])
+        v22 = float(g[t, t])
+        gamma, _ = min_norm_2(v11, v12, v22)
+        new = gamma * sol
+        new[t] += 1.0 - gamma
+        change = np.abs(new - sol).sum()
+        sol = new
+        if change < tol:
+            break
+    return sol
+
+
+def mgda_weights(
+    gramian: Tensor,
+    *,
+    max_iter: int = 250,
+    tol: float = 1e-5,
+    norms: Tensor | None = None,
+) -> Tensor:
+    """Convex MGDA weights ``[m]`` (on the simplex) for the Gramian ``[m, m]``.
+
+    With ``norms`` (``[m]``, positive) the problem is solved for the normalised gradients
+    ``g_t / n_t`` and the returned weights are ``w_t / n_t`` (apply them to the raw gradients).
+    """
+    g = gramian.detach().to(torch.float64)
+    if norms is not None:
+        n = norms.detach().to(torch.float64).clamp_min(1e-12)
+        g = g / (n[:, None] * n[None, :])
+    sol = _mgda_numpy(g.cpu().numpy(), max_iter, tol)
+    w = torch.as_tensor(sol, dtype=torch.float64, device=gramian.device)
+    if norms is not None:
+        w = w / norms.detach().to(torch.float64).clamp_min(1e-12)
+    return w
+
+
+class MGDA(GramianAggregator):
+    """Multiple-gradient descent: the min-norm element of the tasks' convex hull.
+
+    Args:
+        normalization: ``"none"`` (default, as LibMTL and nash-mtl), ``"l2"``, ``"loss"`` or
+            ``"loss+"``; see the module docstring.
+        max_iter: Frank–Wolfe iterations (250 as LibMTL).
+        tol: stop when the L1 change of ``w`` is below this (1e-5 as the reference).
+        reduction: ``"sum"`` (× m, default) or ``"mean"`` (the convex combination).
+    """
+
+    host_sync = True
+
+    def __init__(
+        self,
+        *,
+        normalization: Normalization = "none",
+        max_iter: int = 250,
+        tol: float = 1e-5,
+        reduction: Reduction = "sum",
+    ) -> None:
+        super().__init__(reduction)
+        if normalization not in ("none", "l2", "loss", "loss+"):
+            raise ValueError(f"unknown normalization {normalization!r}")
+        self.normalization: Normalization = normalization
+        self.max_iter = int(max_iter)
+        self.tol = float(tol)
+        self._losses: Tensor | None = None
+
+    def hparams(self) -> dict[str, object]:
+        return {"normalization": self.normalization, "reduction": self.reduction}
+
+    def set_losses(self, losses: Tensor) -> None:
+        """Losses of the current step (needed by the ``"loss"``/``"loss+"`` normalisations)."""  # noqa: D401
+        self._losses = losses.detach()
+
+    def weights(self, gramian: Tensor) -> Tensor:
+        m = gramian.shape[0]
+        norms: Tensor | None = None
+        if self.normalization != "none":
+            gnorm = gramian.detach().to(torch.float64).diagonal().clamp_min(0).sqrt()
+            if self.normalization == "l2":
+                norms = gnorm
+            else:
+                if self._losses is None:
+                    raise ValueError(
+                        f"MGDA(normalization={self.normalization!r}) needs the losses: "
+                        "use it through a Balancer, or call set_losses() first"
+                    )
+                loss = self._losses.to(torch.float64)
+                norms = loss if self.normalization == "loss" else loss * gnorm
+        w = mgda_weights(gramian, max_iter=self.max_iter, tol=self.tol, norms=norms)
+        return w * (m * self._scale(m))

@@ -1,0 +1,545 @@
+"""The Balancer: owns the hooks, runs the pipeline, fills ``.grad``.
+
+Pipeline of :meth:`Balancer.backward` for losses ``L`` (``[m]``):
+
+1. validate the losses (scalar, count, names, finite: the one optional host sync);
+2. the loss weighting maps ``L`` to per-task objectives ``ℓ`` (``w_t·L_t``, ``w_t·log L_t``, …);
+3. without a gradient aggregator: one ordinary backward of ``Σ_t ℓ_t`` (+ the weighting's
+   auxiliary term);
+4. with one: the engine forms the per-task gradients of the shared part (at the parameters, or
+   at a cut point), the transforms act on them, the aggregator turns them into weights ``w``
+   (Gramian methods) or a direction, and the result is written to ``.grad``. Parameters outside
+   the shared part (the task heads, learnable strategy parameters) receive the gradient of
+   ``Σ_t ℓ_t``: gradient-level methods act on the shared part only.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from mtlbal.aggregation.base import Aggregator, GramianAggregator
+from mtlbal.engine.base import PerTaskGrads
+from mtlbal.engine.dense import CutPerTaskGrads, DensePerTaskGrads, batched_grads
+from mtlbal.transforms.base import GradientTransform
+from mtlbal.weighting.base import Equal, LossContext, LossWeighting
+
+__all__ = ["Balancer", "StepInfo"]
+
+Losses = Mapping[str, Tensor] | Sequence[Tensor]
+NonFinitePolicy = Literal["raise", "skip", "off"]
+
+
+@dataclass
+class StepInfo:
+    """What one :meth:`Balancer.backward` did. Tensors live on the losses' device.
+
+    Attributes:
+        tasks: task names (dict keys, or ``"0"``, ``"1"``, … for a sequence).
+        losses: ``[m]`` detached raw losses.
+        loss_weights: ``[m]`` the loss-level multipliers ``∂ℓ_t/∂L_t``.
+        grad_weights: ``[m]`` the gradient-level weights on ``∇ℓ_t`` (Gramian methods), if any.
+        weights: ``[m]`` the overall weight of ``∇L_t`` in the shared update where the method
+            is a weighting (``loss_weights·grad_weights``), else ``loss_weights``.
+        grad_norms: ``[m]`` norms of the per-task gradients of ``ℓ_t`` at the shared part, when
+            they were computed.
+        cosines: ``[m, m]`` pairwise cosines of those gradients, when computed.
+        conflict: share of task pairs with a negative cosine (the sparse-training paper's
+            gradient-conflict incidence), when computed.
+        skipped: ``True`` when the step was skipped by the ``nonfinite="skip"`` policy.
+        step: the Balancer's step counter after this call.
+    """
+
+    tasks: tuple[str, ...]
+    losses: Tensor
+    loss_weights: Tensor
+    weights: Tensor
+    grad_weights: Tensor | None = None
+    grad_norms: Tensor | None = None
+    cosines: Tensor | None = None
+    conflict: Tensor | None = None
+    gramian: Tensor | None = None
+    skipped: bool = False
+    step: int = 0
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+def gramian_stats(gramian: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Norms ``[m]``, cosines ``[m, m]`` and the share of pairs with negative cosine."""
+    g = gramian.detach()
+    norms = g.diagonal().clamp_min(0).sqrt()
+    denom = norms[:, None] * norms[None, :]
+    cos = torch.where(denom > 0, g / denom.clamp_min(torch.finfo(g.dtype).tiny), 0.0)
+    m = g.shape[0]
+    if m < 2:
+        conflict = torch.zeros((), dtype=g.dtype, device=g.device)
+    else:
+        iu = torch.triu_indices(m, m, offset=1, device=g.device)
+        conflict = (cos[iu[0], iu[1]] < 0).to(g.dtype).mean()
+    return norms, cos, conflict
+
+
+def _as_modules(obj: object) -> list[nn.Module]:
+    if isinstance(obj, nn.Module):
+        return [obj]
+    if isinstance(obj, (list, tuple)) and obj and all(isinstance(o, nn.Module) for o in obj):
+        return list(obj)
+    return []
+
+
+def _reachable(roots: Sequence[Tensor], stop: set[int]) -> tuple[list[Tensor], set[int]]:
+    """Leaf tensors reached from ``roots`` (through ``grad_fn``), and which ids of ``stop`` were
+    reached. The walk does not continue past leaves."""
+    leaves: dict[int, Tensor] = {}
+    seen: set[int] = set()
+    hit: set[int] = set()
+    stack = [r.grad_fn for r in roots if r.grad_fn is not None]
+    for r in roots:
+        if r.grad_fn is None and r.requires_grad:
+            leaves[id(r)] = r
+    while stack:
+        fn = stack.pop()
+        if fn is None or id(fn) in seen:
+            continue
+        seen.add(id(fn))
+        var = getattr(fn, "variable", None)
+        if var is not None:
+            leaves[id(var)] = var
+            if id(var) in stop:
+                hit.add(id(var))
+            continue
+        for nxt, _ in fn.next_functions:
+            if nxt is not None and id(nxt) not in seen:
+                stack.append(nxt)
+    return list(leaves.values()), hit
+
+
+class _Cut:
+    """A cut point: a forward hook replaces the module's output ``z`` by a detached leaf
+    ``ẑ`` (same value) so that the heads' graph stops there; ``z`` is kept to backpropagate
+    the combined gradient through the trunk afterwards."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.captured: list[tuple[Tensor, Tensor]] = []
+        self.handle = module.register_forward_hook(self._hook)
+
+    def _hook(self, module: nn.Module, args: Any, output: Any) -> Any:
+        if not isinstance(output, Tensor):
+            raise TypeError(
+                f"cut point {type(module).__name__} must return a single tensor, "
+                f"got {type(output).__name__}"
+            )
+        if not (torch.is_grad_enabled() and output.requires_grad):
+            return None
+        leaf = output.detach().requires_grad_(True)
+        self.captured.append((output, leaf))
+        return leaf
+
+    def take(self) -> list[tuple[Tensor, Tensor]]:
+        out, self.captured = self.captured, []
+        return out
+
+    def remove(self) -> None:
+        self.handle.remove()
+        self.captured = []
+
+
+class Balancer:
+    """Balance the losses of several tasks that share part of a network.
+
+    Args:
+        shared: the shared part: an ``nn.Module``, several modules, or an iterable of parameters.
+        weighting: a loss-level strategy (:mod:`mtlbal.weighting`); default equal weights.
+        aggregator: a gradient-level strategy (:mod:`mtlbal.aggregation`); default none.
+        at: ``"params"`` (per-task gradients of the shared parameters) or an ``nn.Module`` whose
+            output is the shared representation (a cut point: per-task gradients are taken
+            there, then one backward runs through the trunk).
+        transforms: gradient transforms (:mod:`mtlbal.transforms`) applied to each task's
+            gradient of the shared parameters before aggregation.
+        nonfinite: what a NaN/inf loss does. ``"raise"`` (default): ``ValueError`` naming the
+            task, ``.grad`` untouched; ``"skip"``: the step is skipped (``info.skipped``), no
+            gradient and no state update; ``"off"``: no check (zero host syncs per step).
+            ``"raise"`` and ``"skip"`` cost one host sync per step.
+        check_connected: when to check that every task's loss reaches the shared part:
+            ``"first"`` (the first step and whenever the task set changes), ``"always"``,
+            ``"never"``.
+        diagnostics: also compute per-task gradients (norms, cosines, conflict) when no
+            strategy needs them (costs what a gradient method costs).
+        chunk_size: tasks per batched backward at the parameters (bounds memory).
+        engine: ``"dense"`` (batched VJPs), or ``"auto"``.
+
+    Example:
+        >>> import torch, mtlbal
+        >>> trunk = torch.nn.Linear(3, 4); heads = torch.nn.ModuleList(
+        ...     [torch.nn.Linear(4, 1) for _ in range(2)])
+        >>> b = mtlbal.Balancer(trunk, aggregator=mtlbal.aggregation.MGDA())
+        >>> z = trunk(torch.randn(8, 3))
+        >>> info = b.backward({"a": heads[0](z).pow(2).mean(), "b": heads[1](z).abs().mean()})
+        >>> info.weights.shape
+        torch.Size([2])
+    """
+
+    def __init__(
+        self,
+        shared: nn.Module | Iterable[nn.Module] | Iterable[Tensor],
+        *,
+        weighting: LossWeighting | None = None,
+        aggregator: Aggregator | None = None,
+        at: Literal["params"] | nn.Module = "params",
+        transforms: Sequence[GradientTransform] | GradientTransform | None = None,
+        nonfinite: NonFinitePolicy = "raise",
+        check_connected: Literal["first", "always", "never"] = "first",
+        diagnostics: bool = False,
+        chunk_size: int | None = None,
+        engine: Literal["auto", "dense"] = "auto",
+    ) -> None:
+        shared_list = list(shared) if not isinstance(shared, nn.Module) else [shared]
+        self.shared_modules: list[nn.Module] = [s for s in shared_list if isinstance(s, nn.Module)]
+        params: list[Tensor] = []
+        seen: set[int] = set()
+        for s in shared_list:
+            ps = list(s.parameters()) if isinstance(s, nn.Module) else [s]
+            for p in ps:
+                if not isinstance(p, Tensor):
+                    raise TypeError(f"shared must hold modules or tensors, got {type(p).__name__}")
+                if p.requires_grad and id(p) not in seen:
+                    seen.add(id(p))
+                    params.append(p)
+        if not params and at == "params":
+            raise ValueError("the shared part has no parameter that requires grad")
+        self.shared_params = params
+        self._shared_ids = {id(p) for p in params}
+        if nonfinite not in ("raise", "skip", "off"):
+            raise ValueError(f"nonfinite must be 'raise', 'skip' or 'off', got {nonfinite!r}")
+        if check_connected not in ("first", "always", "never"):
+            raise ValueError(f"check_connected must be 'first', 'always' or 'never'")
+        if engine not in ("auto", "dense"):
+            raise ValueError(f"unknown engine {engine!r}")
+        self.weighting: LossWeighting = weighting if weighting is not None else Equal()
+        self.aggregator = aggregator
+        if transforms is None:
+            self.transforms: list[GradientTransform] = []
+        elif isinstance(transforms, GradientTransform):
+            self.transforms = [transforms]
+        else:
+            self.transforms = list(transforms)
+        self.nonfinite: NonFinitePolicy = nonfinite
+        self.check_connected = check_connected
+        self.diagnostics = diagnostics
+        self.chunk_size = chunk_size
+        self.engine = engine
+        self.step_count = 0
+        self.tasks: tuple[str, ...] | None = None
+        self._checked_for: tuple[str, ...] | None = None
+        self._hooks: OrderedDict[int, Callable[..., Any]] = OrderedDict()
+        self._cut: _Cut | None = None
+        if isinstance(at, nn.Module):
+            self._cut = _Cut(at)
+            self.at: Literal["params"] | nn.Module = at
+        elif at == "params":
+            self.at = "params"
+        else:
+            raise ValueError(f"at must be 'params' or an nn.Module, got {at!r}")
+        self.weighting.bind(self.shared_params, self.shared_modules)
+        self.last_info: StepInfo | None = None
+
+    # ------------------------------------------------------------------ public helpers
+    @property
+    def strategies(self) -> list[nn.Module]:
+        out: list[nn.Module] = [self.weighting]
+        if self.aggregator is not None:
+            out.append(self.aggregator)
+        out.extend(self.transforms)
+        return out
+
+    def parameters(self) -> Iterable[nn.Parameter]:
+        """Learnable parameters of the strategies (e.g. uncertainty weighting's log-variances)."""
+        seen: set[int] = set()
+        for s in self.strategies:
+            for p in s.parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    yield p
+
+    def to(self, device: torch.device | str) -> Balancer:
+        for s in self.strategies:
+            s.to(device)
+        return self
+
+    def register_hook(self, hook: Callable[[Balancer, StepInfo], None]) -> RemovableHandle:
+        """Call ``hook(balancer, info)`` after every step; returns a handle to remove it."""
+        handle = RemovableHandle(self._hooks)
+        self._hooks[handle.id] = hook
+        return handle
+
+    def remove(self) -> None:
+        """Drop every hook the Balancer registered on the model (the cut point)."""
+        if self._cut is not None:
+            self._cut.remove()
+            self._cut = None
+        self._hooks.clear()
+
+    def epoch_end(self) -> None:
+        """Mark the end of a training epoch for strategies that use epoch statistics (IGB, DWA)."""
+        for s in self.strategies:
+            fn = getattr(s, "epoch_end", None)
+            if callable(fn):
+                fn()
+
+    def after_step(self) -> None:
+        """Call after ``optimizer.step()`` when not using :func:`mtlbal.wrap` (which calls it)."""
+        for s in self.strategies:
+            fn = getattr(s, "after_step", None)
+            if callable(fn):
+                fn()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step_count,
+            "tasks": list(self.tasks) if self.tasks is not None else None,
+            "weighting": self.weighting.state_dict(),
+            "aggregator": None if self.aggregator is None else self.aggregator.state_dict(),
+            "transforms": [t.state_dict() for t in self.transforms],
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.step_count = int(state["step"])
+        self.tasks = tuple(state["tasks"]) if state["tasks"] is not None else None
+        self.weighting.load_state_dict(state["weighting"])
+        if self.aggregator is not None and state.get("aggregator") is not None:
+            self.aggregator.load_state_dict(state["aggregator"])
+        for t, s in zip(self.transforms, state.get("transforms", [])):
+            t.load_state_dict(s)
+
+    def __repr__(self) -> str:
+        at = "params" if self.at == "params" else type(self.at).__name__
+        return (
+            f"Balancer(weighting={self.weighting!r}, aggregator={self.aggregator!r}, at={at}, "
+            f"transforms={self.transforms!r}, shared_params={len(self.shared_params)})"
+        )
+
+    # ------------------------------------------------------------------ the step
+    def _normalize(self, losses: Losses) -> tuple[tuple[str, ...], list[Tensor]]:
+        if isinstance(losses, Mapping):
+            names = tuple(str(k) for k in losses)
+            values = list(losses.values())
+        elif isinstance(losses, Sequence) and not isinstance(losses, (str, bytes)):
+            values = list(losses)
+            names = tuple(str(i) for i in range(len(values)))
+        elif isinstance(losses, Tensor) and losses.dim() == 1:
+            values = list(losses.unbind(0))
+            names = tuple(str(i) for i in range(len(values)))
+        else:
+            raise TypeError(
+                f"losses must be a dict {{task: scalar}} or a sequence of scalars, "
+                f"got {type(losses).__name__}"
+            )
+        if not values:
+            raise ValueError("no losses were given")
+        for n, v in zip(names, values):
+            if not isinstance(v, Tensor):
+                raise TypeError(f"loss of task {n!r} is a {type(v).__name__}, not a tensor")
+            if v.numel() != 1 or v.dim() > 1:
+                raise ValueError(
+                    f"loss of task {n!r} must be a scalar, got shape {tuple(v.shape)} "
+                    "(reduce it, e.g. with .mean())"
+                )
+            if not v.requires_grad:
+                raise ValueError(f"loss of task {n!r} does not require grad (detached?)")
+        expected = self.weighting.num_tasks
+        if expected is not None and len(values) != expected:
+            raise ValueError(
+                f"{type(self.weighting).__name__} was built for {expected} tasks, "
+                f"got {len(values)} losses ({', '.join(names)})"
+            )
+        stateful = any(getattr(s, "is_stateful", False) for s in self.strategies)
+        if self.tasks is not None and names != self.tasks and stateful:
+            raise ValueError(
+                f"the task set changed from {list(self.tasks)} to {list(names)}; the configured "
+                "strategies keep per-task state. Use the same tasks every step (or a new Balancer)."
+            )
+        return names, [v.reshape(()) for v in values]
+
+    def _check_finite(self, names: tuple[str, ...], stacked: Tensor) -> bool:
+        if self.nonfinite == "off":
+            return True
+        if bool(torch.isfinite(stacked).all()):  # the one host sync of the step
+            return True
+        bad = [n for n, ok in zip(names, torch.isfinite(stacked).tolist()) if not ok]
+        if self.nonfinite == "skip":
+            return False
+        values = ", ".join(f"{n}={stacked[names.index(n)].item()}" for n in bad)
+        raise ValueError(f"non-finite loss for task(s) {', '.join(map(repr, bad))}: {values}")
+
+    def _check_connected(self, names: tuple[str, ...], values: list[Tensor]) -> None:
+        if self.check_connected == "never":
+            return
+        if self.check_connected == "first" and self._checked_for == names:
+            return
+        if self._cut is not None:
+            targets = {id(leaf) for _, leaf in self._cut.captured}
+            where = f"the cut point {type(self._cut.module).__name__}"
+            if not targets:
+                raise ValueError(
+                    f"no output of {where} was captured: run the forward pass (with grad "
+                    "enabled) between two backward calls"
+                )
+        else:
+            targets = self._shared_ids
+            where = "the shared parameters"
+        for n, v in zip(names, values):
+            _, hit = _reachable([v], targets)
+            if not hit:
+                raise ValueError(
+                    f"the loss of task {n!r} does not depend on {where}: check the model wiring "
+                    "(a detached tensor, or a head that bypasses the shared part)"
+                )
+        self._checked_for = names
+
+    def backward(self, losses: Losses) -> StepInfo:
+        """Fill ``.grad`` of every parameter the losses reach; return what was done.
+
+        Args:
+            losses: ``{task_name: scalar}`` or a sequence of scalar losses.
+        """
+        names, values = self._normalize(losses)
+        stacked = torch.stack(values)
+        raw = stacked.detach()
+        if not self._check_finite(names, raw):
+            if self._cut is not None:
+                self._cut.take()
+            info = StepInfo(names, raw, torch.zeros_like(raw), torch.zeros_like(raw))
+            info.skipped = True
+            info.step = self.step_count
+            self.last_info = info
+            return info
+        self._check_connected(names, values)
+
+        ctx = LossContext(step=self.step_count)
+        if self.weighting.needs_layer_grad_norms:
+            ctx.layer_grad_norms = self._layer_grad_norms(stacked)
+        weighted = self.weighting.objectives(stacked, ctx)
+        objectives = weighted.objectives
+        info = StepInfo(names, raw, weighted.weights.detach(), weighted.weights.detach())
+
+        needs_grads = (
+            self.aggregator is not None
+            or self.diagnostics
+            or any(self._transform_applies(p) for p in self.shared_params)
+        )
+        if not needs_grads:
+            self._plain_backward(objectives, weighted.aux)
+        elif self._cut is not None:
+            self._cut_backward(objectives, weighted.aux, info)
+        else:
+            self._params_backward(objectives, weighted.aux, info)
+
+        self.weighting.observe(raw)
+        self.tasks = names
+        self.step_count += 1
+        info.step = self.step_count
+        self.last_info = info
+        for hook in list(self._hooks.values()):
+            hook(self, info)
+        return info
+
+    # ------------------------------------------------------------------ paths
+    def _transform_applies(self, p: Tensor) -> bool:
+        return any(t.applies_to(p) for t in self.transforms)
+
+    def _layer_grad_norms(self, stacked: Tensor) -> Tensor:
+        # at a cut point the trunk is out of the heads' graph: norms are taken at the
+        # representation (LibMTL's rep_grad convention), documented on GradNorm
+        if self._cut is not None:
+            params = [leaf for _, leaf in self._cut.captured]
+        else:
+            params = self.weighting.grad_norm_params()
+        grads = batched_grads(stacked, params, chunk_size=self.chunk_size, retain_graph=True)
+        sq = sum(g.reshape(g.shape[0], -1).pow(2).sum(1) for g in grads)
+        assert isinstance(sq, Tensor)
+        return sq.sqrt().detach()
+
+    def _total(self, objectives: Tensor, aux: Tensor | None) -> Tensor:
+        total = objectives.sum()
+        return total if aux is None else total + aux
+
+    def _plain_backward(self, objectives: Tensor, aux: Tensor | None) -> None:
+        total = self._total(objectives, aux)
+        if self._cut is None:
+            total.backward()
+            return
+        captured = self._cut.take()
+        total.backward()
+        outs = [z for z, _ in captured]
+        cots = [
+            leaf.grad if leaf.grad is not None else torch.zeros_like(leaf) for _, leaf in captured
+        ]
+        torch.autograd.backward(outs, cots)
+
+    def _aggregate(self, grads: PerTaskGrads, info: StepInfo) -> None:
+        agg = self.aggregator
+        if agg is not None:
+            agg.set_losses(info.losses)
+        gram: Tensor | None = None
+        if agg is None or isinstance(agg, GramianAggregator) or self.diagnostics:
+            gram = grads.gramian()
+            norms, cos, conflict = gramian_stats(gram)
+            info.grad_norms, info.cosines, info.conflict, info.gramian = norms, cos, conflict, gram
+        if agg is None:
+            assert gram is not None
+            grads.apply_weights(torch.ones(grads.m, dtype=gram.dtype, device=gram.device))
+            return
+        if isinstance(agg, GramianAggregator):
+            assert gram is not None
+            w = agg.weights(gram)
+            info.grad_weights = w.detach()
+            info.weights = (w.detach().to(info.loss_weights.dtype) * info.loss_weights)
+            grads.apply_weights(w)
+        else:
+            direction = agg.aggregate_jacobian(grads.jacobian())
+            grads.apply_direction(direction)
+
+    def _cut_backward(self, objectives: Tensor, aux: Tensor | None, info: StepInfo) -> None:
+        assert self._cut is not None
+        captured = self._cut.take()
+        outs = [z for z, _ in captured]
+        leaves = [leaf for _, leaf in captured]
+        per_task = batched_grads(objectives, leaves, retain_graph=True)
+        # heads (and learnable strategy parameters) get the gradient of Σ ℓ_t; the leaves'
+        # .grad filled on the way is discarded
+        self._total(objectives, aux).backward()
+        for leaf in leaves:
+            leaf.grad = None
+        grads = CutPerTaskGrads(outs, per_task)
+        self._aggregate(grads, info)
+
+    def _params_backward(self, objectives: Tensor, aux: Tensor | None, info: StepInfo) -> None:
+        leaves, _ = _reachable([objectives] + ([aux] if aux is not None else []), set())
+        shared = [p for p in self.shared_params if any(p is q for q in leaves)]
+        others = [q for q in leaves if id(q) not in self._shared_ids]
+        per_task = batched_grads(
+            objectives, shared + others, chunk_size=self.chunk_size, retain_graph=aux is not None
+        )
+        shared_grads = per_task[: len(shared)]
+        for j, p in enumerate(shared):
+            for t in self.transforms:
+                if t.applies_to(p):
+                    shared_grads[j] = t.per_task(p, shared_grads[j])
+        for q, g in zip(others, per_task[len(shared) :]):
+            total = g.sum(0)
+            if q.grad is None:
+                q.grad = total.detach()
+            else:
+                q.grad.add_(total)
+        if aux is not None:
+            aux.backward()  # reaches the strategy's own parameters only
+        grads = DensePerTaskGrads(shared, shared_grads)
+        self._aggregate(grads, info)
+

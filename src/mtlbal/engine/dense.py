@@ -1,0 +1,154 @@
+"""Dense per-task gradients: batched vector-Jacobian products, chunked over tasks.
+
+One call of ``torch.autograd.grad`` with ``is_grads_batched=True`` backpropagates the ``m``
+one-hot cotangents of ``ℓ`` together (a vmap over the backward), giving ``∂ℓ_t/∂p`` for every
+input ``p`` as a ``[m, *p.shape]`` tensor. With ``chunk_size`` set, the tasks are taken
+``chunk_size`` at a time (the graph is kept between chunks) to bound peak memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from mtlbal.engine.base import PerTaskGrads
+
+__all__ = ["DensePerTaskGrads", "batched_grads", "CutPerTaskGrads"]
+
+
+def batched_grads(
+    objectives: Tensor,
+    inputs: Sequence[Tensor],
+    *,
+    chunk_size: int | None = None,
+    retain_graph: bool = False,
+) -> list[Tensor]:
+    """``[m, *x.shape]`` gradients of each ``objectives[t]`` w.r.t. each ``x`` in ``inputs``.
+
+    Inputs that a task does not reach get zeros (never ``None``).
+    """
+    m = objectives.shape[0]
+    eye = torch.eye(m, dtype=objectives.dtype, device=objectives.device)
+    step = m if chunk_size is None or chunk_size >= m else chunk_size
+    parts: list[list[Tensor]] = []
+    for start in range(0, m, step):
+        stop = min(start + step, m)
+        last = stop == m
+        grads = torch.autograd.grad(
+            objectives,
+            list(inputs),
+            grad_outputs=eye[start:stop],
+            is_grads_batched=True,
+            retain_graph=retain_graph or not last,
+            allow_unused=True,
+            materialize_grads=True,
+        )
+        rows = stop - start
+        parts.append(
+            [
+                g if g.shape[:1] == (rows,) and g.dim() == x.dim() + 1 else g.expand(rows, *x.shape)
+                for g, x in zip(grads, inputs)
+            ]
+        )
+    if len(parts) == 1:
+        return parts[0]
+    return [torch.cat([p[i] for p in parts], dim=0) for i in range(len(inputs))]
+
+
+def _accumulate(param: Tensor, grad: Tensor) -> None:
+    if param.grad is None:
+        param.grad = grad.detach().to(param.dtype)
+    else:
+        param.grad.add_(grad.to(param.grad.dtype))
+
+
+class DensePerTaskGrads(PerTaskGrads):
+    """Per-task gradients kept as one ``[m, *p.shape]`` tensor per shared parameter."""
+
+    def __init__(
+        self,
+        params: Sequence[Tensor],
+        grads: Sequence[Tensor],
+        *,
+        combined_transform: Callable[[Tensor, Tensor], Tensor] | None = None,
+    ) -> None:
+        self.params = list(params)
+        self.grads = list(grads)
+        self.m = int(self.grads[0].shape[0]) if self.grads else 0
+        self._gramian: Tensor | None = None
+        self._combined_transform = combined_transform
+
+    def gramian(self) -> Tensor:
+        if self._gramian is None:
+            g: Tensor | None = None
+            for jp in self.grads:
+                flat = jp.reshape(self.m, -1)
+                term = flat @ flat.T
+                g = term if g is None else g + term
+            assert g is not None
+            self._gramian = g
+        return self._gramian
+
+    def jacobian(self) -> Tensor:
+        return torch.cat([jp.reshape(self.m, -1) for jp in self.grads], dim=1)
+
+    def apply_weights(self, w: Tensor) -> None:
+        for p, jp in zip(self.params, self.grads):
+            g = torch.tensordot(w.to(jp.dtype), jp, dims=1)
+            if self._combined_transform is not None:
+                g = self._combined_transform(p, g)
+            _accumulate(p, g)
+
+    def apply_direction(self, g: Tensor) -> None:
+        offset = 0
+        for p in self.params:
+            n = p.numel()
+            gp = g[offset : offset + n].view_as(p)
+            if self._combined_transform is not None:
+                gp = self._combined_transform(p, gp)
+            _accumulate(p, gp)
+            offset += n
+
+
+class CutPerTaskGrads(PerTaskGrads):
+    """Per-task gradients of the shared representation(s) captured at a cut point.
+
+    ``outputs[k]`` is the k-th captured output of the cut module (still attached to the trunk)
+    and ``grads[k]`` its ``[m, *shape]`` per-task gradient. Applying a combination runs one
+    backward through the trunk.
+    """
+
+    def __init__(self, outputs: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
+        self.outputs = list(outputs)
+        self.grads = list(grads)
+        self.m = int(self.grads[0].shape[0])
+        self._gramian: Tensor | None = None
+
+    def gramian(self) -> Tensor:
+        if self._gramian is None:
+            g: Tensor | None = None
+            for z in self.grads:
+                flat = z.reshape(self.m, -1)
+                term = flat @ flat.T
+                g = term if g is None else g + term
+            assert g is not None
+            self._gramian = g
+        return self._gramian
+
+    def jacobian(self) -> Tensor:
+        return torch.cat([z.reshape(self.m, -1) for z in self.grads], dim=1)
+
+    def apply_weights(self, w: Tensor) -> None:
+        cot = [torch.tensordot(w.to(z.dtype), z, dims=1) for z in self.grads]
+        torch.autograd.backward(self.outputs, cot)
+
+    def apply_direction(self, g: Tensor) -> None:
+        cot = []
+        offset = 0
+        for z in self.outputs:
+            n = z.numel()
+            cot.append(g[offset : offset + n].view_as(z).to(z.dtype))
+            offset += n
+        torch.autograd.backward(self.outputs, cot)

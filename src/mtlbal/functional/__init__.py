@@ -1,0 +1,14 @@
+"""Pure kernels: tensor in, tensor out, no state, no hooks. Each lives beside its class."""
+
+from mtlbal.aggregation.mgda import mgda_weights, min_norm_2
+from mtlbal.aggregation.pcgrad import pcgrad_weights
+from mtlbal.weighting.gradnorm import gradnorm_loss
+from mtlbal.weighting.uncertainty import uncertainty_objectives
+
+__all__ = [
+    "gradnorm_loss",
+    "mgda_weights",
+    "min_norm_2",
+    "pcgrad_weights",
+    "uncertainty_objectives",
+]

@@ -1,0 +1,187 @@
+"""``mtlbal.wrap(optimizer, balancer)``: a drop-in optimizer that also balances.
+
+The wrapper *is* a :class:`torch.optim.Optimizer` (so LR schedulers accept it) whose
+``param_groups``, ``state`` and ``defaults`` are those of the optimizer it wraps. It adds
+``backward(losses)``, steps the balancer's own learnable parameters (uncertainty weighting's
+log-variances, GradNorm's weights) with a separate optimizer unless you already put them in
+yours, and carries the balancer's state in its ``state_dict`` so one checkpoint restores both.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+
+from mtlbal.balancer import Balancer, Losses, StepInfo
+
+__all__ = ["BalancedOptimizer", "wrap"]
+
+_KEY = "mtlbal"
+
+
+class BalancedOptimizer(Optimizer):
+    """An optimizer that forwards to ``optimizer`` and adds ``backward(losses)``.
+
+    Args:
+        optimizer: the optimizer you already use (any ``torch.optim.Optimizer``).
+        balancer: the :class:`~mtlbal.Balancer`.
+        balancer_optimizer: optimizer for the balancer's learnable parameters that are not
+            already in ``optimizer``; default ``Adam(lr=balancer_lr)``.
+        balancer_lr: learning rate of that default (0.025, as the nash-mtl/FAMO trainers).
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        balancer: Balancer,
+        *,
+        balancer_optimizer: Optimizer | None = None,
+        balancer_lr: float = 0.025,
+    ) -> None:
+        if not isinstance(optimizer, Optimizer):
+            raise TypeError(f"expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if not isinstance(balancer, Balancer):
+            raise TypeError(f"expected an mtlbal.Balancer, got {type(balancer).__name__}")
+        # Optimizer.__init__ would rebuild param_groups; set up only what the base class uses.
+        self.optimizer = optimizer
+        self.balancer = balancer
+        self._optimizer_step_pre_hooks: OrderedDict[int, Callable[..., Any]] = OrderedDict()
+        self._optimizer_step_post_hooks: OrderedDict[int, Callable[..., Any]] = OrderedDict()
+        self._optimizer_state_dict_pre_hooks: OrderedDict[int, Callable[..., Any]] = OrderedDict()
+        self._optimizer_state_dict_post_hooks: OrderedDict[int, Callable[..., Any]] = (
+            OrderedDict()
+        )
+        self._optimizer_load_state_dict_pre_hooks: OrderedDict[int, Callable[..., Any]] = (
+            OrderedDict()
+        )
+        self._optimizer_load_state_dict_post_hooks: OrderedDict[int, Callable[..., Any]] = (
+            OrderedDict()
+        )
+        in_main = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        extra = [p for p in balancer.parameters() if id(p) not in in_main]
+        if balancer_optimizer is not None:
+            self.balancer_optimizer: Optimizer | None = balancer_optimizer
+        elif extra:
+            self.balancer_optimizer = torch.optim.Adam(extra, lr=balancer_lr)
+        else:
+            self.balancer_optimizer = None
+        self._initial_lr = [float(g.get("lr", 1.0)) for g in optimizer.param_groups]
+
+    # The wrapped optimizer's structures, shared (not copied): schedulers edit them in place.
+    @property  # type: ignore[override]
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> None:
+        self.optimizer.param_groups = value
+
+    @property  # type: ignore[override]
+    def state(self) -> Any:
+        return self.optimizer.state
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        self.optimizer.state = value
+
+    @property  # type: ignore[override]
+    def defaults(self) -> dict[str, Any]:
+        return self.optimizer.defaults
+
+    @defaults.setter
+    def defaults(self, value: dict[str, Any]) -> None:
+        self.optimizer.defaults = value
+
+    def backward(self, losses: Losses) -> StepInfo:
+        """``balancer.backward(losses)``: fill ``.grad`` and return the step info."""
+        return self.balancer.backward(losses)
+
+    def lr_factor(self) -> float:
+        """``lr_0 / lr_now`` of the first parameter group (IGB v2's reward scale)."""
+        now = float(self.optimizer.param_groups[0].get("lr", 1.0))
+        return self._initial_lr[0] / now if now > 0 else 1.0
+
+    def step(self, closure: Callable[[], float] | None = None) -> Any:  # type: ignore[override]
+        loss = self.optimizer.step(closure) if closure is not None else self.optimizer.step()
+        if self.balancer_optimizer is not None:
+            self.balancer_optimizer.step()
+        self.balancer.after_step()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+        if self.balancer_optimizer is not None:
+            self.balancer_optimizer.zero_grad(set_to_none=set_to_none)
+        else:
+            for p in self.balancer.parameters():
+                if set_to_none:
+                    p.grad = None
+                elif p.grad is not None:
+                    p.grad.zero_()
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        self.optimizer.add_param_group(param_group)
+        self._initial_lr.append(float(param_group.get("lr", self.optimizer.defaults.get("lr", 1))))
+
+    def state_dict(self) -> dict[str, Any]:
+        sd = self.optimizer.state_dict()
+        sd[_KEY] = {
+            "balancer": self.balancer.state_dict(),
+            "balancer_optimizer": (
+                None if self.balancer_optimizer is None else self.balancer_optimizer.state_dict()
+            ),
+            "initial_lr": list(self._initial_lr),
+        }
+        return sd
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        sd = dict(state_dict)
+        ours = sd.pop(_KEY, None)
+        self.optimizer.load_state_dict(sd)
+        if ours is not None:
+            self.balancer.load_state_dict(ours["balancer"])
+            if self.balancer_optimizer is not None and ours["balancer_optimizer"] is not None:
+                self.balancer_optimizer.load_state_dict(ours["balancer_optimizer"])
+            self._initial_lr = list(ours.get("initial_lr", self._initial_lr))
+
+    def __getattr__(self, name: str) -> Any:
+        # only reached for attributes not found normally: forward to the wrapped optimizer
+        if name == "optimizer":
+            raise AttributeError(name)
+        return getattr(self.optimizer, name)
+
+    def __repr__(self) -> str:
+        return f"BalancedOptimizer({self.optimizer!r}, {self.balancer!r})"
+
+    def __getstate__(self) -> dict[str, Any]:
+        return self.__dict__
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+
+def wrap(
+    optimizer: Optimizer,
+    balancer: Balancer,
+    *,
+    balancer_optimizer: Optimizer | None = None,
+    balancer_lr: float = 0.025,
+) -> BalancedOptimizer:
+    """Wrap ``optimizer`` so that it balances with ``balancer``.
+
+    Example:
+        >>> import torch, mtlbal
+        >>> net = torch.nn.Linear(3, 2)
+        >>> opt = mtlbal.wrap(torch.optim.SGD(net.parameters(), lr=0.1), mtlbal.Balancer(net))
+        >>> y = net(torch.randn(4, 3))
+        >>> info = opt.backward([y[:, 0].mean(), y[:, 1].pow(2).mean()])
+        >>> opt.step(); opt.zero_grad()
+    """
+    return BalancedOptimizer(
+        optimizer, balancer, balancer_optimizer=balancer_optimizer, balancer_lr=balancer_lr
+    )
+

@@ -1,0 +1,3 @@
+"""Ready-made Balancer configurations."""
+
+__all__: list[str] = []

@@ -1,0 +1,33 @@
+"""Gradient transforms: per-parameter operations on gradients (masks, clipping, …)."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from mtlbal._stateful import Stateful
+
+__all__ = ["GradientTransform"]
+
+
+class GradientTransform(Stateful):
+    """Base class for per-parameter gradient transforms.
+
+    The Balancer calls :meth:`per_task` on each shared parameter's per-task gradients
+    (``[m, *param.shape]``) before any aggregation or statistic, and :meth:`combined` on the
+    gradient that reaches ``.grad`` when no per-task gradients were formed. After the wrapped
+    optimizer's step it calls :meth:`after_step` (e.g. to keep frozen entries bitwise unchanged
+    under weight decay).
+    """
+
+    def per_task(self, param: Tensor, grads: Tensor) -> Tensor:
+        return grads
+
+    def combined(self, param: Tensor, grad: Tensor) -> Tensor:
+        return grad
+
+    def applies_to(self, param: Tensor) -> bool:
+        """Whether this transform changes ``param``'s gradients at all."""
+        return False
+
+    def after_step(self) -> None:  # noqa: B027
+        """Called after the optimizer step (through :func:`mtlbal.wrap` or by the user)."""

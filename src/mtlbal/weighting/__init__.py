@@ -1,0 +1,14 @@
+"""Loss-level strategies: ``L [m] → w [m]`` (and per-task objectives for the Balancer)."""
+
+from mtlbal.weighting.base import Equal, LossContext, LossWeighting, WeightedLosses
+from mtlbal.weighting.gradnorm import GradNorm
+from mtlbal.weighting.uncertainty import UncertaintyWeighting
+
+__all__ = [
+    "Equal",
+    "GradNorm",
+    "LossContext",
+    "LossWeighting",
+    "UncertaintyWeighting",
+    "WeightedLosses",
+]

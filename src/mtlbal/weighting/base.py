@@ -1,0 +1,100 @@
+"""Loss-level strategies: ``L [m] → w [m]``, never needing per-task gradients."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from mtlbal._stateful import Stateful
+
+__all__ = ["Equal", "LossContext", "LossWeighting", "WeightedLosses"]
+
+
+@dataclass
+class WeightedLosses:
+    """What a loss weighting hands the Balancer for one step.
+
+    Attributes:
+        objectives: ``[m]``; the per-task objectives ``ℓ_t`` whose gradients the engine takes
+            (``w_t·L_t`` for a plain weighting, ``w_t·log L_t`` for IGB, …). Differentiable with
+            respect to the network and, for learnable strategies, their own parameters.
+        weights: ``[m]``, detached; the effective multiplier of ``∇L_t`` in ``∇ℓ_t``
+            (``∂ℓ_t/∂L_t``), reported in the step info.
+        aux: optional scalar added once to the backward (e.g. the ``b·s_t`` terms of
+            uncertainty weighting); it only reaches the strategy's own parameters.
+    """
+
+    objectives: Tensor
+    weights: Tensor
+    aux: Tensor | None = None
+
+
+@dataclass
+class LossContext:
+    """Per-step facts the Balancer gives a loss weighting.
+
+    Attributes:
+        step: index of the step being taken (0 for the first one).
+        layer_grad_norms: ``[m]`` detached norms ``‖∇_W L_t‖`` over the strategy's
+            ``grad_norm_params`` (GradNorm), when the strategy asked for them.
+        lr_factor: ``lr_0 / lr_now`` of the wrapped optimizer (1.0 when unknown).
+    """
+
+    step: int = 0
+    layer_grad_norms: Tensor | None = None
+    lr_factor: float = 1.0
+    extras: dict[str, Tensor] = field(default_factory=dict)
+
+
+class LossWeighting(Stateful):
+    """Base class: map the loss vector ``L`` (``[m]``) to per-task objectives.
+
+    Subclasses implement :meth:`objectives`. ``weighting(L)`` returns the current weights
+    ``[m]`` (standalone use, as in TorchJD). A strategy that needs ``‖∇_W L_t‖`` for some
+    parameters ``W`` sets :attr:`needs_layer_grad_norms` and returns them from
+    :meth:`grad_norm_params`.
+    """
+
+    needs_layer_grad_norms: bool = False
+    num_tasks: int | None = None
+
+    def objectives(self, losses: Tensor, ctx: LossContext) -> WeightedLosses:
+        raise NotImplementedError
+
+    def forward(self, losses: Tensor) -> Tensor:
+        """Weights for ``losses`` (``[m]`` → ``[m]``), without changing any state."""
+        return self.current_weights(losses)
+
+    def current_weights(self, losses: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def grad_norm_params(self) -> list[Tensor]:
+        """Parameters ``W`` whose per-task gradient norms this strategy needs (if any)."""
+        return []
+
+    def bind(self, shared_params: list[Tensor], at_module: object | None) -> None:  # noqa: B027
+        """Called once by the Balancer with what it balances (e.g. to pick a default layer)."""
+
+    def epoch_end(self) -> None:  # noqa: B027
+        """Mark the end of an epoch (IGB, DWA use epoch means)."""
+
+    def observe(self, losses: Tensor) -> None:  # noqa: B027
+        """Called after every taken step with the detached raw losses ``[m]``."""
+
+
+class Equal(LossWeighting):
+    """Equal weights: ``ℓ_t = L_t`` (``w = 1``), so the result is ``∇ Σ_t L_t``.
+
+    Example:
+        >>> import torch
+        >>> Equal()(torch.tensor([2.0, 3.0]))
+        tensor([1., 1.])
+    """
+
+    def objectives(self, losses: Tensor, ctx: LossContext) -> WeightedLosses:
+        return WeightedLosses(losses, torch.ones_like(losses).detach())
+
+    def current_weights(self, losses: Tensor) -> Tensor:
+        return torch.ones_like(losses).detach()

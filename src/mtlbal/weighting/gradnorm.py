@@ -1,0 +1,157 @@
+"""GradNorm (Chen, Badrinarayanan, Lee & Rabinovich, ICML 2018, arXiv:1711.02257).
+
+Learnable task weights ``w`` (``[m]``, initialised to 1) trained so that the weighted gradient
+norms at a layer ``W`` (the last shared layer by default) follow the tasks' relative training
+rates:
+
+    G_t = ‖∇_W (w_t L_t)‖ = w_t ‖∇_W L_t‖,   Ḡ = mean_t G_t
+    L̃_t = L_t / L_t(0),   r_t = L̃_t / mean_j L̃_j
+    L_grad = Σ_t | G_t − Ḡ · r_t^α |          (the target Ḡ·r_t^α is a constant)
+
+``∂L_grad/∂w`` is written to ``w.grad``; the network receives ``∇ Σ_t w_t L_t`` with ``w``
+detached. After each optimizer step the weights are renormalised to ``Σ_t w_t = m`` (done
+in place at the start of the next step, which is the same thing: the renormalised value is what
+every later computation sees). ``L(0)`` is the loss of the first step.
+
+Shapes: ``L`` ``[m]``; ``w`` ``[m]``; layer norms ``[m]``.
+
+Example:
+    >>> import torch
+    >>> gn = GradNorm(num_tasks=3)
+    >>> gn(torch.tensor([1.0, 2.0, 3.0]))
+    tensor([1., 1., 1.])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from mtlbal.weighting.base import LossContext, LossWeighting, WeightedLosses
+
+__all__ = ["GradNorm", "gradnorm_loss"]
+
+
+def gradnorm_loss(
+    w: Tensor, layer_norms: Tensor, losses: Tensor, initial_losses: Tensor, alpha: float
+) -> Tensor:
+    """``L_grad = Σ_t |w_t n_t − Ḡ r_t^α|`` with ``Ḡ`` and ``r`` treated as constants.
+
+    Args:
+        w: ``[m]`` task weights (the gradient flows to them).
+        layer_norms: ``[m]`` ``‖∇_W L_t‖`` (detached).
+        losses: ``[m]`` current losses; ``initial_losses``: ``[m]`` ``L(0)``.
+        alpha: the asymmetry ``α``.
+    """
+    g = w * layer_norms
+    g_bar = g.detach().mean()
+    ratio = losses.detach() / initial_losses.clamp_min(torch.finfo(losses.dtype).tiny)
+    r = ratio / ratio.mean()
+    target = (g_bar * r.pow(alpha)).detach()
+    return (g - target).abs().sum()
+
+
+class GradNorm(LossWeighting):
+    """Gradient normalisation of task weights.
+
+    Args:
+        num_tasks: number of tasks ``m``.
+        alpha: asymmetry ``α`` (paper: 1.5 on NYUv2; 0 equalises the gradient norms).
+        layer: the parameters ``W`` (a module or tensors) where norms are measured. Default:
+            the last module of the shared part that has parameters (in registration order).
+            With a cut point (``Balancer(at=module)``) the norms are measured at the shared
+            representation instead (``‖∇_z L_t‖``), the representation form of GradNorm.
+        min_weight: positive floor applied before renormalisation.
+
+    The weights are ``parameters()`` of the Balancer: give them to an optimizer (the paper
+    leaves the learning rate open; both public re-implementations use the model's optimizer),
+    or let :func:`mtlbal.wrap` step them.
+    """
+
+    needs_layer_grad_norms = True
+
+    def __init__(
+        self,
+        num_tasks: int,
+        *,
+        alpha: float = 1.5,
+        layer: nn.Module | Sequence[Tensor] | None = None,
+        min_weight: float = 1e-6,
+    ) -> None:
+        super().__init__()
+        if num_tasks < 1:
+            raise ValueError(f"num_tasks must be ≥ 1, got {num_tasks}")
+        self.num_tasks = num_tasks
+        self.alpha = float(alpha)
+        self.min_weight = float(min_weight)
+        self.weights = nn.Parameter(torch.ones(num_tasks))
+        self.add_state("initial_losses", None)
+        self._layer: list[Tensor] = []
+        if layer is not None:
+            self._layer = (
+                [p for p in layer.parameters() if p.requires_grad]
+                if isinstance(layer, nn.Module)
+                else list(layer)
+            )
+            if not self._layer:
+                raise ValueError("GradNorm layer has no parameter that requires grad")
+
+    def hparams(self) -> dict[str, object]:
+        return {"num_tasks": self.num_tasks, "alpha": self.alpha}
+
+    def bind(self, shared_params: list[Tensor], at_module: object | None) -> None:
+        if self._layer:
+            return
+        modules = at_module if isinstance(at_module, list) else []
+        last: list[Tensor] = []
+        for root in modules:
+            for mod in root.modules():
+                own = [p for p in mod.parameters(recurse=False) if p.requires_grad]
+                if own:
+                    last = own
+        if not last:
+            if not shared_params:
+                raise ValueError("GradNorm needs a layer: pass layer=... or shared modules")
+            last = [shared_params[-1]]
+        self._layer = last
+
+    def grad_norm_params(self) -> list[Tensor]:
+        return self._layer
+
+    def _renormalize(self) -> None:
+        with torch.no_grad():
+            w = self.weights.clamp_min(self.min_weight)
+            self.weights.copy_(w * (self.num_tasks / w.sum()))
+
+    def objectives(self, losses: Tensor, ctx: LossContext) -> WeightedLosses:
+        if ctx.layer_grad_norms is None:
+            raise RuntimeError("GradNorm needs the layer gradient norms from the Balancer")
+        self._renormalize()
+        if self.initial_losses is None:
+            self.initial_losses = losses.detach().clone()
+        w = self.weights
+        lg = gradnorm_loss(
+            w.to(losses.dtype),
+            ctx.layer_grad_norms.to(losses.dtype),
+            losses,
+            self.initial_losses.to(losses.dtype),
+            self.alpha,
+        )
+        (grad_w,) = torch.autograd.grad(lg, w)
+        if w.grad is None:
+            w.grad = grad_w.detach()
+        else:
+            w.grad.add_(grad_w)
+        wd = w.detach().to(losses.dtype)
+        return WeightedLosses(wd * losses, wd)
+
+    def current_weights(self, losses: Tensor) -> Tensor:
+        w = self.weights.detach().clamp_min(self.min_weight)
+        return (w * (self.num_tasks / w.sum())).to(losses.dtype)
+
+    def reset(self) -> None:
+        super().reset()
+        with torch.no_grad():
+            self.weights.fill_(1.0)

@@ -19,7 +19,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 __all__ = ["Stateful"]
@@ -108,4 +107,3 @@ class Stateful(nn.Module):
     def hparams(self) -> dict[str, Any]:
         """Hyper-parameters shown in ``repr``; subclasses override."""
         return {}
-

@@ -219,7 +219,7 @@ class Balancer:
         if nonfinite not in ("raise", "skip", "off"):
             raise ValueError(f"nonfinite must be 'raise', 'skip' or 'off', got {nonfinite!r}")
         if check_connected not in ("first", "always", "never"):
-            raise ValueError(f"check_connected must be 'first', 'always' or 'never'")
+            raise ValueError("check_connected must be 'first', 'always' or 'never'")
         if engine not in ("auto", "dense"):
             raise ValueError(f"unknown engine {engine!r}")
         self.weighting: LossWeighting = weighting if weighting is not None else Equal()
@@ -410,6 +410,11 @@ class Balancer:
             losses: ``{task_name: scalar}`` or a sequence of scalar losses.
         """
         names, values = self._normalize(losses)
+        if self._cut is not None and not self._cut.captured:
+            raise ValueError(
+                f"no output of the cut point {type(self._cut.module).__name__} was captured "
+                "since the last backward: run the forward pass (with grad enabled) first"
+            )
         stacked = torch.stack(values)
         raw = stacked.detach()
         if not self._check_finite(names, raw):
@@ -500,7 +505,7 @@ class Balancer:
             assert gram is not None
             w = agg.weights(gram)
             info.grad_weights = w.detach()
-            info.weights = (w.detach().to(info.loss_weights.dtype) * info.loss_weights)
+            info.weights = w.detach().to(info.loss_weights.dtype) * info.loss_weights
             grads.apply_weights(w)
         else:
             direction = agg.aggregate_jacobian(grads.jacobian())
@@ -542,4 +547,3 @@ class Balancer:
             aux.backward()  # reaches the strategy's own parameters only
         grads = DensePerTaskGrads(shared, shared_grads)
         self._aggregate(grads, info)
-

@@ -52,9 +52,7 @@ class BalancedOptimizer(Optimizer):
         self._optimizer_step_pre_hooks: OrderedDict[int, Callable[..., Any]] = OrderedDict()
         self._optimizer_step_post_hooks: OrderedDict[int, Callable[..., Any]] = OrderedDict()
         self._optimizer_state_dict_pre_hooks: OrderedDict[int, Callable[..., Any]] = OrderedDict()
-        self._optimizer_state_dict_post_hooks: OrderedDict[int, Callable[..., Any]] = (
-            OrderedDict()
-        )
+        self._optimizer_state_dict_post_hooks: OrderedDict[int, Callable[..., Any]] = OrderedDict()
         self._optimizer_load_state_dict_pre_hooks: OrderedDict[int, Callable[..., Any]] = (
             OrderedDict()
         )
@@ -72,7 +70,7 @@ class BalancedOptimizer(Optimizer):
         self._initial_lr = [float(g.get("lr", 1.0)) for g in optimizer.param_groups]
 
     # The wrapped optimizer's structures, shared (not copied): schedulers edit them in place.
-    @property  # type: ignore[override]
+    @property
     def param_groups(self) -> list[dict[str, Any]]:
         return self.optimizer.param_groups
 
@@ -80,7 +78,7 @@ class BalancedOptimizer(Optimizer):
     def param_groups(self, value: list[dict[str, Any]]) -> None:
         self.optimizer.param_groups = value
 
-    @property  # type: ignore[override]
+    @property
     def state(self) -> Any:
         return self.optimizer.state
 
@@ -88,7 +86,7 @@ class BalancedOptimizer(Optimizer):
     def state(self, value: Any) -> None:
         self.optimizer.state = value
 
-    @property  # type: ignore[override]
+    @property
     def defaults(self) -> dict[str, Any]:
         return self.optimizer.defaults
 
@@ -105,7 +103,7 @@ class BalancedOptimizer(Optimizer):
         now = float(self.optimizer.param_groups[0].get("lr", 1.0))
         return self._initial_lr[0] / now if now > 0 else 1.0
 
-    def step(self, closure: Callable[[], float] | None = None) -> Any:  # type: ignore[override]
+    def step(self, closure: Callable[[], float] | None = None) -> Any:
         loss = self.optimizer.step(closure) if closure is not None else self.optimizer.step()
         if self.balancer_optimizer is not None:
             self.balancer_optimizer.step()
@@ -184,4 +182,3 @@ def wrap(
     return BalancedOptimizer(
         optimizer, balancer, balancer_optimizer=balancer_optimizer, balancer_lr=balancer_lr
     )
-

@@ -46,7 +46,7 @@ class Aggregator(Stateful):
     def aggregate_jacobian(self, jacobian: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def set_losses(self, losses: Tensor) -> None:  # noqa: B027
+    def set_losses(self, losses: Tensor) -> None:
         """Told the current raw losses ``[m]`` before aggregating (for loss-aware methods)."""
 
     def _scale(self, m: int) -> float:
@@ -65,4 +65,4 @@ class GramianAggregator(Aggregator):
     def aggregate_jacobian(self, jacobian: Tensor) -> Tensor:
         g64 = jacobian.to(torch.float64)
         w = self.weights(g64 @ g64.T)
-        return (w.to(jacobian.dtype) @ jacobian)
+        return w.to(jacobian.dtype) @ jacobian

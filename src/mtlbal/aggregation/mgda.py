@@ -4,10 +4,13 @@ The min-norm point of the convex hull of the task gradients:
 
     w* = argmin_{w ∈ Δ_m} ‖Jᵀ w‖² = argmin_{w ∈ Δ_m} wᵀ G w
 
-solved on the Gramian ``G`` (``[m, m]``) by Frank–Wolfe: start from the best pair (the exact
-two-task solution, clipped to 0.999/0.001 as in the reference MinNormSolver), then move toward
-the vertex ``argmin_t (G w)_t`` with the exact line search, until the step changes ``w`` by less
-than ``tol`` (L1) or ``max_iter`` is reached. At a cut point (``Balancer(at=module)``) the same
+solved on the Gramian ``G`` (``[m, m]``) by Frank–Wolfe (the paper's Algorithm 2): start from
+the best pair (the exact two-task solution), then move toward the vertex ``argmin_t (G w)_t``
+with the exact line search, until the step changes ``w`` by less than ``tol`` (L1) or
+``max_iter`` is reached. The reference code clips every line search to ``[0.001, 0.999]``;
+``line_search="reference"`` reproduces that (its weights never reach 0 or 1 exactly and it stops
+slightly above the optimum), the default follows the paper.
+At a cut point (``Balancer(at=module)``) the same
 solver on the representation's Gramian is MGDA-UB.
 
 Optional gradient normalisation before solving (``"l2"``: ``‖g_t‖``, ``"loss"``: ``L_t``,
@@ -36,25 +39,26 @@ from torch import Tensor
 
 from mtlbal.aggregation.base import GramianAggregator, Reduction
 
-__all__ = ["MGDA", "min_norm_2", "mgda_weights"]
+__all__ = ["MGDA", "mgda_weights", "min_norm_2"]
 
 Normalization = Literal["none", "l2", "loss", "loss+"]
 
 
-def min_norm_2(v11: float, v12: float, v22: float) -> tuple[float, float]:
+def min_norm_2(v11: float, v12: float, v22: float, *, clip: float = 0.0) -> tuple[float, float]:
     """``argmin_{γ∈[0,1]} ‖γ a + (1−γ) b‖²`` from ``aᵀa, aᵀb, bᵀb``; returns ``(γ, cost)``.
 
-    At the boundaries the reference solver returns 0.999 / 0.001 rather than 1 / 0.
+    At the boundaries the paper's rule returns ``γ = 1`` / ``0``; the reference code (and its
+    copies in LibMTL and nash-mtl) returns ``1 − clip`` / ``clip`` with ``clip = 0.001``.
     """
     if v12 >= v11:
-        return 0.999, v11
+        return 1.0 - clip, v11
     if v12 >= v22:
-        return 0.001, v22
+        return clip, v22
     gamma = -1.0 * (v12 - v22) / (v11 + v22 - 2.0 * v12)
     return gamma, v22 + gamma * (v12 - v22)
 
 
-def _mgda_numpy(g: np.ndarray, max_iter: int, tol: float) -> np.ndarray:
+def _mgda_numpy(g: np.ndarray, max_iter: int, tol: float, clip: float) -> np.ndarray:
     m = g.shape[0]
     if m == 1:
         return np.ones(1)
@@ -62,7 +66,7 @@ def _mgda_numpy(g: np.ndarray, max_iter: int, tol: float) -> np.ndarray:
     sol = np.zeros(m)
     for i in range(m):
         for j in range(i + 1, m):
-            gamma, cost = min_norm_2(g[i, i], g[i, j], g[j, j])
+            gamma, cost = min_norm_2(g[i, i], g[i, j], g[j, j], clip=clip)
             if cost < best:
                 best = cost
                 sol = np.zeros(m)
@@ -75,7 +79,7 @@ def _mgda_numpy(g: np.ndarray, max_iter: int, tol: float) -> np.ndarray:
         v11 = float(sol @ grad)
         v12 = float(grad[t])
         v22 = float(g[t, t])
-        gamma, _ = min_norm_2(v11, v12, v22)
+        gamma, _ = min_norm_2(v11, v12, v22, clip=clip)
         new = gamma * sol
         new[t] += 1.0 - gamma
         change = np.abs(new - sol).sum()
@@ -91,8 +95,12 @@ def mgda_weights(
     max_iter: int = 250,
     tol: float = 1e-5,
     norms: Tensor | None = None,
+    clip: float = 0.0,
 ) -> Tensor:
     """Convex MGDA weights ``[m]`` (on the simplex) for the Gramian ``[m, m]``.
+
+    ``clip``: 0 for the paper's exact line search, 0.001 for the reference code's
+    (which never lets a weight reach exactly 0 or 1, and so stops ~0.1–2% above the optimum).
 
     With ``norms`` (``[m]``, positive) the problem is solved for the normalised gradients
     ``g_t / n_t`` and the returned weights are ``w_t / n_t`` (apply them to the raw gradients).
@@ -101,7 +109,7 @@ def mgda_weights(
     if norms is not None:
         n = norms.detach().to(torch.float64).clamp_min(1e-12)
         g = g / (n[:, None] * n[None, :])
-    sol = _mgda_numpy(g.cpu().numpy(), max_iter, tol)
+    sol = _mgda_numpy(g.cpu().numpy(), max_iter, tol, clip)
     w = torch.as_tensor(sol, dtype=torch.float64, device=gramian.device)
     if norms is not None:
         w = w / norms.detach().to(torch.float64).clamp_min(1e-12)
@@ -116,6 +124,8 @@ class MGDA(GramianAggregator):
             ``"loss+"``; see the module docstring.
         max_iter: Frank–Wolfe iterations (250 as LibMTL).
         tol: stop when the L1 change of ``w`` is below this (1e-5 as the reference).
+        line_search: ``"paper"`` (default): the exact two-point step, ``γ ∈ [0, 1]``;
+            ``"reference"``: the reference code's step clipped to ``[0.001, 0.999]``.
         reduction: ``"sum"`` (× m, default) or ``"mean"`` (the convex combination).
     """
 
@@ -127,9 +137,13 @@ class MGDA(GramianAggregator):
         normalization: Normalization = "none",
         max_iter: int = 250,
         tol: float = 1e-5,
+        line_search: Literal["paper", "reference"] = "paper",
         reduction: Reduction = "sum",
     ) -> None:
         super().__init__(reduction)
+        if line_search not in ("paper", "reference"):
+            raise ValueError(f"line_search must be 'paper' or 'reference', got {line_search!r}")
+        self.line_search = line_search
         if normalization not in ("none", "l2", "loss", "loss+"):
             raise ValueError(f"unknown normalization {normalization!r}")
         self.normalization: Normalization = normalization
@@ -141,7 +155,7 @@ class MGDA(GramianAggregator):
         return {"normalization": self.normalization, "reduction": self.reduction}
 
     def set_losses(self, losses: Tensor) -> None:
-        """Losses of the current step (needed by the ``"loss"``/``"loss+"`` normalisations)."""  # noqa: D401
+        """Losses of the current step (needed by the ``"loss"``/``"loss+"`` normalisations)."""
         self._losses = losses.detach()
 
     def weights(self, gramian: Tensor) -> Tensor:
@@ -159,5 +173,6 @@ class MGDA(GramianAggregator):
                     )
                 loss = self._losses.to(torch.float64)
                 norms = loss if self.normalization == "loss" else loss * gnorm
-        w = mgda_weights(gramian, max_iter=self.max_iter, tol=self.tol, norms=norms)
+        clip = 0.0 if self.line_search == "paper" else 0.001
+        w = mgda_weights(gramian, max_iter=self.max_iter, tol=self.tol, norms=norms, clip=clip)
         return w * (m * self._scale(m))

@@ -35,7 +35,7 @@ class PerTaskGrads(ABC):
 
     @abstractmethod
     def apply_weights(self, w: Tensor) -> None:
-        """Accumulate ``Σ_t w_t ∂ℓ_t/∂shared`` into the shared ``.grad`` (or backward it from a cut)."""
+        """Accumulate ``Σ_t w_t ∂ℓ_t/∂shared`` into the shared ``.grad`` (from a cut: backward)."""
 
     @abstractmethod
     def apply_direction(self, g: Tensor) -> None:

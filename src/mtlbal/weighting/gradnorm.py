@@ -71,6 +71,7 @@ class GradNorm(LossWeighting):
     """
 
     needs_layer_grad_norms = True
+    initial_losses: Tensor | None
 
     def __init__(
         self,
@@ -84,6 +85,7 @@ class GradNorm(LossWeighting):
         if num_tasks < 1:
             raise ValueError(f"num_tasks must be ≥ 1, got {num_tasks}")
         self.num_tasks = num_tasks
+        self._m = num_tasks
         self.alpha = float(alpha)
         self.min_weight = float(min_weight)
         self.weights = nn.Parameter(torch.ones(num_tasks))
@@ -123,7 +125,7 @@ class GradNorm(LossWeighting):
     def _renormalize(self) -> None:
         with torch.no_grad():
             w = self.weights.clamp_min(self.min_weight)
-            self.weights.copy_(w * (self.num_tasks / w.sum()))
+            self.weights.copy_(w * (self._m / w.sum()))
 
     def objectives(self, losses: Tensor, ctx: LossContext) -> WeightedLosses:
         if ctx.layer_grad_norms is None:
@@ -144,12 +146,12 @@ class GradNorm(LossWeighting):
             w.grad = grad_w.detach()
         else:
             w.grad.add_(grad_w)
-        wd = w.detach().to(losses.dtype)
+        wd = w.detach().to(losses.dtype, copy=True)
         return WeightedLosses(wd * losses, wd)
 
     def current_weights(self, losses: Tensor) -> Tensor:
         w = self.weights.detach().clamp_min(self.min_weight)
-        return (w * (self.num_tasks / w.sum())).to(losses.dtype)
+        return (w * (self._m / w.sum())).to(losses.dtype)
 
     def reset(self) -> None:
         super().reset()

@@ -13,7 +13,8 @@ Shapes: ``L`` ``[m]`` → objectives ``[m]``; parameters ``log_vars`` ``[m]``.
 
 Example:
     >>> import torch
-    >>> uw = UncertaintyWeighting(num_tasks=2, form="kendall", task_types=["regression", "classification"])
+    >>> uw = UncertaintyWeighting(
+    ...     num_tasks=2, form="kendall", task_types=["regression", "classification"])
     >>> uw(torch.tensor([1.0, 2.0]))  # a·exp(−s) at s = 0
     tensor([0.5000, 1.0000])
 """
@@ -56,6 +57,8 @@ class UncertaintyWeighting(LossWeighting):
     The log-variances are ``parameters()`` of the Balancer: give them to your optimizer
     (without weight decay), or let :func:`mtlbal.wrap` step them.
     """
+
+    a: Tensor
 
     def __init__(
         self,

@@ -1,0 +1,64 @@
+"""Shared fixtures: a small trunk + heads model and its losses."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@dataclass
+class Problem:
+    trunk: nn.Module
+    heads: nn.ModuleList
+    x: Tensor
+    ys: list[Tensor]
+
+    def params(self) -> list[nn.Parameter]:
+        return [*self.trunk.parameters(), *self.heads.parameters()]
+
+    def losses(self, x: Tensor | None = None) -> dict[str, Tensor]:
+        z = self.trunk(self.x if x is None else x)
+        out = {}
+        for t, (h, y) in enumerate(zip(self.heads, self.ys)):
+            pred = h(z)
+            # different scales per task: imbalance matters for the strategies
+            out[f"task{t}"] = (t + 1.0) * (pred - y).pow(2).mean() + 0.1 * (t + 1)
+        return out
+
+    def zero_grad(self) -> None:
+        for p in self.params():
+            p.grad = None
+
+    def grads(self) -> list[Tensor]:
+        return [
+            p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in self.params()
+        ]
+
+
+def make_problem(
+    m: int = 3, *, seed: int = 0, dtype: torch.dtype = torch.float32, batch: int = 16
+) -> Problem:
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    trunk = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 10), nn.Tanh())
+    heads = nn.ModuleList([nn.Linear(10, 2) for _ in range(m)])
+    trunk.to(dtype)
+    heads.to(dtype)
+    x = torch.randn(batch, 6, generator=g, dtype=dtype)
+    ys = [torch.randn(batch, 2, generator=g, dtype=dtype) for _ in range(m)]
+    return Problem(trunk, heads, x, ys)
+
+
+@pytest.fixture
+def problem_factory() -> Callable[..., Problem]:
+    return make_problem

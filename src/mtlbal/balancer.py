@@ -85,17 +85,16 @@ def gramian_stats(gramian: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return norms, cos, conflict
 
 
-def _as_modules(obj: object) -> list[nn.Module]:
-    if isinstance(obj, nn.Module):
-        return [obj]
-    if isinstance(obj, (list, tuple)) and obj and all(isinstance(o, nn.Module) for o in obj):
-        return list(obj)
-    return []
+def _distributed_world_size() -> int:
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return int(dist.get_world_size())
+    return 1
 
 
 def _reachable(roots: Sequence[Tensor], stop: set[int]) -> tuple[list[Tensor], set[int]]:
-    """Leaf tensors reached from ``roots`` (through ``grad_fn``), and which ids of ``stop`` were
-    reached. The walk does not continue past leaves."""
+    """Leaf tensors reached from ``roots`` (through ``grad_fn``), and which ids of ``stop`` (ids
+    of leaf tensors or of graph nodes) were reached. The walk stops at leaves and at ``stop``."""
     leaves: dict[int, Tensor] = {}
     seen: set[int] = set()
     hit: set[int] = set()
@@ -108,6 +107,9 @@ def _reachable(roots: Sequence[Tensor], stop: set[int]) -> tuple[list[Tensor], s
         if fn is None or id(fn) in seen:
             continue
         seen.add(id(fn))
+        if id(fn) in stop:
+            hit.add(id(fn))
+            continue
         var = getattr(fn, "variable", None)
         if var is not None:
             leaves[id(var)] = var
@@ -121,12 +123,14 @@ def _reachable(roots: Sequence[Tensor], stop: set[int]) -> tuple[list[Tensor], s
 
 
 class _Cut:
-    """A cut point: a forward hook replaces the module's output ``z`` by a detached leaf
-    ``ẑ`` (same value) so that the heads' graph stops there; ``z`` is kept to backpropagate
-    the combined gradient through the trunk afterwards."""
+    """A cut point: a forward hook records the module's output ``z``. When per-task gradients
+    are needed there (``detach=True``), it replaces ``z`` by a detached leaf ``ẑ`` (same value)
+    so that the heads' graph stops at ``ẑ``; ``z`` is kept to backpropagate the combined gradient
+    through the trunk. Otherwise the output passes through unchanged (``ẑ`` is ``z``)."""
 
-    def __init__(self, module: nn.Module) -> None:
+    def __init__(self, module: nn.Module, *, detach: bool) -> None:
         self.module = module
+        self.detach = detach
         self.captured: list[tuple[Tensor, Tensor]] = []
         self.handle = module.register_forward_hook(self._hook)
 
@@ -137,6 +141,9 @@ class _Cut:
                 f"got {type(output).__name__}"
             )
         if not (torch.is_grad_enabled() and output.requires_grad):
+            return None
+        if not self.detach:
+            self.captured.append((output, output))
             return None
         leaf = output.detach().requires_grad_(True)
         self.captured.append((output, leaf))
@@ -241,7 +248,7 @@ class Balancer:
         self._hooks: OrderedDict[int, Callable[..., Any]] = OrderedDict()
         self._cut: _Cut | None = None
         if isinstance(at, nn.Module):
-            self._cut = _Cut(at)
+            self._cut = _Cut(at, detach=self._needs_per_task_grads())
             self.at: Literal["params"] | nn.Module = at
         elif at == "params":
             self.at = "params"
@@ -384,7 +391,9 @@ class Balancer:
         if self.check_connected == "first" and self._checked_for == names:
             return
         if self._cut is not None:
-            targets = {id(leaf) for _, leaf in self._cut.captured}
+            targets = {
+                id(leaf) if leaf is not z else id(z.grad_fn) for z, leaf in self._cut.captured
+            }
             where = f"the cut point {type(self._cut.module).__name__}"
             if not targets:
                 raise ValueError(
@@ -434,12 +443,7 @@ class Balancer:
         objectives = weighted.objectives
         info = StepInfo(names, raw, weighted.weights.detach(), weighted.weights.detach())
 
-        needs_grads = (
-            self.aggregator is not None
-            or self.diagnostics
-            or any(self._transform_applies(p) for p in self.shared_params)
-        )
-        if not needs_grads:
+        if not self._needs_per_task_grads():
             self._plain_backward(objectives, weighted.aux)
         elif self._cut is not None:
             self._cut_backward(objectives, weighted.aux, info)
@@ -456,6 +460,13 @@ class Balancer:
         return info
 
     # ------------------------------------------------------------------ paths
+    def _needs_per_task_grads(self) -> bool:
+        return (
+            self.aggregator is not None
+            or self.diagnostics
+            or any(self._transform_applies(p) for p in self.shared_params)
+        )
+
     def _transform_applies(self, p: Tensor) -> bool:
         return any(t.applies_to(p) for t in self.transforms)
 
@@ -476,17 +487,10 @@ class Balancer:
         return total if aux is None else total + aux
 
     def _plain_backward(self, objectives: Tensor, aux: Tensor | None) -> None:
-        total = self._total(objectives, aux)
-        if self._cut is None:
-            total.backward()
-            return
-        captured = self._cut.take()
-        total.backward()
-        outs = [z for z, _ in captured]
-        cots = [
-            leaf.grad if leaf.grad is not None else torch.zeros_like(leaf) for _, leaf in captured
-        ]
-        torch.autograd.backward(outs, cots)
+        # one ordinary backward (at a cut point the output was not detached in this mode)
+        if self._cut is not None:
+            self._cut.take()
+        self._total(objectives, aux).backward()
 
     def _aggregate(self, grads: PerTaskGrads, info: StepInfo) -> None:
         agg = self.aggregator
@@ -517,15 +521,21 @@ class Balancer:
         outs = [z for z, _ in captured]
         leaves = [leaf for _, leaf in captured]
         per_task = batched_grads(objectives, leaves, retain_graph=True)
-        # heads (and learnable strategy parameters) get the gradient of Σ ℓ_t; the leaves'
-        # .grad filled on the way is discarded
-        self._total(objectives, aux).backward()
+        # ONE backward call runs the heads (gradient of Σ ℓ_t, plus learnable strategy
+        # parameters) and the trunk (the combined gradient at z) together, so DDP's reducer
+        # sees a single backward; the .grad it leaves on the detached leaves is discarded
+        grads = CutPerTaskGrads(outs, per_task, extra_roots=[self._total(objectives, aux)])
+        self._aggregate(grads, info)
         for leaf in leaves:
             leaf.grad = None
-        grads = CutPerTaskGrads(outs, per_task)
-        self._aggregate(grads, info)
 
     def _params_backward(self, objectives: Tensor, aux: Tensor | None, info: StepInfo) -> None:
+        if _distributed_world_size() > 1:
+            raise NotImplementedError(
+                "per-task gradients at the parameters are not all-reduced across processes yet: "
+                "under DDP use a loss-level strategy or a cut point (Balancer(at=module)), which "
+                "run one ordinary backward that DDP synchronises"
+            )
         leaves, _ = _reachable([objectives] + ([aux] if aux is not None else []), set())
         shared = [p for p in self.shared_params if any(p is q for q in leaves)]
         others = [q for q in leaves if id(q) not in self._shared_ids]

@@ -120,9 +120,17 @@ class CutPerTaskGrads(PerTaskGrads):
     backward through the trunk.
     """
 
-    def __init__(self, outputs: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
+    def __init__(
+        self,
+        outputs: Sequence[Tensor],
+        grads: Sequence[Tensor],
+        *,
+        extra_roots: Sequence[Tensor] = (),
+    ) -> None:
         self.outputs = list(outputs)
         self.grads = list(grads)
+        # scalars backpropagated (with gradient 1) in the same backward call as the cut
+        self.extra_roots = list(extra_roots)
         self.m = int(self.grads[0].shape[0])
         self._gramian: Tensor | None = None
 
@@ -142,7 +150,7 @@ class CutPerTaskGrads(PerTaskGrads):
 
     def apply_weights(self, w: Tensor) -> None:
         cot = [torch.tensordot(w.to(z.dtype), z, dims=1) for z in self.grads]
-        torch.autograd.backward(self.outputs, cot)
+        self._backward(cot)
 
     def apply_direction(self, g: Tensor) -> None:
         cot = []
@@ -151,4 +159,9 @@ class CutPerTaskGrads(PerTaskGrads):
             n = z.numel()
             cot.append(g[offset : offset + n].view_as(z).to(z.dtype))
             offset += n
-        torch.autograd.backward(self.outputs, cot)
+        self._backward(cot)
+
+    def _backward(self, cot: list[Tensor]) -> None:
+        roots = self.outputs + self.extra_roots
+        grads: list[Tensor | None] = [*cot, *[None] * len(self.extra_roots)]
+        torch.autograd.backward(roots, grads)

@@ -412,11 +412,18 @@ class Balancer:
                 )
         self._checked_for = names
 
-    def backward(self, losses: Losses) -> StepInfo:
+    def backward(self, losses: Losses, *, scaler: Any | None = None) -> StepInfo:
         """Fill ``.grad`` of every parameter the losses reach; return what was done.
 
         Args:
-            losses: ``{task_name: scalar}`` or a sequence of scalar losses.
+            losses: ``{task_name: scalar}`` or a sequence of scalar losses (unscaled).
+            scaler: a ``torch.amp.GradScaler`` for mixed precision. Strategies see the
+                *unscaled* losses; the objectives are scaled by ``scaler.scale`` (no host sync)
+                before any gradient is taken, so ``.grad`` holds scaled gradients for
+                ``scaler.step(opt)`` to unscale and check, as with a plain
+                ``scaler.scale(loss).backward()``. Gradient-level methods then see the scaled
+                per-task gradients: exact for the positively homogeneous ones (MGDA, PCGrad,
+                Aligned-MTL, UPGrad, IMTL-G, CAGrad); a method of degree 0 (Nash-MTL) says so.
         """
         names, values = self._normalize(losses)
         if self._cut is not None and not self._cut.captured:
@@ -441,6 +448,10 @@ class Balancer:
             ctx.layer_grad_norms = self._layer_grad_norms(stacked)
         weighted = self.weighting.objectives(stacked, ctx)
         objectives = weighted.objectives
+        if scaler is not None:
+            objectives = scaler.scale(objectives)
+            if weighted.aux is not None:
+                weighted.aux = scaler.scale(weighted.aux)
         info = StepInfo(names, raw, weighted.weights.detach(), weighted.weights.detach())
 
         if not self._needs_per_task_grads():

@@ -94,9 +94,9 @@ class BalancedOptimizer(Optimizer):
     def defaults(self, value: dict[str, Any]) -> None:
         self.optimizer.defaults = value
 
-    def backward(self, losses: Losses) -> StepInfo:
-        """``balancer.backward(losses)``: fill ``.grad`` and return the step info."""
-        return self.balancer.backward(losses)
+    def backward(self, losses: Losses, *, scaler: Any | None = None) -> StepInfo:
+        """``balancer.backward(losses, scaler=scaler)``: fill ``.grad``, return the step info."""
+        return self.balancer.backward(losses, scaler=scaler)
 
     def lr_factor(self) -> float:
         """``lr_0 / lr_now`` of the first parameter group (IGB v2's reward scale)."""

@@ -461,6 +461,8 @@ class Balancer:
         else:
             self._params_backward(objectives, weighted.aux, info)
 
+        if _distributed_world_size() > 1:
+            self._average_strategy_grads()
         self.weighting.observe(raw)
         self.tasks = names
         self.step_count += 1
@@ -471,6 +473,15 @@ class Balancer:
         return info
 
     # ------------------------------------------------------------------ paths
+    def _average_strategy_grads(self) -> None:
+        # learnable strategy parameters are outside DDP: average their gradients so that every
+        # rank keeps identical weights
+        world = _distributed_world_size()
+        for q in self.parameters():
+            if q.grad is not None:
+                torch.distributed.all_reduce(q.grad)
+                q.grad.div_(world)
+
     def _needs_per_task_grads(self) -> bool:
         return (
             self.aggregator is not None
@@ -536,6 +547,16 @@ class Balancer:
         # parameters) and the trunk (the combined gradient at z) together, so DDP's reducer
         # sees a single backward; the .grad it leaves on the detached leaves is discarded
         grads = CutPerTaskGrads(outs, per_task, extra_roots=[self._total(objectives, aux)])
+        if _distributed_world_size() > 1:
+            # per-sample blocks of the representation are disjoint across ranks, so the global
+            # Gramian is the sum of the local ones: one [m, m] all-reduce makes every rank solve
+            # the same problem (exact for Gramian methods; their weights are scale-invariant)
+            if self.aggregator is not None and not isinstance(self.aggregator, GramianAggregator):
+                raise NotImplementedError(
+                    f"{type(self.aggregator).__name__} needs the full Jacobian at the cut point, "
+                    "which is not gathered across processes; use a Gramian-based method under DDP"
+                )
+            torch.distributed.all_reduce(grads.gramian())
         self._aggregate(grads, info)
         for leaf in leaves:
             leaf.grad = None

@@ -1,0 +1,106 @@
+"""DDP on CPU (gloo, 2 processes): the gradients equal single-process full-batch training."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import tempfile
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import mtlbal
+
+pytestmark = pytest.mark.distributed
+
+WORLD = 2
+M = 3
+
+
+def _model(seed: int = 0) -> tuple[nn.Module, nn.Module, nn.ModuleList]:
+    torch.manual_seed(seed)
+    trunk = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 6))
+    heads = nn.ModuleList([nn.Linear(6, 1) for _ in range(M)])
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.trunk, self.heads = trunk, heads
+
+        def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+            z = self.trunk(x)
+            return [h(z) for h in self.heads]
+
+    return Net().double(), trunk, heads
+
+
+def _data() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(16, 5, generator=g).double(), torch.randn(16, M, generator=g).double()
+
+
+def _losses(outs: list[torch.Tensor], y: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {f"t{i}": (i + 1.0) * (o[:, 0] - y[:, i]).pow(2).mean() for i, o in enumerate(outs)}
+
+
+def _make(kind: str, net: nn.Module) -> mtlbal.Balancer:
+    trunk = net.trunk
+    if kind == "mgda-cut":
+        return mtlbal.Balancer(trunk, at=trunk, aggregator=mtlbal.aggregation.MGDA())
+    if kind == "uw":
+        return mtlbal.Balancer(trunk, weighting=mtlbal.weighting.UncertaintyWeighting(M))
+    raise ValueError(kind)
+
+
+def _worker(rank: int, port: int, kind: str, out: str) -> None:
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60))
+    try:
+        torch.set_num_threads(1)
+        net, _, _ = _model()
+        ddp = nn.parallel.DistributedDataParallel(net)
+        bal = _make(kind, net)
+        x, y = _data()
+        xs, ys = x.chunk(WORLD)[rank], y.chunk(WORLD)[rank]
+        bal.backward(_losses(ddp(xs), ys))
+        grads = [p.grad.clone() for p in net.parameters()]
+        sgrads = [p.grad.clone() for p in bal.parameters()]
+        torch.save({"grads": grads, "strategy": sgrads}, f"{out}/{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+@pytest.mark.skipif(sys.platform == "win32", reason="gloo spawn test runs on POSIX")
+@pytest.mark.parametrize("kind", ["mgda-cut", "uw"])
+def test_ddp_matches_full_batch(kind: str) -> None:
+    with tempfile.TemporaryDirectory() as out:
+        ctx = mp.start_processes(
+            _worker, args=(_free_port(), kind, out), nprocs=WORLD, join=False, start_method="spawn"
+        )
+        while not ctx.join(timeout=90):
+            pass
+        results = [torch.load(f"{out}/{r}.pt") for r in range(WORLD)]
+    # every rank holds the same gradients
+    for a, b in zip(results[0]["grads"], results[1]["grads"]):
+        torch.testing.assert_close(a, b)
+    # and they are the single-process full-batch gradients (mean losses over the global batch)
+    net, _, _ = _model()
+    bal = _make(kind, net)
+    x, y = _data()
+    bal.backward(_losses(net(x), y))
+    for a, p in zip(results[0]["grads"], net.parameters()):
+        torch.testing.assert_close(a, p.grad)
+    for a, p in zip(results[0]["strategy"], bal.parameters()):
+        torch.testing.assert_close(a, p.grad)

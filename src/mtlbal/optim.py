@@ -70,6 +70,7 @@ class BalancedOptimizer(Optimizer):
         else:
             self.balancer_optimizer = None
         self._initial_lr = [float(g.get("lr", 1.0)) for g in optimizer.param_groups]
+        balancer.lr_factor = self.lr_factor
 
     # The wrapped optimizer's structures, shared (not copied): schedulers edit them in place.
     @property  # type: ignore[override]

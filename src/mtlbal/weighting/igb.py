@@ -106,6 +106,9 @@ class IGB(LossWeighting):
             ``None`` for a nondeterministic seed.
     """
 
+    base_losses: Tensor | None
+    epoch_sum: Tensor | None
+
     def __init__(
         self,
         num_tasks: int | None = None,
@@ -188,7 +191,7 @@ class IGB(LossWeighting):
             self._ring_action = torch.zeros(2, m)
 
     @property
-    def host_sync(self) -> bool:  # type: ignore[override]
+    def host_sync(self) -> bool:
         """Whether a step copies to the host (v2 always; v1 for the positivity check)."""
         return self.version == 2 or self.check_positive
 

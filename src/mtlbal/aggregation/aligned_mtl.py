@@ -23,8 +23,10 @@ eigenvalue of ``B`` is ``√(λ_R/λ_i) ≤ 1``.
 
 Degenerate Gramians give a defined, finite result: with rank 0 (every gradient zero) ``B = I``
 (so ``α = w``, as TorchJD; the update ``Jᵀ α`` is then zero anyway); with rank ``R < m``
-``α`` lies in the span of the retained eigenvectors. The whole computation is branch-free on
-tensor values (masks instead of truncation), so there is no host sync.
+``α`` lies in the span of the retained eigenvectors. The computation is branch-free on tensor
+values (masks instead of truncation); its one host sync is inside ``torch.linalg.eigh``, which
+checks the solver's status on the host when the Gramian is on an accelerator (there is no
+``eigh_ex``). ``host_sync`` is therefore ``True``; on the CPU there is none.
 
 Scale convention: the official code sums the aligned rows (``w = 1``), so with
 ``reduction="sum"`` (default) and no ``weights`` this is the official update. TorchJD's
@@ -131,9 +133,11 @@ class AlignedMTL(GramianAggregator):
         reduction: ``"sum"`` (default; ``w`` as given, the official scale) or ``"mean"``
             (``w/m``; with default weights this is TorchJD's ``AlignedMTL``).
 
-    Stateless; no host sync. Use at ``"params"`` (Aligned-MTL) or at a cut point
-    (Aligned-MTL-UB).
+    Stateless. Use at ``"params"`` (Aligned-MTL) or at a cut point (Aligned-MTL-UB). One host
+    sync per step on accelerators (``torch.linalg.eigh``'s status check).
     """
+
+    host_sync = True
 
     def __init__(
         self,

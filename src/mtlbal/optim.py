@@ -101,6 +101,10 @@ class BalancedOptimizer(Optimizer):
         """``balancer.backward(losses)``: fill ``.grad`` and return the step info."""
         return self.balancer.backward(losses)
 
+    def epoch_end(self) -> None:
+        """``balancer.epoch_end()``: mark the end of a training epoch (IGB, DWA)."""
+        self.balancer.epoch_end()
+
     def lr_factor(self) -> float:
         """``lr_0 / lr_now`` of the first parameter group (IGB v2's reward scale)."""
         now = float(self.optimizer.param_groups[0].get("lr", 1.0))

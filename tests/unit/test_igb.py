@@ -326,6 +326,14 @@ def test_wrap_fills_lr_factor() -> None:
         opt.step()
         sched.step()
     np.testing.assert_allclose(rec.factors, [1.0, 2.0, 4.0])
+    igb = IGB(2, base_epoch=0)
+    opt2 = mtlbal.wrap(
+        torch.optim.SGD(lin.parameters(), lr=0.1), mtlbal.Balancer(lin, weighting=igb)
+    )
+    y = lin(torch.randn(4, 3))
+    opt2.backward([y[:, 0].pow(2).mean() + 1, y[:, 1].pow(2).mean() + 1])
+    opt2.epoch_end()  # the wrapper forwards epoch boundaries to the Balancer's strategies
+    assert igb.epoch == 1 and igb.base_losses is not None
     bare = mtlbal.Balancer(lin, weighting=Recorder())
     y = lin(torch.randn(4, 3))
     bare.backward([y[:, 0].pow(2).mean(), y[:, 1].pow(2).mean()])

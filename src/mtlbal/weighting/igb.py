@@ -58,8 +58,23 @@ Example:
     >>> igb(torch.tensor([1.0, 2.0]))  # warm-up: w = 1
     tensor([1., 1.])
     >>> igb.observe(torch.tensor([1.0, 1.0])); igb.epoch_end()  # base losses = [1, 1]
-    >>> igb(torch.tensor([1.0, 1.0]))
-    tensor([1., 1.])
+    >>> igb(torch.tensor([1.0, 2.0]))  # 2·softmax([1, 2])
+    tensor([0.5379, 1.4621])
+
+In a training loop (any aggregator can follow)::
+
+    balancer = mtlbal.Balancer(model.trunk, weighting=IGB(3), aggregator=AlignedMTL())
+    opt = mtlbal.wrap(torch.optim.Adam(model.parameters(), lr=1e-4), balancer)
+    for epoch in range(n_epochs):
+        for batch in loader:
+            opt.zero_grad(); opt.backward(losses(batch)); opt.step()
+        opt.epoch_end()          # or balancer.epoch_end(): closes the epoch for IGB
+        scheduler.step()         # lr_0/lr_now feeds v2's reward
+
+Task heads receive the gradient of ``Σ_t ℓ_t`` (the weighted log-losses), as in the official
+code. Randomness (v2) comes from the strategy's own generator, not the global RNG as in the
+official code: draws differ from it but are reproducible from ``seed``. Under DDP each rank keeps
+its own epoch means (no all-reduce yet), so base losses can differ slightly across ranks.
 """
 
 from __future__ import annotations

@@ -36,6 +36,42 @@ REGISTRY: list[Entry] = [
     Entry("MGDA", lambda m: {"aggregator": A.MGDA()}),
     Entry("MGDA-l2", lambda m: {"aggregator": A.MGDA(normalization="l2")}),
     Entry("PCGrad", lambda m: {"aggregator": A.PCGrad(seed=3)}),
+    Entry("AlignedMTL", lambda m: {"aggregator": A.AlignedMTL()}),
+    Entry("AlignedMTL-median", lambda m: {"aggregator": A.AlignedMTL(scale_mode="median")}),
+    Entry("AlignedMTL-rmse", lambda m: {"aggregator": A.AlignedMTL(scale_mode="rmse")}),
+    Entry("AlignedMTL-mean", lambda m: {"aggregator": A.AlignedMTL(reduction="mean")}),
+    # IGB takes log L_t: the battery's losses must be positive (extras["positive_losses"])
+    Entry(
+        "IGBv1",
+        lambda m: {"weighting": W.IGB(m, base_epoch=0)},
+        epoch_every=2,
+        extras={"positive_losses": True},
+    ),
+    Entry(
+        "IGBv2",
+        lambda m: {
+            "weighting": W.IGB(
+                m,
+                version=2,
+                base_epoch=0,
+                update_after=1,
+                start_epoch=2,
+                update_every=2,
+                batch_size=8,
+                buffer_size=64,
+                hidden=(16, 16),
+                seed=0,
+            )
+        },
+        epoch_every=2,
+        extras={"positive_losses": True},
+    ),
+    Entry(
+        "IGBv1+AlignedMTL",
+        lambda m: {"weighting": W.IGB(m, base_epoch=0), "aggregator": A.AlignedMTL()},
+        epoch_every=2,
+        extras={"positive_losses": True},
+    ),
     Entry(
         "UW+PCGrad",
         lambda m: {"weighting": W.UncertaintyWeighting(m), "aggregator": A.PCGrad(seed=1)},

@@ -256,6 +256,9 @@ class Balancer:
             raise ValueError(f"at must be 'params' or an nn.Module, got {at!r}")
         self.weighting.bind(self.shared_params, self.shared_modules)
         self.last_info: StepInfo | None = None
+        # ``lr_0 / lr_now`` of the optimizer, passed to the weighting as ``LossContext.lr_factor``
+        # (IGB v2's reward scale); :func:`mtlbal.wrap` sets it, users of a bare Balancer may.
+        self.lr_factor: Callable[[], float] | None = None
 
     # ------------------------------------------------------------------ public helpers
     @property
@@ -443,7 +446,11 @@ class Balancer:
             return info
         self._check_connected(names, values)
 
-        ctx = LossContext(step=self.step_count)
+        ctx = LossContext(
+            step=self.step_count,
+            lr_factor=1.0 if self.lr_factor is None else float(self.lr_factor()),
+            tasks=names,
+        )
         if self.weighting.needs_layer_grad_norms:
             ctx.layer_grad_norms = self._layer_grad_norms(stacked)
         weighted = self.weighting.objectives(stacked, ctx)

@@ -68,6 +68,7 @@ class BalancedOptimizer(Optimizer):
         else:
             self.balancer_optimizer = None
         self._initial_lr = [float(g.get("lr", 1.0)) for g in optimizer.param_groups]
+        balancer.lr_factor = self.lr_factor
 
     # The wrapped optimizer's structures, shared (not copied): schedulers edit them in place.
     @property
@@ -97,6 +98,10 @@ class BalancedOptimizer(Optimizer):
     def backward(self, losses: Losses, *, scaler: Any | None = None) -> StepInfo:
         """``balancer.backward(losses, scaler=scaler)``: fill ``.grad``, return the step info."""
         return self.balancer.backward(losses, scaler=scaler)
+
+    def epoch_end(self) -> None:
+        """``balancer.epoch_end()``: mark the end of a training epoch (IGB, DWA)."""
+        self.balancer.epoch_end()
 
     def lr_factor(self) -> float:
         """``lr_0 / lr_now`` of the first parameter group (IGB v2's reward scale)."""

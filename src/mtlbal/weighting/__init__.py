@@ -2,9 +2,11 @@
 
 from mtlbal.weighting.base import Equal, LossContext, LossWeighting, WeightedLosses
 from mtlbal.weighting.gradnorm import GradNorm
+from mtlbal.weighting.igb import IGB
 from mtlbal.weighting.uncertainty import UncertaintyWeighting
 
 __all__ = [
+    "IGB",
     "Equal",
     "GradNorm",
     "LossContext",

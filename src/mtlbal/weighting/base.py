@@ -40,11 +40,13 @@ class LossContext:
         layer_grad_norms: ``[m]`` detached norms ``‖∇_W L_t‖`` over the strategy's
             ``grad_norm_params`` (GradNorm), when the strategy asked for them.
         lr_factor: ``lr_0 / lr_now`` of the wrapped optimizer (1.0 when unknown).
+        tasks: the task names of this step (for error messages), when known.
     """
 
     step: int = 0
     layer_grad_norms: Tensor | None = None
     lr_factor: float = 1.0
+    tasks: tuple[str, ...] | None = None
     extras: dict[str, Tensor] = field(default_factory=dict)
 
 

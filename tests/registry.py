@@ -40,6 +40,7 @@ REGISTRY: list[Entry] = [
         "UW+PCGrad",
         lambda m: {"weighting": W.UncertaintyWeighting(m), "aggregator": A.PCGrad(seed=1)},
     ),
+    Entry("UPGrad", lambda m: {"aggregator": A.UPGrad()}),
 ]
 
 __all__ = ["REGISTRY", "Entry", "mtlbal"]

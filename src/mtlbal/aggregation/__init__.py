@@ -3,5 +3,6 @@
 from mtlbal.aggregation.base import Aggregator, GramianAggregator
 from mtlbal.aggregation.mgda import MGDA
 from mtlbal.aggregation.pcgrad import PCGrad
+from mtlbal.aggregation.upgrad import UPGrad
 
-__all__ = ["MGDA", "Aggregator", "GramianAggregator", "PCGrad"]
+__all__ = ["MGDA", "Aggregator", "GramianAggregator", "PCGrad", "UPGrad"]

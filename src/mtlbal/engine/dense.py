@@ -15,7 +15,7 @@ from torch import Tensor
 
 from mtlbal.engine.base import PerTaskGrads
 
-__all__ = ["DensePerTaskGrads", "batched_grads", "CutPerTaskGrads"]
+__all__ = ["CutPerTaskGrads", "DensePerTaskGrads", "batched_grads"]
 
 
 def batched_grads(

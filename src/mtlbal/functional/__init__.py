@@ -2,6 +2,7 @@
 
 from mtlbal.aggregation.mgda import mgda_weights, min_norm_2
 from mtlbal.aggregation.pcgrad import pcgrad_weights
+from mtlbal.aggregation.upgrad import upgrad_weights
 from mtlbal.weighting.gradnorm import gradnorm_loss
 from mtlbal.weighting.uncertainty import uncertainty_objectives
 
@@ -11,4 +12,5 @@ __all__ = [
     "min_norm_2",
     "pcgrad_weights",
     "uncertainty_objectives",
+    "upgrad_weights",
 ]

@@ -219,7 +219,7 @@ class Balancer:
         if nonfinite not in ("raise", "skip", "off"):
             raise ValueError(f"nonfinite must be 'raise', 'skip' or 'off', got {nonfinite!r}")
         if check_connected not in ("first", "always", "never"):
-            raise ValueError("check_connected must be 'first', 'always' or 'never'")
+            raise ValueError(f"check_connected must be 'first', 'always' or 'never'")
         if engine not in ("auto", "dense"):
             raise ValueError(f"unknown engine {engine!r}")
         self.weighting: LossWeighting = weighting if weighting is not None else Equal()

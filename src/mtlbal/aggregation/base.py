@@ -46,7 +46,7 @@ class Aggregator(Stateful):
     def aggregate_jacobian(self, jacobian: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def set_losses(self, losses: Tensor) -> None:
+    def set_losses(self, losses: Tensor) -> None:  # noqa: B027
         """Told the current raw losses ``[m]`` before aggregating (for loss-aware methods)."""
 
     def _scale(self, m: int) -> float:

@@ -36,7 +36,7 @@ from torch import Tensor
 
 from mtlbal.aggregation.base import GramianAggregator, Reduction
 
-__all__ = ["MGDA", "mgda_weights", "min_norm_2"]
+__all__ = ["MGDA", "min_norm_2", "mgda_weights"]
 
 Normalization = Literal["none", "l2", "loss", "loss+"]
 
@@ -141,7 +141,7 @@ class MGDA(GramianAggregator):
         return {"normalization": self.normalization, "reduction": self.reduction}
 
     def set_losses(self, losses: Tensor) -> None:
-        """Losses of the current step (needed by the ``"loss"``/``"loss+"`` normalisations)."""
+        """Losses of the current step (needed by the ``"loss"``/``"loss+"`` normalisations)."""  # noqa: D401
         self._losses = losses.detach()
 
     def weights(self, gramian: Tensor) -> Tensor:

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from mtlbal.engine.base import PerTaskGrads
 
-__all__ = ["CutPerTaskGrads", "DensePerTaskGrads", "batched_grads"]
+__all__ = ["DensePerTaskGrads", "batched_grads", "CutPerTaskGrads"]
 
 
 def batched_grads(

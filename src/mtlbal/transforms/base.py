@@ -29,5 +29,5 @@ class GradientTransform(Stateful):
         """Whether this transform changes ``param``'s gradients at all."""
         return False
 
-    def after_step(self) -> None:
+    def after_step(self) -> None:  # noqa: B027
         """Called after the optimizer step (through :func:`mtlbal.wrap` or by the user)."""

@@ -74,13 +74,13 @@ class LossWeighting(Stateful):
         """Parameters ``W`` whose per-task gradient norms this strategy needs (if any)."""
         return []
 
-    def bind(self, shared_params: list[Tensor], at_module: object | None) -> None:
+    def bind(self, shared_params: list[Tensor], at_module: object | None) -> None:  # noqa: B027
         """Called once by the Balancer with what it balances (e.g. to pick a default layer)."""
 
-    def epoch_end(self) -> None:
+    def epoch_end(self) -> None:  # noqa: B027
         """Mark the end of an epoch (IGB, DWA use epoch means)."""
 
-    def observe(self, losses: Tensor) -> None:
+    def observe(self, losses: Tensor) -> None:  # noqa: B027
         """Called after every taken step with the detached raw losses ``[m]``."""
 
 

@@ -40,6 +40,7 @@ REGISTRY: list[Entry] = [
         "UW+PCGrad",
         lambda m: {"weighting": W.UncertaintyWeighting(m), "aggregator": A.PCGrad(seed=1)},
     ),
+    Entry("CAGrad", lambda m: {"aggregator": A.CAGrad()}),
     Entry("IMTLG", lambda m: {"aggregator": A.IMTLG()}),
     Entry("UPGrad", lambda m: {"aggregator": A.UPGrad()}),
 ]

@@ -1,9 +1,18 @@
 """Gradient-level strategies: ``J [m, n] → g [n]``; Gramian ones give ``weights(G) → [m]``."""
 
 from mtlbal.aggregation.base import Aggregator, GramianAggregator
+from mtlbal.aggregation.cagrad import CAGrad
 from mtlbal.aggregation.imtl import IMTLG
 from mtlbal.aggregation.mgda import MGDA
 from mtlbal.aggregation.pcgrad import PCGrad
 from mtlbal.aggregation.upgrad import UPGrad
 
-__all__ = ["IMTLG", "MGDA", "Aggregator", "GramianAggregator", "PCGrad", "UPGrad"]
+__all__ = [
+    "IMTLG",
+    "MGDA",
+    "Aggregator",
+    "CAGrad",
+    "GramianAggregator",
+    "PCGrad",
+    "UPGrad",
+]

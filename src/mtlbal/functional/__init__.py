@@ -1,5 +1,6 @@
 """Pure kernels: tensor in, tensor out, no state, no hooks. Each lives beside its class."""
 
+from mtlbal.aggregation.cagrad import cagrad_weights
 from mtlbal.aggregation.imtl import imtlg_weights
 from mtlbal.aggregation.mgda import mgda_weights, min_norm_2
 from mtlbal.aggregation.pcgrad import pcgrad_weights
@@ -8,6 +9,7 @@ from mtlbal.weighting.gradnorm import gradnorm_loss
 from mtlbal.weighting.uncertainty import uncertainty_objectives
 
 __all__ = [
+    "cagrad_weights",
     "gradnorm_loss",
     "imtlg_weights",
     "mgda_weights",

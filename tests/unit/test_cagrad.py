@@ -71,7 +71,7 @@ def test_two_tasks_against_bounded_search() -> None:
         b = np.full(2, 0.5)
         sphi = 0.4 * np.sqrt(b @ g @ b)
 
-        def f(x: float) -> float:
+        def f(x: float, g: np.ndarray = g, b: np.ndarray = b, sphi: float = sphi) -> float:
             w = np.array([x, 1 - x])
             return float(w @ g @ b + sphi * np.sqrt(w @ g @ w))
 

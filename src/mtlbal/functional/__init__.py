@@ -5,16 +5,20 @@ from mtlbal.aggregation.imtl import imtlg_weights
 from mtlbal.aggregation.mgda import mgda_weights, min_norm_2
 from mtlbal.aggregation.pcgrad import pcgrad_weights
 from mtlbal.aggregation.upgrad import upgrad_weights
+from mtlbal.weighting.dwa import dwa_weights
 from mtlbal.weighting.gradnorm import gradnorm_loss
+from mtlbal.weighting.rlw import rlw_weights
 from mtlbal.weighting.uncertainty import uncertainty_objectives
 
 __all__ = [
     "cagrad_weights",
+    "dwa_weights",
     "gradnorm_loss",
     "imtlg_weights",
     "mgda_weights",
     "min_norm_2",
     "pcgrad_weights",
+    "rlw_weights",
     "uncertainty_objectives",
     "upgrad_weights",
 ]

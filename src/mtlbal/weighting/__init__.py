@@ -1,10 +1,14 @@
 """Loss-level strategies: ``L [m] → w [m]`` (and per-task objectives for the Balancer)."""
 
 from mtlbal.weighting.base import Equal, LossContext, LossWeighting, WeightedLosses
+from mtlbal.weighting.dwa import DWA
 from mtlbal.weighting.gradnorm import GradNorm
+from mtlbal.weighting.rlw import RLW
 from mtlbal.weighting.uncertainty import UncertaintyWeighting
 
 __all__ = [
+    "DWA",
+    "RLW",
     "Equal",
     "GradNorm",
     "LossContext",

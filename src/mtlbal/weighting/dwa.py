@@ -50,6 +50,11 @@ class DWA(LossWeighting):
         temperature: ``τ`` (2, as the paper).
     """
 
+    epoch_sum: Tensor | None
+    epoch_count: Tensor
+    prev_mean: Tensor | None
+    prev2_mean: Tensor | None
+
     def __init__(self, num_tasks: int | None = None, *, temperature: float = 2.0) -> None:
         super().__init__()
         if temperature <= 0:

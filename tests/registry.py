@@ -45,6 +45,7 @@ REGISTRY: list[Entry] = [
     ),
     Entry("CAGrad", lambda m: {"aggregator": A.CAGrad()}),
     Entry("IMTLG", lambda m: {"aggregator": A.IMTLG()}),
+    Entry("NashMTL", lambda m: {"aggregator": A.NashMTL()}),
     Entry("UPGrad", lambda m: {"aggregator": A.UPGrad()}),
 ]
 

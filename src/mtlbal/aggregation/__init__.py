@@ -4,6 +4,7 @@ from mtlbal.aggregation.base import Aggregator, GramianAggregator
 from mtlbal.aggregation.cagrad import CAGrad
 from mtlbal.aggregation.imtl import IMTLG
 from mtlbal.aggregation.mgda import MGDA
+from mtlbal.aggregation.nash_mtl import NashMTL
 from mtlbal.aggregation.pcgrad import PCGrad
 from mtlbal.aggregation.upgrad import UPGrad
 
@@ -13,6 +14,7 @@ __all__ = [
     "Aggregator",
     "CAGrad",
     "GramianAggregator",
+    "NashMTL",
     "PCGrad",
     "UPGrad",
 ]

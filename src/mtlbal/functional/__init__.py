@@ -3,6 +3,7 @@
 from mtlbal.aggregation.cagrad import cagrad_weights
 from mtlbal.aggregation.imtl import imtlg_weights
 from mtlbal.aggregation.mgda import mgda_weights, min_norm_2
+from mtlbal.aggregation.nash_mtl import nash_mtl_weights
 from mtlbal.aggregation.pcgrad import pcgrad_weights
 from mtlbal.aggregation.upgrad import upgrad_weights
 from mtlbal.weighting.dwa import dwa_weights
@@ -17,6 +18,7 @@ __all__ = [
     "imtlg_weights",
     "mgda_weights",
     "min_norm_2",
+    "nash_mtl_weights",
     "pcgrad_weights",
     "rlw_weights",
     "uncertainty_objectives",

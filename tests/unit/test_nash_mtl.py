@@ -38,7 +38,7 @@ def test_defining_equation_and_fsolve(m: int, n: int) -> None:
         # independent: hybrid Powell on Gα − 1/α from the normalised all-ones start
         g = j @ j.T
         s = np.sqrt(np.linalg.norm(g))
-        ref = fsolve(lambda x: g @ x - 1.0 / x, np.ones(m) / s, xtol=1e-13)
+        ref = fsolve(lambda x, g=g: g @ x - 1.0 / x, np.ones(m) / s, xtol=1e-13)
         np.testing.assert_allclose(a, ref, rtol=1e-7)
 
 

@@ -36,6 +36,9 @@ REGISTRY: list[Entry] = [
     Entry("DWA", lambda m: {"weighting": W.DWA(m)}, epoch_every=2),
     Entry("RLW", lambda m: {"weighting": W.RLW(m, seed=5)}),
     Entry("RLW+UPGrad", lambda m: {"weighting": W.RLW(m, seed=2), "aggregator": A.UPGrad()}),
+    # FAMO's logit step needs balancer.update(re-evaluated losses) after optimizer.step();
+    # without it the battery still exercises objectives + state (the logits stay at 0)
+    Entry("FAMO", lambda m: {"weighting": W.FAMO(m)}, extras={"update_after_step": True}),
     Entry("MGDA", lambda m: {"aggregator": A.MGDA()}),
     Entry("MGDA-l2", lambda m: {"aggregator": A.MGDA(normalization="l2")}),
     Entry("PCGrad", lambda m: {"aggregator": A.PCGrad(seed=3)}),

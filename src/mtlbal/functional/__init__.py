@@ -7,6 +7,7 @@ from mtlbal.aggregation.nash_mtl import nash_mtl_weights
 from mtlbal.aggregation.pcgrad import pcgrad_weights
 from mtlbal.aggregation.upgrad import upgrad_weights
 from mtlbal.weighting.dwa import dwa_weights
+from mtlbal.weighting.famo import famo_logit_grad, famo_objectives
 from mtlbal.weighting.gradnorm import gradnorm_loss
 from mtlbal.weighting.rlw import rlw_weights
 from mtlbal.weighting.uncertainty import uncertainty_objectives
@@ -14,6 +15,8 @@ from mtlbal.weighting.uncertainty import uncertainty_objectives
 __all__ = [
     "cagrad_weights",
     "dwa_weights",
+    "famo_logit_grad",
+    "famo_objectives",
     "gradnorm_loss",
     "imtlg_weights",
     "mgda_weights",

@@ -2,12 +2,14 @@
 
 from mtlbal.weighting.base import Equal, LossContext, LossWeighting, WeightedLosses
 from mtlbal.weighting.dwa import DWA
+from mtlbal.weighting.famo import FAMO
 from mtlbal.weighting.gradnorm import GradNorm
 from mtlbal.weighting.rlw import RLW
 from mtlbal.weighting.uncertainty import UncertaintyWeighting
 
 __all__ = [
     "DWA",
+    "FAMO",
     "RLW",
     "Equal",
     "GradNorm",

@@ -95,6 +95,8 @@ class FAMO(LossWeighting):
     exp_avg_sq: Tensor
     adam_step: Tensor
     prev_losses: Tensor | None
+    min_losses: Tensor
+    num_tasks: int
 
     def __init__(
         self,

@@ -2,6 +2,7 @@
 
 from mtlbal.aggregation.base import Aggregator, GramianAggregator
 from mtlbal.aggregation.cagrad import CAGrad
+from mtlbal.aggregation.gradvac import GradVac
 from mtlbal.aggregation.imtl import IMTLG
 from mtlbal.aggregation.mgda import MGDA
 from mtlbal.aggregation.nash_mtl import NashMTL
@@ -13,6 +14,7 @@ __all__ = [
     "MGDA",
     "Aggregator",
     "CAGrad",
+    "GradVac",
     "GramianAggregator",
     "NashMTL",
     "PCGrad",

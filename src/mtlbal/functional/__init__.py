@@ -1,6 +1,7 @@
 """Pure kernels: tensor in, tensor out, no state, no hooks. Each lives beside its class."""
 
 from mtlbal.aggregation.cagrad import cagrad_weights
+from mtlbal.aggregation.gradvac import gradvac_weights
 from mtlbal.aggregation.imtl import imtlg_weights
 from mtlbal.aggregation.mgda import mgda_weights, min_norm_2
 from mtlbal.aggregation.nash_mtl import nash_mtl_weights
@@ -18,6 +19,7 @@ __all__ = [
     "famo_logit_grad",
     "famo_objectives",
     "gradnorm_loss",
+    "gradvac_weights",
     "imtlg_weights",
     "mgda_weights",
     "min_norm_2",

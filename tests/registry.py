@@ -47,6 +47,7 @@ REGISTRY: list[Entry] = [
         lambda m: {"weighting": W.UncertaintyWeighting(m), "aggregator": A.PCGrad(seed=1)},
     ),
     Entry("CAGrad", lambda m: {"aggregator": A.CAGrad()}),
+    Entry("DualProj", lambda m: {"aggregator": A.DualProj()}),
     Entry("GradVac", lambda m: {"aggregator": A.GradVac(seed=2)}),
     Entry("IMTLG", lambda m: {"aggregator": A.IMTLG()}),
     Entry("NashMTL", lambda m: {"aggregator": A.NashMTL()}),

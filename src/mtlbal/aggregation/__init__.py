@@ -2,6 +2,7 @@
 
 from mtlbal.aggregation.base import Aggregator, GramianAggregator
 from mtlbal.aggregation.cagrad import CAGrad
+from mtlbal.aggregation.dualproj import DualProj
 from mtlbal.aggregation.gradvac import GradVac
 from mtlbal.aggregation.imtl import IMTLG
 from mtlbal.aggregation.mgda import MGDA
@@ -14,6 +15,7 @@ __all__ = [
     "MGDA",
     "Aggregator",
     "CAGrad",
+    "DualProj",
     "GradVac",
     "GramianAggregator",
     "NashMTL",

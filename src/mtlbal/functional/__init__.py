@@ -1,6 +1,7 @@
 """Pure kernels: tensor in, tensor out, no state, no hooks. Each lives beside its class."""
 
 from mtlbal.aggregation.cagrad import cagrad_weights
+from mtlbal.aggregation.dualproj import dualproj_weights
 from mtlbal.aggregation.gradvac import gradvac_weights
 from mtlbal.aggregation.imtl import imtlg_weights
 from mtlbal.aggregation.mgda import mgda_weights, min_norm_2
@@ -15,6 +16,7 @@ from mtlbal.weighting.uncertainty import uncertainty_objectives
 
 __all__ = [
     "cagrad_weights",
+    "dualproj_weights",
     "dwa_weights",
     "famo_logit_grad",
     "famo_objectives",

@@ -82,6 +82,19 @@ def test_two_tasks_against_bounded_search() -> None:
         np.testing.assert_allclose(d, d_ref, rtol=1e-5, atol=1e-7)
 
 
+def test_torchjd_parity() -> None:
+    pytest.importorskip("cvxpy")
+    pytest.importorskip("clarabel")
+    tj = pytest.importorskip("torchjd.aggregation")
+    for seed, (m, n) in enumerate([(2, 5), (3, 7), (5, 9)]):
+        jac = _jac(seed, m, n)
+        theirs = tj.CAGrad(c=0.4)(jac)  # mean scale, no rescale
+        # both solvers are iterative (SLSQP here, an interior point there)
+        torch.testing.assert_close(
+            CAGrad(0.4, rescale=0, reduction="mean")(jac), theirs, rtol=0, atol=2e-4
+        )
+
+
 def test_rescale_and_reduction() -> None:
     jac = _jac(1, 3, 5)
     d0 = CAGrad(0.4, rescale=0, reduction="mean")(jac)

@@ -4,6 +4,8 @@ failure handling (raise / warn, never a silent fallback), resume."""
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -105,6 +107,31 @@ def test_unsolvable_raises_or_warns(jac: torch.Tensor) -> None:
         w = nash.weights(jac @ jac.T)
     torch.testing.assert_close(w, w_good)
     assert int(nash.num_failures) == 1
+
+
+def test_max_norm_clip() -> None:
+    jac = torch.diag(torch.tensor([0.1, 0.2], dtype=torch.float64))  # ‖d‖ = √2 unclipped
+    d = NashMTL(max_norm=1.0)(jac)
+    torch.testing.assert_close(d.norm(), torch.tensor(1.0, dtype=torch.float64))
+    torch.testing.assert_close(d, NashMTL()(jac) / 2**0.5)
+    torch.testing.assert_close(NashMTL(max_norm=5.0)(jac), NashMTL()(jac))
+
+
+def test_torchjd_parity() -> None:
+    pytest.importorskip("cvxpy")
+    pytest.importorskip("ecos")
+    tj = pytest.importorskip("torchjd.aggregation")
+    for seed, (m, n) in enumerate([(2, 5), (3, 7), (5, 9)]):
+        jac = _jac(seed, m, n)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # cvxpy's DPP notice
+            theirs = tj.NashMTL(n_tasks=m, max_norm=0.0)(jac)
+        # their CCCP stops at ‖Gα − 1/α‖ < 1e-3; ours solves to 1e-8
+        torch.testing.assert_close(NashMTL()(jac), theirs, rtol=1e-3, atol=0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            theirs = tj.NashMTL(n_tasks=m)(jac)  # their default max_norm = 1.0
+        torch.testing.assert_close(NashMTL(max_norm=1.0)(jac), theirs, rtol=1e-3, atol=0)
 
 
 def test_bad_input() -> None:

@@ -60,7 +60,7 @@ def cagrad_weights(
     c: float = 0.4,
     rescale: int = 1,
     *,
-    ftol: float = 1e-10,
+    ftol: float = 1e-12,
     max_iter: int = 200,
     on_failure: OnFailure = "warn",
 ) -> Tensor:
@@ -135,7 +135,7 @@ class CAGrad(GramianAggregator):
     Args:
         c: radius scale (0.4 default).
         rescale: 1 (default, ``/(1+c²)``), 2 (``/(1+c)``) or 0.
-        ftol: SLSQP tolerance on the normalised objective (1e-10; SciPy's default 1e-6 is what
+        ftol: SLSQP tolerance on the normalised objective (1e-12; SciPy's default 1e-6 is what
             the reference uses, it stops earlier).
         max_iter: SLSQP iteration budget.
         on_failure: ``"warn"`` (default) or ``"raise"``.
@@ -149,7 +149,7 @@ class CAGrad(GramianAggregator):
         c: float = 0.4,
         *,
         rescale: int = 1,
-        ftol: float = 1e-10,
+        ftol: float = 1e-12,
         max_iter: int = 200,
         on_failure: OnFailure = "warn",
         reduction: Reduction = "sum",

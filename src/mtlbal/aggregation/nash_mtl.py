@@ -35,9 +35,12 @@ would shrink the update by ``1/S``: unscale the losses (or gradients) before Nas
 not use a ``GradScaler`` with it (bf16 autocast needs none).
 
 Reference training recipe: the nash-mtl trainers back-propagate ``Σ α_i L_i`` (heads weighted
-by ``α``; here the Balancer's head policy applies) and clip the shared gradient norm to 1.0;
-``update_every`` (1) reuses ``α`` for that many steps, as the reference's
-``update_weights_every``. Host sync: the Newton iterations run in NumPy on the host.
+by ``α``; here the Balancer's head policy applies) and clip the shared gradient norm to 1.0.
+``max_norm`` (default 0: off) does that clip on the update itself, ``‖Jᵀw‖ ≤ max_norm``
+(TorchJD's ``NashMTL`` does it with ``max_norm=1.0`` by default). ``update_every`` (1) reuses
+``α`` for that many steps, as the reference's ``update_weights_every``.
+
+Host sync: the Newton iterations run in NumPy on the host.
 
 Example:
     >>> import torch
@@ -144,6 +147,7 @@ class NashMTL(GramianAggregator):
         tol: relative residual ``max_i |α_i (Gα)_i − 1|`` required (1e-8).
         max_iter: Newton iterations per solve.
         update_every: solve every that many steps and reuse ``α`` in between (1).
+        max_norm: if ``> 0``, scale the weights so that ``‖Jᵀw‖ ≤ max_norm`` (0: off).
         on_failure: ``"raise"`` (default) or ``"warn"`` (warn and use the previous ``α``).
         reduction: ``"sum"`` (the paper's ``α``, default) or ``"mean"`` (``α/m``).
     """
@@ -159,6 +163,7 @@ class NashMTL(GramianAggregator):
         tol: float = 1e-8,
         max_iter: int = 100,
         update_every: int = 1,
+        max_norm: float = 0.0,
         on_failure: OnFailure = "raise",
         reduction: Reduction = "sum",
     ) -> None:
@@ -172,6 +177,9 @@ class NashMTL(GramianAggregator):
         self.tol = float(tol)
         self.max_iter = int(max_iter)
         self.update_every = int(update_every)
+        if max_norm < 0:
+            raise ValueError(f"max_norm must be ≥ 0, got {max_norm}")
+        self.max_norm = float(max_norm)
         self.on_failure: OnFailure = on_failure
         self.add_state("alpha", None)
         self.add_state("num_failures", torch.zeros((), dtype=torch.int64))
@@ -192,7 +200,7 @@ class NashMTL(GramianAggregator):
         calls = int(self.calls)
         self.calls = self.calls + 1
         if prev is not None and calls % self.update_every != 0:
-            return prev.to(gramian.device) * self._scale(m)
+            return self._clip(prev.to(gramian.device) * self._scale(m), gramian)
         alpha, ok = nash_mtl_weights(gramian, prev, tol=self.tol, max_iter=self.max_iter)
         if not ok:
             msg = (
@@ -209,4 +217,11 @@ class NashMTL(GramianAggregator):
                 else torch.ones(m, dtype=torch.float64, device=gramian.device)
             )
         self.alpha = alpha.detach().clone()
-        return alpha * self._scale(m)
+        return self._clip(alpha * self._scale(m), gramian)
+
+    def _clip(self, w: Tensor, gramian: Tensor) -> Tensor:
+        if self.max_norm <= 0:
+            return w
+        g = gramian.detach().to(torch.float64)
+        norm = float((w @ g @ w).clamp_min(0).sqrt())
+        return w * (self.max_norm / norm) if norm > self.max_norm else w

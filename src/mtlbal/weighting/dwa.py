@@ -77,7 +77,7 @@ class DWA(LossWeighting):
             return torch.ones_like(losses).detach()
         if prev.shape[0] != losses.shape[0]:
             raise ValueError(f"DWA has statistics for {prev.shape[0]} tasks, got {losses.shape[0]}")
-        w = dwa_weights(prev, prev2, self.temperature)
+        w = dwa_weights(prev, prev2.to(prev.device), self.temperature)
         return w.to(device=losses.device, dtype=losses.dtype)
 
     def objectives(self, losses: Tensor, ctx: LossContext) -> WeightedLosses:
@@ -93,13 +93,14 @@ class DWA(LossWeighting):
             raise ValueError(
                 f"DWA accumulates {self.epoch_sum.shape[0]} tasks, got {x.shape[0]} losses"
             )
-        self.epoch_sum = self.epoch_sum + x
-        self.epoch_count = self.epoch_count + 1
+        # state restored by load_state_dict may sit on another device than the losses
+        self.epoch_sum = self.epoch_sum.to(x.device) + x
+        self.epoch_count = self.epoch_count.to(x.device) + 1
 
     def epoch_end(self) -> None:
         if self.epoch_sum is None or int(self.epoch_count) == 0:
             return
-        mean = self.epoch_sum / self.epoch_count
+        mean = self.epoch_sum / self.epoch_count.to(self.epoch_sum.device)
         self.prev2_mean = self.prev_mean
         self.prev_mean = mean
         self.epoch_sum = torch.zeros_like(self.epoch_sum)

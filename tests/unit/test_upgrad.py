@@ -104,17 +104,25 @@ def test_bad_input() -> None:
         UPGrad(reg_eps=-1.0)
 
 
-def test_nonneg_qp_kkt() -> None:
+@pytest.mark.parametrize("method", ["auto", "lawson-hanson"])
+def test_nonneg_qp_kkt_and_reference(method: str) -> None:
     rng = np.random.default_rng(0)
-    for m in (1, 2, 5, 12):
-        b = rng.normal(size=(m, m + 2))
-        a = b @ b.T + 1e-3 * np.eye(m)
-        q = rng.normal(size=m)
-        x = nonneg_qp(a, q)
-        grad = a @ x + q
-        assert (x >= 0).all()
-        assert (grad >= -1e-9).all()
-        assert np.abs(x * grad).max() < 1e-9
+    for m in (1, 2, 5, 12, 30):
+        for _ in range(5):
+            b = rng.normal(size=(m, m + 2))
+            a = b @ b.T + 1e-3 * np.eye(m)
+            q = rng.normal(size=m)
+            x = nonneg_qp(a, q, method=method)  # type: ignore[arg-type]
+            grad = a @ x + q
+            assert (x >= 0).all()
+            assert (grad >= -1e-9).all()
+            assert np.abs(x * grad).max() < 1e-9
+            # independent: bounded least squares on the Cholesky factor
+            r = cholesky(a)
+            ref = lsq_linear(
+                r, -np.linalg.solve(r.T, q), bounds=(0, np.inf), method="bvls", tol=1e-14
+            ).x
+            np.testing.assert_allclose(x, ref, rtol=1e-6, atol=1e-8)
 
 
 dims = st.tuples(st.integers(2, 6), st.integers(0, 4))

@@ -59,6 +59,16 @@ def test_torchjd_parity_mean_and_sum() -> None:
         torch.testing.assert_close(UPGrad()(jac), m * theirs, rtol=1e-8, atol=1e-10)
 
 
+def test_torchjd_parity_pref() -> None:
+    pytest.importorskip("quadprog")
+    tj = pytest.importorskip("torchjd.aggregation")
+    jac = _jac(5, 4, 9)
+    pref = torch.tensor([0.1, 0.5, 0.2, 0.2], dtype=torch.float64)
+    theirs = tj.UPGrad(pref_vector=pref)(jac)
+    torch.testing.assert_close(UPGrad(pref=pref)(jac), theirs, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(UPGrad(pref=pref, reduction="mean")(jac), theirs / 4)
+
+
 def test_identical_gradients_give_the_sum() -> None:
     g = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
     jac = g.repeat(4, 1)

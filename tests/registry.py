@@ -33,6 +33,12 @@ REGISTRY: list[Entry] = [
         lambda m: {"weighting": W.UncertaintyWeighting(m, form="simple")},
     ),
     Entry("GradNorm", lambda m: {"weighting": W.GradNorm(m, alpha=1.5)}),
+    Entry("DWA", lambda m: {"weighting": W.DWA(m)}, epoch_every=2),
+    Entry("RLW", lambda m: {"weighting": W.RLW(m, seed=5)}),
+    Entry("RLW+UPGrad", lambda m: {"weighting": W.RLW(m, seed=2), "aggregator": A.UPGrad()}),
+    # FAMO's logit step needs balancer.update(re-evaluated losses) after optimizer.step();
+    # without it the battery still exercises objectives + state (the logits stay at 0)
+    Entry("FAMO", lambda m: {"weighting": W.FAMO(m)}, extras={"update_after_step": True}),
     Entry("MGDA", lambda m: {"aggregator": A.MGDA()}),
     Entry("MGDA-l2", lambda m: {"aggregator": A.MGDA(normalization="l2")}),
     Entry("PCGrad", lambda m: {"aggregator": A.PCGrad(seed=3)}),
@@ -76,6 +82,12 @@ REGISTRY: list[Entry] = [
         "UW+PCGrad",
         lambda m: {"weighting": W.UncertaintyWeighting(m), "aggregator": A.PCGrad(seed=1)},
     ),
+    Entry("CAGrad", lambda m: {"aggregator": A.CAGrad()}),
+    Entry("DualProj", lambda m: {"aggregator": A.DualProj()}),
+    Entry("GradVac", lambda m: {"aggregator": A.GradVac(seed=2)}),
+    Entry("IMTLG", lambda m: {"aggregator": A.IMTLG()}),
+    Entry("NashMTL", lambda m: {"aggregator": A.NashMTL()}),
+    Entry("UPGrad", lambda m: {"aggregator": A.UPGrad()}),
 ]
 
 __all__ = ["REGISTRY", "Entry", "mtlbal"]

@@ -310,6 +310,38 @@ class Balancer:
             if callable(fn):
                 fn()
 
+    def update(self, losses: Losses) -> None:
+        """Give strategies that learn from the step's effect (FAMO) the losses re-evaluated on
+        the same batch after ``optimizer.step()`` (no gradient needed). Does nothing after a
+        skipped step. The task order/names must be those of the last :meth:`backward`."""
+        if self.last_info is None:
+            raise ValueError("update() needs a previous backward() on this Balancer")
+        if self.last_info.skipped:
+            return
+        if isinstance(losses, Mapping):
+            names = tuple(str(k) for k in losses)
+            if names != self.last_info.tasks:
+                raise ValueError(
+                    f"update() got tasks {list(names)}, the last backward had "
+                    f"{list(self.last_info.tasks)}"
+                )
+            values = list(losses.values())
+        elif isinstance(losses, Tensor):
+            values = list(losses.reshape(-1).unbind(0))
+        else:
+            values = list(losses)
+        if len(values) != len(self.last_info.tasks):
+            raise ValueError(
+                f"update() got {len(values)} losses for {len(self.last_info.tasks)} tasks"
+            )
+        stacked = torch.stack([torch.as_tensor(v).reshape(()) for v in values]).detach()
+        if not self._check_finite(self.last_info.tasks, stacked):
+            return
+        for s in self.strategies:
+            fn = getattr(s, "update", None)
+            if callable(fn):
+                fn(stacked)
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "step": self.step_count,

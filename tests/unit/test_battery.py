@@ -33,6 +33,10 @@ def run_steps(entry: Entry, p: Problem, opt: Any, start: int, stop: int) -> list
         opt.zero_grad()
         info = opt.backward(p.losses())
         opt.step()
+        if entry.extras.get("update_after_step"):
+            # FAMO-style: re-evaluate the same batch after the step and feed it back
+            with torch.no_grad():
+                opt.balancer.update(p.losses())
         weights.append(info.weights.detach().clone())
         if entry.epoch_every and (k + 1) % entry.epoch_every == 0:
             opt.balancer.epoch_end()

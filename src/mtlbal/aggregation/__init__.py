@@ -2,7 +2,25 @@
 
 from mtlbal.aggregation.aligned_mtl import AlignedMTL
 from mtlbal.aggregation.base import Aggregator, GramianAggregator
+from mtlbal.aggregation.cagrad import CAGrad
+from mtlbal.aggregation.dualproj import DualProj
+from mtlbal.aggregation.gradvac import GradVac
+from mtlbal.aggregation.imtl import IMTLG
 from mtlbal.aggregation.mgda import MGDA
+from mtlbal.aggregation.nash_mtl import NashMTL
 from mtlbal.aggregation.pcgrad import PCGrad
+from mtlbal.aggregation.upgrad import UPGrad
 
-__all__ = ["MGDA", "Aggregator", "AlignedMTL", "GramianAggregator", "PCGrad"]
+__all__ = [
+    "IMTLG",
+    "MGDA",
+    "Aggregator",
+    "AlignedMTL",
+    "CAGrad",
+    "DualProj",
+    "GradVac",
+    "GramianAggregator",
+    "NashMTL",
+    "PCGrad",
+    "UPGrad",
+]

@@ -1,20 +1,39 @@
 """Pure kernels: tensor in, tensor out, no state, no hooks. Each lives beside its class."""
 
 from mtlbal.aggregation.aligned_mtl import aligned_mtl_balance, aligned_mtl_weights
+from mtlbal.aggregation.cagrad import cagrad_weights
+from mtlbal.aggregation.dualproj import dualproj_weights
+from mtlbal.aggregation.gradvac import gradvac_weights
+from mtlbal.aggregation.imtl import imtlg_weights
 from mtlbal.aggregation.mgda import mgda_weights, min_norm_2
+from mtlbal.aggregation.nash_mtl import nash_mtl_weights
 from mtlbal.aggregation.pcgrad import pcgrad_weights
+from mtlbal.aggregation.upgrad import upgrad_weights
+from mtlbal.weighting.dwa import dwa_weights
+from mtlbal.weighting.famo import famo_logit_grad, famo_objectives
 from mtlbal.weighting.gradnorm import gradnorm_loss
 from mtlbal.weighting.igb import igb_reward, igb_v1_weights
+from mtlbal.weighting.rlw import rlw_weights
 from mtlbal.weighting.uncertainty import uncertainty_objectives
 
 __all__ = [
     "aligned_mtl_balance",
     "aligned_mtl_weights",
+    "cagrad_weights",
+    "dualproj_weights",
+    "dwa_weights",
+    "famo_logit_grad",
+    "famo_objectives",
     "gradnorm_loss",
+    "gradvac_weights",
     "igb_reward",
     "igb_v1_weights",
+    "imtlg_weights",
     "mgda_weights",
     "min_norm_2",
+    "nash_mtl_weights",
     "pcgrad_weights",
+    "rlw_weights",
     "uncertainty_objectives",
+    "upgrad_weights",
 ]

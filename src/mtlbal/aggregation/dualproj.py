@@ -1,0 +1,96 @@
+"""DualProj — project the combined gradient onto the dual cone of the task gradients (the
+GEM projection, Lopez-Paz & Ranzato, NeurIPS 2017, eq. 11; as an aggregator in Quinton & Rey,
+arXiv:2406.16232).
+
+``d = π(Jᵀu)``, the Euclidean projection of ``Jᵀu`` onto ``{x : J x ≥ 0}``. By the dual form
+(Proposition 1 of the UPGrad paper) ``π(Jᵀu) = Jᵀv`` with
+
+    v = argmin_{v ≥ u} vᵀ G v          (G = J Jᵀ, [m, m]),
+
+solved exactly by the same active-set QP as :mod:`mtlbal.aggregation.upgrad`, with the same
+numerics (``G/trace(G) + reg_eps·I``, ``reg_eps = 1e-4``; ``norm_eps = 0``). UPGrad projects
+each task gradient and adds the projections; DualProj projects their sum once.
+
+Scale: ``reduction="sum"`` (default) projects ``Σ_t g_t`` (``u = 1``); ``"mean"`` projects the
+mean (``u = 1/m``, TorchJD's ``DualProj()``). Non-conflicting (``J d ≥ 0``, exactly for
+``reg_eps = 0``); a non-conflicting sum is returned unchanged. Host sync: NumPy QP on the host.
+
+Example:
+    >>> import torch
+    >>> J = torch.tensor([[1.0, 0.0], [-2.0, 1.0]])
+    >>> DualProj(reg_eps=0.0)(J)  # Σg = (−1, 1) conflicts with g_1; its projection
+    tensor([0., 1.])
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from mtlbal.aggregation.base import GramianAggregator, Reduction
+from mtlbal.aggregation.upgrad import nonneg_qp
+
+__all__ = ["DualProj", "dualproj_weights"]
+
+
+def dualproj_weights(
+    gramian: Tensor,
+    pref: Tensor | None = None,
+    *,
+    norm_eps: float = 0.0,
+    reg_eps: float = 1e-4,
+) -> Tensor:
+    """``v = argmin_{v ≥ u} vᵀ G̃ v`` (``[m]``, float64) with ``u = pref`` (default ones)."""
+    if gramian.dim() != 2 or gramian.shape[0] != gramian.shape[1]:
+        raise ValueError(f"expected a square Gramian [m, m], got {tuple(gramian.shape)}")
+    m = gramian.shape[0]
+    g = gramian.detach().to(torch.float64).cpu().numpy()
+    g = 0.5 * (g + g.T)
+    if not np.isfinite(g).all():
+        raise ValueError("DualProj: the Gramian has non-finite entries")
+    u = np.ones(m) if pref is None else pref.detach().to(torch.float64).cpu().numpy().reshape(-1)
+    if u.shape[0] != m:
+        raise ValueError(f"pref has {u.shape[0]} entries for {m} tasks")
+    tr = float(np.trace(g))
+    a = (g / tr if tr > norm_eps else np.zeros_like(g)) + reg_eps * np.eye(m)
+    try:
+        x = nonneg_qp(a, a @ u)
+    except np.linalg.LinAlgError as e:
+        raise RuntimeError("DualProj: singular Gramian in the QP; use reg_eps > 0") from e
+    return torch.as_tensor(u + x, dtype=torch.float64, device=gramian.device)
+
+
+class DualProj(GramianAggregator):
+    """Projection of the summed (or mean) gradient onto the dual cone of the task gradients.
+
+    Args:
+        pref: optional ``u`` (``[m]``; default ones, times ``1/m`` under ``"mean"``).
+        norm_eps, reg_eps: as :class:`~mtlbal.aggregation.UPGrad`.
+        reduction: ``"sum"`` (default) or ``"mean"`` (TorchJD's scale).
+    """
+
+    host_sync = True
+
+    def __init__(
+        self,
+        *,
+        pref: Tensor | None = None,
+        norm_eps: float = 0.0,
+        reg_eps: float = 1e-4,
+        reduction: Reduction = "sum",
+    ) -> None:
+        super().__init__(reduction)
+        if norm_eps < 0 or reg_eps < 0:
+            raise ValueError(f"norm_eps and reg_eps must be ≥ 0, got {norm_eps}, {reg_eps}")
+        self.pref = None if pref is None else pref.detach().clone()
+        self.norm_eps = float(norm_eps)
+        self.reg_eps = float(reg_eps)
+
+    def hparams(self) -> dict[str, object]:
+        return {"reg_eps": self.reg_eps, "reduction": self.reduction}
+
+    def weights(self, gramian: Tensor) -> Tensor:
+        m = gramian.shape[0]
+        w = dualproj_weights(gramian, self.pref, norm_eps=self.norm_eps, reg_eps=self.reg_eps)
+        return w * self._scale(m)

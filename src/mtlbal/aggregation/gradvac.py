@@ -1,0 +1,149 @@
+"""GradVac — Gradient Vaccine (Wang, Tsvetkov, Firat & Cao, ICLR 2021, arXiv:2010.05874).
+
+PCGrad with adaptive targets: instead of only removing negative similarity, each task's
+gradient is pushed up to an EMA target similarity ``φ̂_ij`` (state, per ordered pair,
+initially 0). For each task ``i``, over the other tasks ``j`` in a fresh random order, with the
+current (already modified) ``g_i`` and the *original* ``g_j``:
+
+    φ = ⟨g_i, g_j⟩ / (‖g_i‖‖g_j‖ + ε)
+    if φ < φ̂_ij:  g_i ← g_i + g_j · ‖g_i‖ (φ̂_ij √(1−φ²) − φ √(1−φ̂_ij²)) / (‖g_j‖ √(1−φ̂_ij²) + ε)
+    φ̂_ij ← (1 − β) φ̂_ij + β φ          (always)
+
+and the update is ``Σ_i g_i`` (the paper's sum; ``reduction="mean"`` divides by ``m``).
+PCGrad is the case ``φ̂ ≡ 0``. ``ε = 1e-8`` as LibMTL.
+
+As for PCGrad, every ``g_i = Σ_k C_ik g_k`` (``C = I`` at the start), so all norms and inner
+products come from the Gramian: ``‖g_i‖² = C_i G C_iᵀ``, ``⟨g_i, g_j⟩ = (C G)_ij``. The rows are
+processed together (one position of their visiting orders at a time; each row touches only
+its own targets), branch-free with ``torch.where`` — no host sync.
+
+Groups: the similarity is taken over the whole shared gradient (LibMTL's default
+``group_type=0``); the per-layer / per-tensor variants of the paper are not provided.
+``β``: 0.5 is LibMTL's default; the paper's value is not known to us.
+
+Randomness: a ``torch.Generator`` seeded by ``seed`` (in ``state_dict`` with ``φ̂``, so a
+resumed run continues exactly).
+
+Example:
+    >>> import torch
+    >>> J = torch.tensor([[1.0, 0.0], [-1.0, 1.0]])
+    >>> GradVac(seed=0)(J)  # first step, φ̂ = 0: PCGrad
+    tensor([0.5000, 1.5000])
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mtlbal.aggregation.base import GramianAggregator, Reduction
+
+__all__ = ["GradVac", "gradvac_weights"]
+
+
+def gradvac_weights(
+    gramian: Tensor,
+    targets: Tensor,
+    orders: Tensor,
+    beta: float = 0.5,
+    eps: float = 1e-8,
+) -> tuple[Tensor, Tensor]:
+    """GradVac weights (``[m]``, sum scale) and the updated targets ``φ̂`` (``[m, m]``).
+
+    Args:
+        gramian: ``G`` ``[m, m]``.
+        targets: ``φ̂`` ``[m, m]`` before this step.
+        orders: ``[m, m−1]`` integer tensor; row ``i`` lists the other tasks in the order
+            task ``i`` visits them.
+        beta: EMA rate of the targets.
+        eps: denominator guard.
+    """
+    g = gramian.detach().to(torch.float64)
+    m = g.shape[0]
+    coef = torch.eye(m, dtype=g.dtype, device=g.device)
+    phi_t = targets.detach().to(device=g.device, dtype=g.dtype).clone()
+    rows = torch.arange(m, device=g.device)
+    norms = g.diagonal().clamp_min(0).sqrt()
+    for k in range(m - 1):
+        j = orders[:, k].to(g.device)
+        cg = coef @ g  # cg[i, l] = ⟨g_i, g_l⟩
+        dot = cg[rows, j]
+        norm_i = (cg * coef).sum(1).clamp_min(0).sqrt()
+        norm_j = norms[j]
+        phi = dot / (norm_i * norm_j + eps)
+        target = phi_t[rows, j]
+        s_phi = (1 - phi * phi).clamp_min(0).sqrt()
+        s_tgt = (1 - target * target).clamp_min(0).sqrt()
+        w = norm_i * (target * s_phi - phi * s_tgt) / (norm_j * s_tgt + eps)
+        w = torch.where(phi < target, w, torch.zeros_like(w))
+        coef = coef.index_put((rows, j), coef[rows, j] + w)
+        phi_t = phi_t.index_put((rows, j), (1 - beta) * target + beta * phi)
+    return coef.sum(0), phi_t
+
+
+class GradVac(GramianAggregator):
+    """Gradient vaccine: PCGrad towards EMA similarity targets.
+
+    Args:
+        beta: EMA rate of the targets (0.5, LibMTL).
+        eps: denominator guard (1e-8).
+        seed: seed of the visiting orders (``None``: nondeterministic).
+        reduction: ``"sum"`` (default, the paper's) or ``"mean"``.
+    """
+
+    targets: Tensor | None
+
+    def __init__(
+        self,
+        *,
+        beta: float = 0.5,
+        eps: float = 1e-8,
+        seed: int | None = 0,
+        reduction: Reduction = "sum",
+    ) -> None:
+        super().__init__(reduction)
+        if not 0.0 <= beta <= 1.0:
+            raise ValueError(f"beta must be in [0, 1], got {beta}")
+        self.beta = float(beta)
+        self.eps = float(eps)
+        self.seed = seed
+        self._gen = torch.Generator()
+        if seed is None:
+            self._gen.seed()
+        else:
+            self._gen.manual_seed(seed)
+        self.add_state("targets", None)
+
+    def hparams(self) -> dict[str, object]:
+        return {"beta": self.beta, "seed": self.seed, "reduction": self.reduction}
+
+    def _orders(self, m: int) -> Tensor:
+        rows = []
+        for i in range(m):
+            others = torch.cat([torch.arange(i), torch.arange(i + 1, m)])
+            rows.append(others[torch.randperm(m - 1, generator=self._gen)])
+        return torch.stack(rows) if m > 1 else torch.zeros(1, 0, dtype=torch.int64)
+
+    def weights(self, gramian: Tensor) -> Tensor:
+        m = gramian.shape[0]
+        if self.targets is None:
+            self.targets = torch.zeros(m, m, dtype=torch.float64, device=gramian.device)
+        elif self.targets.shape != (m, m):
+            raise ValueError(f"GradVac holds targets for {self.targets.shape[0]} tasks, got {m}")
+        w, self.targets = gradvac_weights(
+            gramian, self.targets, self._orders(m), self.beta, self.eps
+        )
+        return w * self._scale(m)
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"generator": self._gen.get_state()}
+
+    def load_extra_state(self, state: Any) -> None:
+        if "generator" in state:
+            self._gen.set_state(state["generator"])
+
+    def reset_extra(self) -> None:
+        if self.seed is not None:
+            self._gen.manual_seed(self.seed)

@@ -1,0 +1,90 @@
+"""IMTL-G: the defining property (equal projections, Σα = 1) solved independently, TorchJD
+parity, scale conventions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mtlbal.aggregation import IMTLG
+from mtlbal.functional import imtlg_weights
+
+
+def reference_alpha(jac: np.ndarray) -> np.ndarray:
+    """Solve, in the n-dimensional space, the m equations: (u_1 − u_t)·(Jᵀα) = 0, Σα = 1."""
+    m = jac.shape[0]
+    u = jac / np.linalg.norm(jac, axis=1, keepdims=True)
+    rows = [(u[0] - u[t]) @ jac.T for t in range(1, m)] + [np.ones(m)]
+    rhs = np.zeros(m)
+    rhs[-1] = 1.0
+    return np.linalg.solve(np.stack(rows), rhs)
+
+
+def _jac(seed: int, m: int, n: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    scales = torch.rand(m, 1, generator=gen, dtype=torch.float64) * 5 + 0.1
+    return torch.randn(m, n, generator=gen, dtype=torch.float64) * scales
+
+
+@pytest.mark.parametrize(("m", "n"), [(2, 3), (3, 8), (5, 5), (6, 40)])
+def test_matches_independent_reference(m: int, n: int) -> None:
+    for seed in range(5):
+        jac = _jac(seed, m, n)
+        alpha = imtlg_weights(jac @ jac.T)
+        np.testing.assert_allclose(
+            alpha.numpy(), reference_alpha(jac.numpy()), rtol=1e-8, atol=1e-10
+        )
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(2, 6), st.integers(0, 5), st.integers(0, 10_000))
+def test_property_equal_projections(m: int, extra: int, seed: int) -> None:
+    jac = _jac(seed, m, m + extra)
+    alpha = imtlg_weights(jac @ jac.T)
+    assert abs(float(alpha.sum()) - 1.0) < 1e-9
+    d = alpha @ jac
+    proj = (jac @ d) / jac.norm(dim=1)
+    torch.testing.assert_close(proj, proj[0].expand(m), rtol=1e-7, atol=1e-9)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(2, 6), st.integers(0, 10_000), st.floats(1e-5, 1e5))
+def test_property_permutation_and_scale(m: int, seed: int, s: float) -> None:
+    jac = _jac(seed, m, m + 2)
+    perm = torch.randperm(m, generator=torch.Generator().manual_seed(seed))
+    a = imtlg_weights(jac @ jac.T)
+    torch.testing.assert_close(
+        imtlg_weights(jac[perm] @ jac[perm].T), a[perm], rtol=1e-6, atol=1e-9
+    )
+    torch.testing.assert_close(imtlg_weights(s * s * (jac @ jac.T)), a, rtol=1e-6, atol=1e-9)
+
+
+def test_torchjd_parity() -> None:
+    tj = pytest.importorskip("torchjd.aggregation")
+    for seed, (m, n) in enumerate([(2, 4), (3, 9), (5, 7)]):
+        jac = _jac(seed, m, n)
+        torch.testing.assert_close(
+            IMTLG(reduction="mean")(jac), tj.IMTLG()(jac), rtol=1e-7, atol=1e-9
+        )
+        torch.testing.assert_close(IMTLG()(jac), m * tj.IMTLG()(jac), rtol=1e-7, atol=1e-9)
+
+
+def test_scales_and_identical_gradients() -> None:
+    g = torch.tensor([3.0, -1.0], dtype=torch.float64)
+    jac = g.repeat(3, 1)
+    torch.testing.assert_close(IMTLG()(jac), 3 * g)
+    torch.testing.assert_close(IMTLG(reduction="mean")(jac), g)
+    # two-task closed form: α ∝ (‖g_2‖, ‖g_1‖) for orthogonal gradients
+    jac = torch.tensor([[2.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
+    torch.testing.assert_close(
+        imtlg_weights(jac @ jac.T), torch.tensor([1 / 3, 2 / 3], dtype=torch.float64)
+    )
+
+
+def test_single_task_and_bad_input() -> None:
+    torch.testing.assert_close(imtlg_weights(torch.eye(1)), torch.ones(1, dtype=torch.float64))
+    with pytest.raises(ValueError, match="square"):
+        imtlg_weights(torch.ones(2, 3))

@@ -332,8 +332,10 @@ class Balancer:
             t.bind(self.shared_params, self.shared_modules)
         self._branches: _Branches | None = None
         if branches is not None:
-            calib = branches if isinstance(branches, BranchCalibration) else BranchCalibration(
-                list(branches)
+            calib = (
+                branches
+                if isinstance(branches, BranchCalibration)
+                else BranchCalibration(list(branches))
             )
             if self._cut is not None and any(m is self._cut.module for m in calib.modules):
                 raise ValueError("a modality branch cannot also be the cut point")

@@ -222,7 +222,9 @@ def test_modality_level_only_is_plain_sum_then_matched() -> None:
     total.backward()
     assert fc_.grad is not None and fl_.grad is not None
     tau = (fc_.grad.norm() + fl_.grad.norm()) / 2
-    torch.autograd.backward([fc, fl], [fc_.grad * tau / fc_.grad.norm(), fl_.grad * tau / fl_.grad.norm()])
+    torch.autograd.backward(
+        [fc, fl], [fc_.grad * tau / fc_.grad.norm(), fl_.grad * tau / fl_.grad.norm()]
+    )
     for (n, p), (_, q) in zip(net.named_parameters(), ref.named_parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-12, msg=n)
     assert abs(float(rec[0][0].norm() / rec[1][0].norm()) - 1) < 1e-6
@@ -317,7 +319,9 @@ def test_kernel_properties(scales: list[float], target: str, seed: int) -> None:
     out = calibrate_branch_grads(grads, target=target)  # type: ignore[arg-type]
     norms = [float(x.norm()) for x in grads]
     live = [n for n in norms if n > 0]
-    tau = {"mean": sum(live) / max(len(live), 1), "max": max(norms), "min": min(live or [0.0])}[target]
+    tau = {"mean": sum(live) / max(len(live), 1), "max": max(norms), "min": min(live or [0.0])}[
+        target
+    ]
     for x, y, n in zip(grads, out, norms):
         if n == 0:
             assert torch.equal(y, torch.zeros_like(y))

@@ -27,7 +27,7 @@ class GradientTransform(Stateful):
 
     needs_per_task: bool = False
 
-    def bind(self, shared_params: list[Tensor], shared_modules: list[nn.Module]) -> None:  # noqa: B027
+    def bind(self, shared_params: list[Tensor], shared_modules: list[nn.Module]) -> None:
         """Told the Balancer's shared parameters and modules once, at construction."""
 
     def per_task(self, param: Tensor, grads: Tensor) -> Tensor:

@@ -73,7 +73,7 @@ from torch import Tensor, nn
 
 from mtlbal.transforms.base import GradientTransform
 
-__all__ = ["SparseMask", "psn_mask", "global_mask"]
+__all__ = ["SparseMask", "global_mask", "psn_mask"]
 
 Selection = Literal["psn", "global"]
 Score = Literal["weight", "grad"]
@@ -116,7 +116,7 @@ def psn_mask(scores: Tensor, k: int) -> Tensor:
     """
     if k < 1:
         raise ValueError(f"k must be ≥ 1, got {k}")
-    n, fan_in = scores.shape
+    fan_in = scores.shape[1]
     if fan_in <= k:
         return torch.ones_like(scores, dtype=torch.bool)
     idx = scores.topk(k, dim=1).indices
@@ -260,15 +260,15 @@ class SparseMask(GradientTransform):
                         kinds[id(p)] = ("weight" if p.dim() >= 2 else "bias", None)
         out: list[tuple[Tensor, str, int | None]] = []
         seen: set[int] = set()
-        params = list(tensors)
+        params: list[Tensor] = list(tensors)
         for root in modules:
             params.extend(root.parameters())
-        for p in params:
-            if id(p) in seen or not p.requires_grad:
+        for t in params:
+            if id(t) in seen or not t.requires_grad:
                 continue
-            seen.add(id(p))
-            kind, groups = kinds.get(id(p), ("weight" if p.dim() >= 2 else "bias", None))
-            out.append((p, kind, groups))
+            seen.add(id(t))
+            kind, groups = kinds.get(id(t), ("weight" if t.dim() >= 2 else "bias", None))
+            out.append((t, kind, groups))
         return out
 
     def _scores(self, weights: list[Tensor]) -> list[Tensor]:
@@ -294,9 +294,7 @@ class SparseMask(GradientTransform):
                 loss = self._closure()
             if not isinstance(loss, Tensor) or loss.numel() != 1:
                 raise ValueError("closure must return a scalar loss tensor")
-            gs = list(
-                torch.autograd.grad(loss, weights, allow_unused=True, materialize_grads=True)
-            )
+            gs = list(torch.autograd.grad(loss, weights, allow_unused=True, materialize_grads=True))
         for w, g in zip(weights, gs):
             if g.shape != w.shape:
                 raise ValueError(
@@ -312,7 +310,9 @@ class SparseMask(GradientTransform):
         rules = {"bias": self.biases, "norm": self.norms, "embedding": self.embeddings}
         masks: list[Tensor | None] = [None] * len(entries)
         sel = [
-            i for i, (p, kind, _) in enumerate(entries) if kind == "weight" and id(p) not in self._skip
+            i
+            for i, (p, kind, _) in enumerate(entries)
+            if kind == "weight" and id(p) not in self._skip
         ]
         for i, (p, kind, _) in enumerate(entries):
             if id(p) not in self._skip and kind != "weight" and rules[kind] == "freeze":

@@ -142,9 +142,10 @@ def run(
     device: str = "cpu",
     out_dir: pathlib.Path | None = None,
     progress: Callable[[str], None] | None = None,
+    steps: int | None = None,
 ) -> dict[str, Any]:
     """Train every strategy on every seed; return ``{"name", "rows", "markdown", ...}``."""
-    steps = 400 if quick else 3000
+    steps = steps if steps is not None else (400 if quick else 3000)
     per: dict[str, list[dict[str, float]]] = {s: [] for s in STRATEGIES}
     threads = torch.get_num_threads()
     if device == "cpu":

@@ -14,6 +14,7 @@ def test_multimodal_suite_runs(tmp_path: pathlib.Path) -> None:
     assert [r["strategy"] for r in res["rows"]] == multimodal.STRATEGIES
     assert res["markdown"].count("\n|") == len(multimodal.STRATEGIES) + 2  # header, rule, rows
     assert json.loads((tmp_path / "multimodal.json").read_text())["rows"] == res["rows"]
+    json.dumps(res, allow_nan=False)
     fuller_row = res["rows"][-1]
     assert fuller_row["grad_ratio_B_A"] > 0  # the modality level ran and reported norms
 
@@ -25,4 +26,4 @@ def test_conflict_suite_runs() -> None:
     for r in res["rows"]:
         assert 0.0 <= r["conflict_pct"] <= 100.0
         assert (r["trainable"] < 1.0) == (r["mask"] != "none")
-    json.dumps(res)
+    json.dumps(res, allow_nan=False)

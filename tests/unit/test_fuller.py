@@ -329,3 +329,19 @@ def test_kernel_properties(scales: list[float], target: str, seed: int) -> None:
             assert abs(float(y.norm()) - tau) <= 1e-9 * max(tau, 1.0)
             # same direction
             assert float((x * y).sum()) >= 0
+
+
+def test_fuller_with_sparse_mask_masks_branches_and_trunk() -> None:
+    net = Net()
+    mask = mtlbal.transforms.SparseMask(k=2)
+    b = fuller(net.backbone(), net.last, [net.cam, net.lid], transforms=mask)
+    xc, xl, y1, y2 = data()
+    b.backward(losses(net(xc, xl), y1, y2))
+    checked = 0
+    for mod in (net.cam[0], net.lid[0], net.fuse[0], net.last):
+        mk = mask.mask_for(mod.weight)
+        assert mk is not None and mod.weight.grad is not None
+        assert bool((mod.weight.grad[~mk] == 0).all())
+        assert bool((mod.weight.grad[mk] != 0).any())
+        checked += 1
+    assert checked == 4

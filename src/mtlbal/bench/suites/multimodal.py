@@ -131,8 +131,8 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
     return float(t.mean()), float(t.std()) if len(xs) > 1 else 0.0
 
 
-def _fmt(m: float, s: float) -> str:
-    return "n/a" if math.isnan(m) else f"{m:.4f} ± {s:.4f}"
+def _fmt(m: float | None, s: float | None) -> str:
+    return "n/a" if m is None or s is None else f"{m:.4f} ± {s:.4f}"
 
 
 def run(
@@ -165,7 +165,8 @@ def run(
         row: dict[str, Any] = {"strategy": name, "seeds": len(rs), "steps": steps}
         for key in ("det_nmse", "seg_nmse", "grad_ratio_B_A", "ms_per_step"):
             m, s = _mean_std([r[key] for r in rs])
-            row[key], row[key + "_std"] = m, s
+            # no modality level: no branch norms (None, so the JSON stays strict)
+            row[key], row[key + "_std"] = (None, None) if math.isnan(m) else (m, s)
         deltas = [100 * (0.5 * (r["det_nmse"] + r["seg_nmse"]) - b) / b for r, b in zip(rs, base)]
         row["delta_pct"], row["delta_pct_std"] = _mean_std(deltas)
         rows.append(row)

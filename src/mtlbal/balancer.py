@@ -684,4 +684,3 @@ class Balancer:
             if t.applies_to(p):
                 g = t.combined(p, g)
         return g
-

@@ -8,11 +8,14 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import Tensor, nn
 
 import mtlbal
 from mtlbal.aggregation import MGDA, PCGrad
 from mtlbal.diagnostics import ConflictIncidence
+from mtlbal.functional import global_mask, psn_mask
 from mtlbal.transforms import SparseMask
 
 DT = torch.float64
@@ -385,3 +388,30 @@ def test_errors() -> None:
     saved = SparseMask(nn.Linear(6, 3), k=2).state_dict()
     with pytest.raises((ValueError, RuntimeError)):
         SparseMask(nn.Linear(5, 3), k=2).load_state_dict(saved)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 6), st.integers(1, 12), st.integers(1, 14), st.integers(0, 10_000))
+def test_psn_kernel_properties(n: int, fan_in: int, k: int, seed: int) -> None:
+    scores = torch.rand(n, fan_in, generator=torch.Generator().manual_seed(seed))
+    mask = psn_mask(scores, k)
+    assert mask.shape == scores.shape
+    assert torch.equal(mask.sum(1), torch.full((n,), min(k, fan_in)))
+    # every kept score of a row is ≥ every dropped score of that row
+    for r in range(n):
+        kept, dropped = scores[r][mask[r]], scores[r][~mask[r]]
+        if dropped.numel():
+            assert float(kept.min()) >= float(dropped.max())
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.floats(0.01, 1.0), st.integers(0, 10_000))
+def test_global_kernel_properties(ratio: float, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    scores = [torch.rand(3, 4, generator=g), torch.rand(5, generator=g)]
+    masks = global_mask(scores, ratio)
+    kept = torch.cat([s[m] for s, m in zip(scores, masks)])
+    dropped = torch.cat([s[~m] for s, m in zip(scores, masks)])
+    assert kept.numel() == max(1, round(ratio * 17))
+    if dropped.numel():
+        assert float(kept.min()) >= float(dropped.max())

@@ -12,6 +12,7 @@ from typing import Any
 
 import mtlbal
 from mtlbal import aggregation as A
+from mtlbal import transforms as T
 from mtlbal import weighting as W
 
 
@@ -88,6 +89,18 @@ REGISTRY: list[Entry] = [
     Entry("IMTLG", lambda m: {"aggregator": A.IMTLG()}),
     Entry("NashMTL", lambda m: {"aggregator": A.NashMTL()}),
     Entry("UPGrad", lambda m: {"aggregator": A.UPGrad()}),
+    # sparse training: half of each trunk neuron's inputs frozen (selected when the Balancer is
+    # built, on the trunk's initial weights). The shared gradient is the masked one, so
+    # "equal weights == sum(losses).backward()" holds only on the live entries; frozen entries
+    # stay bitwise unchanged after wrap()'s step.
+    Entry("SparseMask", lambda m: {"transforms": T.SparseMask(ratio=0.5)}, extras={"masked": True}),
+    Entry(
+        "SparseMask+MGDA",
+        lambda m: {"aggregator": A.MGDA(), "transforms": T.SparseMask(ratio=0.5)},
+        extras={"masked": True},
+    ),
+    # FULLER-style calibration needs a model with modality branches: its task level alone is
+    # "PCGrad" at the cut above; both levels are tested in tests/unit/test_fuller.py.
 ]
 
 __all__ = ["REGISTRY", "Entry", "mtlbal"]

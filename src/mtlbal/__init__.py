@@ -5,7 +5,7 @@
 ['Balancer', 'aggregation', 'weighting', 'wrap']
 """
 
-from mtlbal import aggregation, engine, functional, presets, transforms, weighting
+from mtlbal import aggregation, diagnostics, engine, functional, presets, transforms, weighting
 from mtlbal.balancer import Balancer, StepInfo
 from mtlbal.optim import BalancedOptimizer, wrap
 
@@ -17,6 +17,7 @@ __all__ = [
     "StepInfo",
     "__version__",
     "aggregation",
+    "diagnostics",
     "engine",
     "functional",
     "presets",

@@ -16,7 +16,8 @@ Pipeline of :meth:`Balancer.backward` for losses ``L`` (``[m]``):
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -28,6 +29,7 @@ from mtlbal.aggregation.base import Aggregator, GramianAggregator
 from mtlbal.engine.base import PerTaskGrads
 from mtlbal.engine.dense import CutPerTaskGrads, DensePerTaskGrads, batched_grads
 from mtlbal.transforms.base import GradientTransform
+from mtlbal.transforms.branch_calibration import BranchCalibration
 from mtlbal.weighting.base import Equal, LossContext, LossWeighting
 
 __all__ = ["Balancer", "StepInfo"]
@@ -158,6 +160,71 @@ class _Cut:
         self.captured = []
 
 
+class _Branches:
+    """Modality branches (FULLER's modality level): each branch output is replaced by a detached
+    leaf in the forward, as at a cut point. Once the combined gradient has been backpropagated
+    through the fusion and the trunk down to those leaves, :meth:`backward` rescales the
+    gradients there with the :class:`BranchCalibration` and backpropagates them into the
+    branches."""
+
+    def __init__(self, calibration: BranchCalibration) -> None:
+        self.calibration = calibration
+        self.cuts = [_Cut(m, detach=True) for m in calibration.modules]
+
+    def take(self) -> list[list[tuple[Tensor, Tensor]]]:
+        return [c.take() for c in self.cuts]
+
+    def remove(self) -> None:
+        for c in self.cuts:
+            c.remove()
+
+    def backward(self, captured: list[list[tuple[Tensor, Tensor]]], info: StepInfo) -> None:
+        live = [caps for caps in captured if caps]
+        if not live:
+            return
+        grads = [
+            [leaf.grad if leaf.grad is not None else torch.zeros_like(leaf) for _, leaf in caps]
+            for caps in live
+        ]
+        if all(leaf.grad is None for caps in live for _, leaf in caps):
+            raise ValueError(
+                "no gradient reached the outputs of the modality branches: the branches must "
+                "feed the losses (and lie upstream of the cut point, if any)"
+            )
+        calib = self.calibration
+        if calib.per_sample:
+            counts = {len(g) for g in grads}
+            if len(counts) != 1:
+                raise ValueError(
+                    "per-sample branch calibration needs every branch to run the same number "
+                    f"of times per step, got {[len(g) for g in grads]}"
+                )
+            new = [list(col) for col in zip(*[calib(list(row)) for row in zip(*grads)])]
+            info.extras["branch_norms"] = torch.stack(
+                [
+                    torch.cat([x.reshape(x.shape[0], -1).norm(dim=1) for x in g]).detach()
+                    for g in grads
+                ]
+            )
+        else:
+            flat = [torch.cat([x.reshape(-1) for x in g]) for g in grads]
+            info.extras["branch_norms"] = torch.stack([f.norm() for f in flat]).detach()
+            scaled = calib(flat)
+            new = []
+            for g, f in zip(grads, scaled):
+                parts, offset = [], 0
+                for x in g:
+                    parts.append(f[offset : offset + x.numel()].view_as(x))
+                    offset += x.numel()
+                new.append(parts)
+        outs = [z for caps in live for z, _ in caps]
+        cots = [c for g in new for c in g]
+        for caps in live:
+            for _, leaf in caps:
+                leaf.grad = None
+        torch.autograd.backward(outs, cots)
+
+
 class Balancer:
     """Balance the losses of several tasks that share part of a network.
 
@@ -169,7 +236,19 @@ class Balancer:
             output is the shared representation (a cut point: per-task gradients are taken
             there, then one backward runs through the trunk).
         transforms: gradient transforms (:mod:`mtlbal.transforms`) applied to each task's
-            gradient of the shared parameters before aggregation.
+            gradient of the shared parameters before aggregation (``per_task``, at
+            ``"params"``), or to the combined gradient that reaches a shared parameter when no
+            per-task gradients of the parameters are formed (``combined``: without an
+            aggregator, and always at a cut point, where the per-task gradients are at the
+            representation).
+        branches: modality branches for FULLER-style modality-level calibration: a list of
+            two or more modules (the defaults of
+            :class:`~mtlbal.transforms.BranchCalibration`) or a ``BranchCalibration``. Each
+            branch output is captured like a cut point; the gradient reaching the branch
+            outputs (the task-level combined gradient after the fusion and the trunk) is
+            rescaled to a common norm before it flows into each branch. Needs ``at=`` a cut
+            point downstream of the fusion, or no per-task gradients (no aggregator, no
+            diagnostics). See :func:`mtlbal.presets.fuller`.
         nonfinite: what a NaN/inf loss does. ``"raise"`` (default): ``ValueError`` naming the
             task, ``.grad`` untouched; ``"skip"``: the step is skipped (``info.skipped``), no
             gradient and no state update; ``"off"``: no check (zero host syncs per step).
@@ -206,6 +285,7 @@ class Balancer:
         diagnostics: bool = False,
         chunk_size: int | None = None,
         engine: Literal["auto", "dense"] = "auto",
+        branches: Sequence[nn.Module] | BranchCalibration | None = None,
     ) -> None:
         shared_list = list(shared) if not isinstance(shared, nn.Module) else [shared]
         self.shared_modules: list[nn.Module] = [s for s in shared_list if isinstance(s, nn.Module)]
@@ -255,6 +335,18 @@ class Balancer:
         else:
             raise ValueError(f"at must be 'params' or an nn.Module, got {at!r}")
         self.weighting.bind(self.shared_params, self.shared_modules)
+        for t in self.transforms:
+            t.bind(self.shared_params, self.shared_modules)
+        self._branches: _Branches | None = None
+        if branches is not None:
+            calib = (
+                branches
+                if isinstance(branches, BranchCalibration)
+                else BranchCalibration(list(branches))
+            )
+            if self._cut is not None and any(m is self._cut.module for m in calib.modules):
+                raise ValueError("a modality branch cannot also be the cut point")
+            self._branches = _Branches(calib)
         self.last_info: StepInfo | None = None
         # ``lr_0 / lr_now`` of the optimizer, passed to the weighting as ``LossContext.lr_factor``
         # (IGB v2's reward scale); :func:`mtlbal.wrap` sets it, users of a bare Balancer may.
@@ -294,6 +386,9 @@ class Balancer:
         if self._cut is not None:
             self._cut.remove()
             self._cut = None
+        if self._branches is not None:
+            self._branches.remove()
+            self._branches = None
         self._hooks.clear()
 
     def epoch_end(self) -> None:
@@ -471,6 +566,8 @@ class Balancer:
         if not self._check_finite(names, raw):
             if self._cut is not None:
                 self._cut.take()
+            if self._branches is not None:
+                self._branches.take()
             info = StepInfo(names, raw, torch.zeros_like(raw), torch.zeros_like(raw))
             info.skipped = True
             info.step = self.step_count
@@ -493,12 +590,27 @@ class Balancer:
                 weighted.aux = scaler.scale(weighted.aux)
         info = StepInfo(names, raw, weighted.weights.detach(), weighted.weights.detach())
 
-        if not self._needs_per_task_grads():
-            self._plain_backward(objectives, weighted.aux)
-        elif self._cut is not None:
-            self._cut_backward(objectives, weighted.aux, info)
-        else:
+        needs_grads = self._needs_per_task_grads()
+        if needs_grads and self._cut is None and self._branches is not None:
+            raise ValueError(
+                "modality branches with per-task gradients need a cut point downstream of the "
+                "fusion (at=module): at 'params' the gradient entering the branches is not "
+                "defined for every aggregator"
+            )
+        branch_caps = self._branches.take() if self._branches is not None else None
+        if needs_grads and self._cut is None:
             self._params_backward(objectives, weighted.aux, info)
+        else:
+            # the combined gradient reaches the shared parameters through autograd: the
+            # transforms' `combined` runs in tensor hooks on those parameters
+            with self._combined_hooks():
+                if not needs_grads:
+                    self._plain_backward(objectives, weighted.aux)
+                else:
+                    self._cut_backward(objectives, weighted.aux, info)
+                if branch_caps is not None:
+                    assert self._branches is not None
+                    self._branches.backward(branch_caps, info)
 
         if _distributed_world_size() > 1:
             self._average_strategy_grads()
@@ -525,11 +637,34 @@ class Balancer:
         return (
             self.aggregator is not None
             or self.diagnostics
-            or any(self._transform_applies(p) for p in self.shared_params)
+            or any(
+                t.needs_per_task and t.applies_to(p)
+                for t in self.transforms
+                for p in self.shared_params
+            )
         )
 
     def _transform_applies(self, p: Tensor) -> bool:
         return any(t.applies_to(p) for t in self.transforms)
+
+    @contextmanager
+    def _combined_hooks(self) -> Iterator[None]:
+        handles: list[RemovableHandle] = []
+        for p in self.shared_params:
+            ts = [t for t in self.transforms if t.applies_to(p)]
+            if ts:
+
+                def hook(g: Tensor, p: Tensor = p, ts: list[GradientTransform] = ts) -> Tensor:
+                    for t in ts:
+                        g = t.combined(p, g)
+                    return g
+
+                handles.append(p.register_hook(hook))
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
 
     def _layer_grad_norms(self, stacked: Tensor) -> Tensor:
         # at a cut point the trunk is out of the heads' graph: norms are taken at the
@@ -626,5 +761,13 @@ class Balancer:
                 q.grad.add_(total)
         if aux is not None:
             aux.backward()  # reaches the strategy's own parameters only
-        grads = DensePerTaskGrads(shared, shared_grads)
+        grads = DensePerTaskGrads(
+            shared, shared_grads, combined_transform=self._combined if self.transforms else None
+        )
         self._aggregate(grads, info)
+
+    def _combined(self, p: Tensor, g: Tensor) -> Tensor:
+        for t in self.transforms:
+            if t.applies_to(p):
+                g = t.combined(p, g)
+        return g

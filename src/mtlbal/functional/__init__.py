@@ -9,6 +9,8 @@ from mtlbal.aggregation.mgda import mgda_weights, min_norm_2
 from mtlbal.aggregation.nash_mtl import nash_mtl_weights
 from mtlbal.aggregation.pcgrad import pcgrad_weights
 from mtlbal.aggregation.upgrad import upgrad_weights
+from mtlbal.transforms.branch_calibration import branch_norms, calibrate_branch_grads
+from mtlbal.transforms.sparse_mask import global_mask, psn_mask
 from mtlbal.weighting.dwa import dwa_weights
 from mtlbal.weighting.famo import famo_logit_grad, famo_objectives
 from mtlbal.weighting.gradnorm import gradnorm_loss
@@ -19,11 +21,14 @@ from mtlbal.weighting.uncertainty import uncertainty_objectives
 __all__ = [
     "aligned_mtl_balance",
     "aligned_mtl_weights",
+    "branch_norms",
     "cagrad_weights",
+    "calibrate_branch_grads",
     "dualproj_weights",
     "dwa_weights",
     "famo_logit_grad",
     "famo_objectives",
+    "global_mask",
     "gradnorm_loss",
     "gradvac_weights",
     "igb_reward",
@@ -33,6 +38,7 @@ __all__ = [
     "min_norm_2",
     "nash_mtl_weights",
     "pcgrad_weights",
+    "psn_mask",
     "rlw_weights",
     "uncertainty_objectives",
     "upgrad_weights",

@@ -1,3 +1,5 @@
 """Ready-made Balancer configurations."""
 
-__all__: list[str] = []
+from mtlbal.presets.fuller import fuller, fuller_modality_level, fuller_task_level
+
+__all__ = ["fuller", "fuller_modality_level", "fuller_task_level"]

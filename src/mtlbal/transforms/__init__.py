@@ -1,5 +1,8 @@
-"""Gradient transforms: per-parameter operations on (per-task) gradients."""
+"""Gradient transforms: per-parameter operations on (per-task) gradients, and the modality-level
+calibration of FULLER-style multi-level balancing."""
 
 from mtlbal.transforms.base import GradientTransform
+from mtlbal.transforms.branch_calibration import BranchCalibration
+from mtlbal.transforms.sparse_mask import SparseMask
 
-__all__ = ["GradientTransform"]
+__all__ = ["BranchCalibration", "GradientTransform", "SparseMask"]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from mtlbal._stateful import Stateful
 
@@ -17,7 +17,18 @@ class GradientTransform(Stateful):
     gradient that reaches ``.grad`` when no per-task gradients were formed. After the wrapped
     optimizer's step it calls :meth:`after_step` (e.g. to keep frozen entries bitwise unchanged
     under weight decay).
+
+    :meth:`bind` is called once by the Balancer with the shared parameters (and modules), so a
+    transform built without parameters can select what it acts on. A transform whose effect
+    needs the per-task gradients (not just the combined one) sets :attr:`needs_per_task`; the
+    Balancer then forms them even without an aggregator. Otherwise, without an aggregator, the
+    Balancer runs one ordinary backward and applies :meth:`combined`.
     """
+
+    needs_per_task: bool = False
+
+    def bind(self, shared_params: list[Tensor], shared_modules: list[nn.Module]) -> None:
+        """Told the Balancer's shared parameters and modules once, at construction."""
 
     def per_task(self, param: Tensor, grads: Tensor) -> Tensor:
         return grads

@@ -3,6 +3,7 @@ the single-task baseline, and the summary table (Δm%, Δp, mean rank, mean ± s
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 import time
@@ -159,7 +160,7 @@ class STLNet(nn.Module):
         super().__init__()
         m = len(out_dims)
         dims = [d_in, *hidden]
-        self.layers = nn.ModuleList([StackedLinear(m, a, b) for a, b in zip(dims, dims[1:])])
+        self.layers = nn.ModuleList([StackedLinear(m, a, b) for a, b in itertools.pairwise(dims)])
         self.head = StackedLinear(m, dims[-1], max(out_dims))
         self.out_dims = list(out_dims)
 
@@ -233,7 +234,10 @@ def train_one(
             idx = perm[i : i + cfg.batch_size]
             xb, yb = problem.x_train[idx], problem.y_train[idx]
             preds = model(xb)
-            losses = [_task_loss(task, p, yb[:, t]) for t, (task, p) in enumerate(zip(problem.tasks, preds))]
+            losses = [
+                _task_loss(task, p, yb[:, t])
+                for t, (task, p) in enumerate(zip(problem.tasks, preds))
+            ]
             opt.zero_grad(set_to_none=True)
             if balancer is None:
                 torch.stack(losses).sum().backward()
@@ -268,7 +272,9 @@ def run_problem(
     prob = problem.to(device)
     jobs = [(s, seed) for seed in seeds for s in [STL, *strategies]]
     rows = []
-    for s, seed in progress(jobs, total=len(jobs), desc=desc or problem.name, enabled=show_progress):
+    for s, seed in progress(
+        jobs, total=len(jobs), desc=desc or problem.name, enabled=show_progress
+    ):
         row = train_one(prob, s, seed, cfg, device)
         rows.append(row)
         if on_row is not None:
@@ -307,8 +313,10 @@ def summarize(
     for r in rows:
         if r["strategy"] not in order:
             order.append(r["strategy"])
-    per: dict[str, list[dict[str, Any]]] = {s: [r for r in rows if r["strategy"] == s] for s in order}
-    for s, rs in per.items():
+    per: dict[str, list[dict[str, Any]]] = {
+        s: [r for r in rows if r["strategy"] == s] for s in order
+    }
+    for rs in per.values():
         for r in rs:
             vals = [r[k] for k in keys]
             r["delta_m"] = M.delta_m(vals, base, hib)
@@ -328,9 +336,7 @@ def summarize(
         dm = M.mean_std([r["delta_m"] for r in rs])
         dp = M.mean_std([r["delta_p"] for r in rs])
         # worst task: the largest signed relative drop of any single metric (seed means)
-        rel = [
-            (-1.0 if h else 1.0) * (v - b) / b * 100 for v, b, h in zip(means[s], base, hib)
-        ]
+        rel = [(-1.0 if h else 1.0) * (v - b) / b * 100 for v, b, h in zip(means[s], base, hib)]
         worst = max(rel)
         wall = float(np.median([r["wall_s"] for r in rs]))
         srow: dict[str, Any] = {

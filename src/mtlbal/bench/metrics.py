@@ -27,9 +27,9 @@ import numpy as np
 __all__ = ["delta_m", "delta_p", "mean_rank", "mean_std", "rankdata"]
 
 
-def _check(values: Sequence[float], base: Sequence[float], hib: Sequence[bool]) -> tuple[
-    np.ndarray, np.ndarray, np.ndarray
-]:
+def _check(
+    values: Sequence[float], base: Sequence[float], hib: Sequence[bool]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     v = np.asarray(values, dtype=np.float64)
     b = np.asarray(base, dtype=np.float64)
     h = np.asarray(hib, dtype=bool)
@@ -72,7 +72,7 @@ def delta_p(
     return float(100.0 * np.mean([np.mean(gs) for gs in per_task.values()]))
 
 
-def rankdata(x: Sequence[float]) -> np.ndarray:
+def rankdata(x: Sequence[float] | np.ndarray) -> np.ndarray:
     """Ranks 1..n of ``x`` in increasing order; ties get the average rank they span."""
     a = np.asarray(x, dtype=np.float64)
     order = np.argsort(a, kind="stable")

@@ -19,7 +19,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from mtlbal.bench.common import Problem, TaskSpec, TrainConfig, run_problem, select_strategies, summarize
+from mtlbal.bench.common import (
+    Problem,
+    TaskSpec,
+    TrainConfig,
+    run_problem,
+    select_strategies,
+    summarize,
+)
 
 NAME = "multidigits"
 TITLE = "MultiDigits (two overlapping sklearn digits)"
@@ -36,7 +43,7 @@ def make_problem(
     labels = digits.target.astype(np.int64)
     rng = np.random.default_rng(data_seed)
     idx = rng.permutation(len(labels))
-    n_test = int(round(test_fraction * len(labels)))
+    n_test = round(test_fraction * len(labels))
     splits = {"test": idx[:n_test], "train": idx[n_test:]}
     out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for name, ids in splits.items():
@@ -73,10 +80,12 @@ def run(
     out_dir: pathlib.Path | None = None,
     show_progress: bool = True,
     epochs: int | None = None,
+    tiny: bool = False,
 ) -> dict[str, Any]:
     names, missing = select_strategies(strategies)
-    problem = make_problem(pairs_per_image=3 if quick else 5)
-    cfg = TrainConfig(epochs=epochs if epochs is not None else (8 if quick else 20), batch_size=128, lr=1e-3)
+    problem = make_problem(pairs_per_image=1 if tiny else 3 if quick else 5)
+    n_epochs = 1 if tiny else 8 if quick else 20
+    cfg = TrainConfig(epochs=epochs if epochs is not None else n_epochs, batch_size=128, lr=1e-3)
     rows = run_problem(problem, names, seeds, cfg, device=device, show_progress=show_progress)
     summ = summarize(problem.tasks, rows)
     n_train, n_test = problem.x_train.shape[0], problem.x_test.shape[0]
@@ -90,8 +99,15 @@ def run(
     return {
         "name": NAME,
         "title": TITLE,
-        "config": {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr,
-                   "n_train": n_train, "n_test": n_test, "seeds": seeds, "quick": quick},
+        "config": {
+            "epochs": cfg.epochs,
+            "batch_size": cfg.batch_size,
+            "lr": cfg.lr,
+            "n_train": n_train,
+            "n_test": n_test,
+            "seeds": seeds,
+            "quick": quick,
+        },
         "tasks": [t.key for t in problem.tasks],
         "rows": rows,
         "summary": summ.rows,

@@ -11,8 +11,8 @@ With ``x = (x₁, x₂)`` and ``LOWER = 5e-6``::
 ``scale = 0.1`` makes the losses imbalanced (the Nash-MTL/FAMO setting). The Pareto set is
 ``x₂ ≈ −8.3552``, ``x₁ ∈ [−7, 7]``. Each strategy starts from the five standard points
 (−8.5, 7.5), (0, 0), (9, 9), (−7.5, −0.5), (9, −1) and steps ``x`` with Adam; the full run uses
-the published learning rate 1e-3 (35,000 steps in Nash-MTL; 20,000 here), the quick run lr 1e-2
-for 1,500 steps (the same paths, coarser). The balancer treats ``x`` as the shared parameters; a
+the published learning rate 1e-3 (35,000 steps in Nash-MTL; 20,000 here), the quick run lr 5e-2
+for 500 steps (the same paths, coarser). The balancer treats ``x`` as the shared parameters; a
 ``-UB`` strategy cuts at a module that returns ``x`` (its representation gradient equals the
 parameter gradient here).
 
@@ -72,7 +72,13 @@ class _Point(nn.Module):
 
 
 def trajectory(
-    strategy: str, init: tuple[float, float], *, steps: int, lr: float, seed: int, scale: float,
+    strategy: str,
+    init: tuple[float, float],
+    *,
+    steps: int,
+    lr: float,
+    seed: int,
+    scale: float,
     record_every: int = 10,
 ) -> dict[str, Any]:
     """Run one strategy from one start; the recorded path and the end point's losses."""
@@ -80,8 +86,11 @@ def trajectory(
     point = _Point(init)
     spec = S.get(strategy)(2, seed)
     balancer = mtlbal.Balancer(
-        point, weighting=spec.weighting, aggregator=spec.aggregator,
-        at=point if spec.at == "cut" else "params", nonfinite="off",
+        point,
+        weighting=spec.weighting,
+        aggregator=spec.aggregator,
+        at=point if spec.at == "cut" else "params",
+        nonfinite="off",
     )
     opt = mtlbal.wrap(torch.optim.Adam(point.parameters(), lr=lr), balancer)
     path = [list(init)]
@@ -153,10 +162,11 @@ def run(
     out_dir: pathlib.Path | None = None,
     show_progress: bool = True,
     steps: int | None = None,
+    tiny: bool = False,
 ) -> dict[str, Any]:
     names, missing = select_strategies(strategies)
-    n_steps = steps if steps is not None else (1500 if quick else 20000)
-    lr = 1e-2 if quick else 1e-3
+    n_steps = steps if steps is not None else (20 if tiny else 500 if quick else 20000)
+    lr = 5e-2 if quick else 1e-3
     scale = 0.1
     seed = seeds[0] if seeds else 0
     jobs = [(s, init) for s in names for init in INITS]
@@ -187,7 +197,9 @@ def run(
         plots.append(p.name)
     md = (
         f"### {TITLE}\n\nAdam lr {lr}, {n_steps} steps, L₁ scaled by {scale}; five standard "
-        f"starting points. Pareto set: x₂ = {PARETO_X2}, x₁ ∈ [−7, 7].\n\n" + "\n".join(lines) + "\n"
+        f"starting points. Pareto set: x₂ = {PARETO_X2}, x₁ ∈ [−7, 7].\n\n"
+        + "\n".join(lines)
+        + "\n"
     )
     for p_name in plots:
         md += f"\n![toy trajectories]({p_name})\n"

@@ -6,7 +6,7 @@ import json
 import pathlib
 from typing import Any
 
-from mtlbal.bench import metrics
+from mtlbal.bench import strategies as S
 
 REPORT = "index.md"
 
@@ -58,7 +58,16 @@ def _meta(env: dict[str, Any]) -> str:
 def build(results: list[dict[str, Any]], env: dict[str, Any], out_dir: pathlib.Path) -> str:
     """The whole report as one Markdown string."""
     md = [HEADER.format(command=env.get("command", "mtlbal-bench"), out=out_dir, meta=_meta(env))]
-    md.append(DEFINITIONS)
+    md.append("\n" + DEFINITIONS)
+    used: list[str] = []
+    for r in results:
+        for row in r.get("rows", []):
+            s = row.get("strategy")
+            if isinstance(s, str) and s in S.DESCRIPTIONS and s not in used:
+                used.append(s)
+    if used:
+        md.append("\n## Strategies compared\n\n| name | configuration |\n|---|---|\n")
+        md.extend(f"| {s} | {S.DESCRIPTIONS[s]} |\n" for s in used)
     md.append("\n## Results\n")
     for r in results:
         body = r.get("markdown") or ""
@@ -69,7 +78,6 @@ def build(results: list[dict[str, Any]], env: dict[str, Any], out_dir: pathlib.P
     if skipped:
         md.append("\n## Suites not run\n\n")
         md.extend(f"* `{r['name']}`: {r['skipped']}\n" for r in skipped)
-    md.append(f"\n<!-- metric definitions: {metrics.__name__} -->\n")
     return "".join(md)
 
 

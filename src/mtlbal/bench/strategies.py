@@ -21,7 +21,7 @@ import mtlbal
 from mtlbal.aggregation.base import Aggregator
 from mtlbal.weighting.base import LossWeighting
 
-__all__ = ["STRATEGIES", "Spec", "available", "get", "resolve"]
+__all__ = ["DESCRIPTIONS", "STRATEGIES", "Spec", "available", "get", "resolve"]
 
 
 @dataclass
@@ -84,6 +84,41 @@ def _dynamic(
     return resolve_factory
 
 
+def _igb(version: int) -> Callable[[], Factory | None]:
+    """IGB v1/v2: a class ``IGBv1``/``IGBv2`` if mtlbal has one, else ``IGB`` with its version
+    argument (``version``/``variant``/``mode``, given as ``1`` or ``"v1"``, whichever works)."""
+
+    def resolve_factory() -> Factory | None:
+        own = _lookup(f"IGBv{version}")
+        if own is not None:
+            return lambda m, seed: Spec(weighting=_construct(own, m, seed))
+        cls = _lookup("IGB")
+        if cls is None:
+            return None
+        try:
+            params = inspect.signature(cls).parameters
+        except (TypeError, ValueError):
+            return None
+        arg = next((a for a in ("version", "variant", "mode") if a in params), None)
+        if arg is None:  # a single-version IGB: it is v1
+            if version != 1:
+                return None
+            return lambda m, seed: Spec(weighting=_construct(cls, m, seed))
+
+        def make(m: int, seed: int) -> Spec:
+            err: Exception | None = None
+            for value in (version, f"v{version}", str(version)):
+                try:
+                    return Spec(weighting=_construct(cls, m, seed, **{arg: value}))
+                except (TypeError, ValueError) as e:
+                    err = e
+            raise ValueError(f"IGB does not accept {arg}={version!r} or 'v{version}': {err}")
+
+        return make
+
+    return resolve_factory
+
+
 def _static(f: Factory) -> Callable[[], Factory | None]:
     return lambda: f
 
@@ -101,8 +136,8 @@ STRATEGIES: dict[str, Callable[[], Factory | None]] = {
     "PCGrad": _static(lambda m, s: Spec(aggregator=A.PCGrad(seed=s))),
     "AlignedMTL": _dynamic("AlignedMTL", role="aggregator"),
     "AlignedMTL-UB": _dynamic("AlignedMTL", role="aggregator", at="cut"),
-    "IGBv1": _dynamic("IGB", role="weighting", version=1),
-    "IGBv2": _dynamic("IGB", role="weighting", version=2),
+    "IGBv1": _igb(1),
+    "IGBv2": _igb(2),
     "CAGrad": _dynamic("CAGrad", role="aggregator"),
     "IMTLG": _dynamic("IMTLG", role="aggregator"),
     "UPGrad": _dynamic("UPGrad", role="aggregator"),
@@ -110,6 +145,27 @@ STRATEGIES: dict[str, Callable[[], Factory | None]] = {
     "FAMO": _dynamic("FAMO", role="weighting"),
     "DWA": _dynamic("DWA", role="weighting"),
     "RLW": _dynamic("RLW", role="weighting"),
+}
+
+DESCRIPTIONS: dict[str, str] = {
+    "STL": "single-task baselines: one network per task, same architecture and budget",
+    "Equal": "sum of the losses (no balancing)",
+    "UW": "`weighting.UncertaintyWeighting(m)` (Kendall et al. 2018, learnable log-variances)",
+    "GradNorm": "`weighting.GradNorm(m, alpha=1.5)` at the last shared layer",
+    "MGDA": "`aggregation.MGDA()` on the per-task gradients of the shared parameters",
+    "MGDA-UB": "`aggregation.MGDA()` at the shared representation (cut point)",
+    "PCGrad": "`aggregation.PCGrad(seed=seed)` at the shared parameters",
+    "AlignedMTL": "`aggregation.AlignedMTL()` at the shared parameters",
+    "AlignedMTL-UB": "`aggregation.AlignedMTL()` at the shared representation (cut point)",
+    "IGBv1": "`weighting.IGB(version=1)` (improvable-gap balancing, heuristic)",
+    "IGBv2": "`weighting.IGB(version=2)` (improvable-gap balancing, SAC agent)",
+    "CAGrad": "`aggregation.CAGrad()` at the shared parameters",
+    "IMTLG": "`aggregation.IMTLG()` at the shared parameters",
+    "UPGrad": "`aggregation.UPGrad()` at the shared parameters",
+    "NashMTL": "`aggregation.NashMTL()` at the shared parameters",
+    "FAMO": "`weighting.FAMO()`",
+    "DWA": "`weighting.DWA()` (epoch-level loss ratios)",
+    "RLW": "`weighting.RLW()` (random loss weights)",
 }
 
 ALIASES = {

@@ -50,6 +50,7 @@ def test_multidigits_tiny_and_deterministic(tmp_path: pathlib.Path) -> None:
     for r in a["rows"]:
         assert 0.0 <= r["left/acc"] <= 1.0 and 0.0 <= r["right/acc"] <= 1.0
     assert "Δm%" in a["markdown"] and "MGDA-UB" in a["markdown"]
+    assert (tmp_path / "multidigits_delta_m.png").stat().st_size > 1000
     json.dumps(a)
 
 

@@ -370,3 +370,30 @@ def summarize(
         lines.append("| " + " | ".join(cells) + " |")
         summary_rows.append(srow)
     return Summary(summary_rows, "\n".join(lines))
+
+
+def plot_delta_m(summary_rows: list[dict[str, Any]], path: Any, title: str) -> None:
+    """A bar chart of Δm% (mean ± std over seeds) per multi-task strategy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in summary_rows if r["strategy"] != STL]
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.55 * len(rows) + 1.5), 3.2))
+    xs = np.arange(len(rows))
+    ax.bar(
+        xs,
+        [r["delta_m"] for r in rows],
+        yerr=[r["delta_m_std"] for r in rows],
+        color=["tab:green" if r["delta_m"] < 0 else "tab:red" for r in rows],
+        capsize=3,
+    )
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_xticks(xs)
+    ax.set_xticklabels([r["strategy"] for r in rows], rotation=45, ha="right", fontsize=8)
+    ax.set_ylabel("Δm% vs single-task (lower is better)")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

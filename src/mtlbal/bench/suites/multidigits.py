@@ -23,6 +23,7 @@ from mtlbal.bench.common import (
     Problem,
     TaskSpec,
     TrainConfig,
+    plot_delta_m,
     run_problem,
     select_strategies,
     summarize,
@@ -94,6 +95,12 @@ def run(
         f"{cfg.lr}, batch {cfg.batch_size}, {cfg.epochs} epochs; seeds {seeds}."
     )
     md = f"### {TITLE}\n\n{intro}\n\n{summ.markdown}\n"
+    plots: list[str] = []
+    if out_dir is not None and rows:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        plot_delta_m(summ.rows, out_dir / "multidigits_delta_m.png", TITLE)
+        plots.append("multidigits_delta_m.png")
+        md += "\n![Δm% per strategy](multidigits_delta_m.png)\n"
     if missing:
         md += "\nNot run (absent from this mtlbal): " + ", ".join(sorted(missing)) + ".\n"
     return {
@@ -113,5 +120,5 @@ def run(
         "summary": summ.rows,
         "markdown": md,
         "missing_strategies": missing,
-        "plots": [],
+        "plots": plots,
     }

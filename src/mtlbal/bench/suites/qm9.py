@@ -29,6 +29,7 @@ from mtlbal.bench.common import (
     Problem,
     TaskSpec,
     TrainConfig,
+    plot_delta_m,
     run_problem,
     select_strategies,
     summarize,
@@ -225,6 +226,12 @@ def run(
         f"{cfg.batch_size}, {cfg.epochs} epochs; seeds {seeds}. Test MAE per target ({units}).\n\n"
         f"{summ.markdown}\n"
     )
+    plots: list[str] = []
+    if out_dir is not None and rows:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        plot_delta_m(summ.rows, out_dir / "qm9_delta_m.png", TITLE)
+        plots.append("qm9_delta_m.png")
+        md += "\n![Δm% per strategy](qm9_delta_m.png)\n"
     if missing:
         md += "\nNot run (absent from this mtlbal): " + ", ".join(sorted(missing)) + ".\n"
     return {
@@ -235,6 +242,6 @@ def run(
         "rows": rows,
         "summary": summ.rows,
         "markdown": md,
-        "plots": [],
+        "plots": plots,
         "missing_strategies": missing,
     }

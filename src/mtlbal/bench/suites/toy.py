@@ -11,8 +11,8 @@ With ``x = (x₁, x₂)`` and ``LOWER = 5e-6``::
 ``scale = 0.1`` makes the losses imbalanced (the Nash-MTL/FAMO setting). The Pareto set is
 ``x₂ ≈ −8.3552``, ``x₁ ∈ [−7, 7]``. Each strategy starts from the five standard points
 (−8.5, 7.5), (0, 0), (9, 9), (−7.5, −0.5), (9, −1) and steps ``x`` with Adam; the full run uses
-the published learning rate 1e-3 (35,000 steps in Nash-MTL; 20,000 here), the quick run lr 5e-2
-for 500 steps (the same paths, coarser). The balancer treats ``x`` as the shared parameters; a
+the published learning rate 1e-3 (35,000 steps in Nash-MTL; 20,000 here), the quick run lr 8e-2
+for 300 steps (coarser paths, to fit the quick suite's budget). The balancer treats ``x`` as the shared parameters; a
 ``-UB`` strategy cuts at a module that returns ``x`` (its representation gradient equals the
 parameter gradient here).
 
@@ -165,8 +165,8 @@ def run(
     tiny: bool = False,
 ) -> dict[str, Any]:
     names, missing = select_strategies(strategies)
-    n_steps = steps if steps is not None else (20 if tiny else 500 if quick else 20000)
-    lr = 5e-2 if quick else 1e-3
+    n_steps = steps if steps is not None else (20 if tiny else 300 if quick else 20000)
+    lr = 8e-2 if quick else 1e-3
     scale = 0.1
     seed = seeds[0] if seeds else 0
     jobs = [(s, init) for s in names for init in INITS]

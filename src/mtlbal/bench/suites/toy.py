@@ -12,9 +12,9 @@ With ``x = (x₁, x₂)`` and ``LOWER = 5e-6``::
 ``x₂ ≈ −8.3552``, ``x₁ ∈ [−7, 7]``. Each strategy starts from the five standard points
 (−8.5, 7.5), (0, 0), (9, 9), (−7.5, −0.5), (9, −1) and steps ``x`` with Adam; the full run uses
 the published learning rate 1e-3 (35,000 steps in Nash-MTL; 20,000 here), the quick run lr 8e-2
-for 300 steps (coarser paths, to fit the quick suite's budget). The balancer treats ``x`` as the shared parameters; a
-``-UB`` strategy cuts at a module that returns ``x`` (its representation gradient equals the
-parameter gradient here).
+for 300 steps (coarser paths, to fit the quick suite's budget). The balancer treats ``x`` as
+the shared parameters; a ``-UB`` strategy cuts at a module that returns ``x`` (its
+representation gradient equals the parameter gradient here).
 
 Reported per strategy: the final losses from each start, the distance of the end point to the
 Pareto set, and how many of the five runs end within 0.1 of it. The plot shows every trajectory

@@ -15,6 +15,7 @@ import argparse
 import datetime
 import importlib
 import inspect
+import os
 import pathlib
 import pkgutil
 import sys
@@ -204,6 +205,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"report: {path}")
         return 0
 
+    # deterministic cuBLAS needs this before CUDA initialises
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     import torch
 
     # one thread by default: the models are small, and on a shared machine several OpenMP threads
@@ -245,6 +248,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "quick": quick,
         "wall_s": round(wall, 1),
     }
+    for r in results:
+        r["env"] = {k: env[k] for k in ("command", "date", "device", "torch", "threads")}
     old: list[dict[str, Any]] = []
     if (out_dir / "results.json").exists():
         try:

@@ -52,7 +52,7 @@ def _meta(env: dict[str, Any]) -> str:
         return ""
     keys = ["date", "device", "torch", "mtlbal", "threads", "seeds", "wall_s"]
     parts = [f"{k}: `{env[k]}`" for k in keys if k in env]
-    return "Run: " + "; ".join(parts) + "."
+    return "Last run: " + "; ".join(parts) + "."
 
 
 def build(results: list[dict[str, Any]], env: dict[str, Any], out_dir: pathlib.Path) -> str:
@@ -74,6 +74,13 @@ def build(results: list[dict[str, Any]], env: dict[str, Any], out_dir: pathlib.P
         if r.get("skipped") and not body:
             body = f"### {r.get('title', r['name'])}\n\nSkipped: {r['skipped']}\n"
         md.append("\n" + body.strip() + "\n")
+        e = r.get("env")
+        if e:
+            md.append(
+                f"\n<sub>Produced by `{e.get('command')}` on {e.get('date')} ({e.get('device')}, "
+                f"torch {e.get('torch')}, {e.get('threads')} thread(s)), in "
+                f"{r.get('suite_wall_s', '?')} s.</sub>\n"
+            )
     skipped = [r for r in results if r.get("skipped")]
     if skipped:
         md.append("\n## Suites not run\n\n")

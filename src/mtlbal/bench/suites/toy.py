@@ -11,10 +11,11 @@ With ``x = (x₁, x₂)`` and ``LOWER = 5e-6``::
 ``scale = 0.1`` makes the losses imbalanced (the Nash-MTL/FAMO setting). The Pareto set is
 ``x₂ ≈ −8.3552``, ``x₁ ∈ [−7, 7]``. Each strategy starts from the five standard points
 (−8.5, 7.5), (0, 0), (9, 9), (−7.5, −0.5), (9, −1) and steps ``x`` with Adam; the full run uses
-the published learning rate 1e-3 (35,000 steps in Nash-MTL; 20,000 here), the quick run lr 8e-2
-for 300 steps (coarser paths, to fit the quick suite's budget). The balancer treats ``x`` as
-the shared parameters; a ``-UB`` strategy cuts at a module that returns ``x`` (its
-representation gradient equals the parameter gradient here).
+lr 5e-3 for 5,000 steps (the papers use lr 1e-3 for 35,000–100,000 steps; pass ``steps`` and
+``lr`` to :func:`run` for that), the quick run lr 8e-2 for 300 steps (coarser paths, to fit
+the quick suite's budget). The balancer treats ``x`` as the shared parameters; a ``-UB``
+strategy cuts at a module that returns ``x`` (its representation gradient equals the parameter
+gradient here).
 
 Reported per strategy: the final losses from each start, the distance of the end point to the
 Pareto set, and how many of the five runs end within 0.1 of it. The plot shows every trajectory
@@ -162,11 +163,12 @@ def run(
     out_dir: pathlib.Path | None = None,
     show_progress: bool = True,
     steps: int | None = None,
+    lr: float | None = None,
     tiny: bool = False,
 ) -> dict[str, Any]:
     names, missing = select_strategies(strategies)
-    n_steps = steps if steps is not None else (20 if tiny else 300 if quick else 20000)
-    lr = 8e-2 if quick else 1e-3
+    n_steps = steps if steps is not None else (20 if tiny else 300 if quick else 5000)
+    lr = lr if lr is not None else (8e-2 if quick else 5e-3)
     scale = 0.1
     seed = seeds[0] if seeds else 0
     jobs = [(s, init) for s in names for init in INITS]

@@ -175,6 +175,7 @@ def test_cli_runs_report_and_report_only(
     assert [s["name"] for s in data["suites"]] == ["multidigits", "synthetic"]
     report = (out / "index.md").read_text()
     assert "Δp" in report and "mean rank" in report.lower()
+    assert "## Overview" in report and "| PCGrad | " in report
     (out / "index.md").unlink()
     assert cli.main(["quick", "--out", str(out), "--report-only"]) == 0
     assert (out / "index.md").read_text() == report

@@ -261,6 +261,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     for r in results:
         print()
         print(r.get("markdown") or f"### {r['name']}\n\nSkipped: {r.get('skipped')}")
+    table = report.overview(results)
+    if table:
+        print("\n### Overview: Δm% per suite (lower is better)\n")
+        print(table)
     print(f"\nwall time: {wall:.1f} s; results: {out_dir / 'results.json'}; report: {path}")
     return 1 if any(r.get("error") for r in results) else 0
 

@@ -55,6 +55,39 @@ def _meta(env: dict[str, Any]) -> str:
     return "Last run: " + "; ".join(parts) + "."
 
 
+def overview(results: list[dict[str, Any]]) -> str:
+    """One table across the accuracy suites: Δm% (mean over seeds) of every strategy per suite
+    (per configuration for the synthetic suite), and the toy runs that reached the Pareto set."""
+    cols: list[str] = []
+    cells: dict[str, dict[str, str]] = {}
+    for r in results:
+        for row in r.get("summary", []) or []:
+            if "delta_m" not in row or row.get("strategy") == "STL":
+                continue
+            col = r["name"]
+            if "m" in row and "conflict" in row:
+                col = f"{r['name']} m={row['m']} c={row['conflict']}"
+            if col not in cols:
+                cols.append(col)
+            cells.setdefault(row["strategy"], {})[col] = f"{row['delta_m']:+.2f}"
+        if r["name"] == "toy":
+            col = "toy: reached Pareto set"
+            per: dict[str, list[bool]] = {}
+            for row in r.get("rows", []):
+                per.setdefault(row["strategy"], []).append(row["pareto_dist"] <= 0.1)
+            if per:
+                cols.append(col)
+            for strat, hits in per.items():
+                cells.setdefault(strat, {})[col] = f"{sum(hits)}/{len(hits)}"
+    if not cells:
+        return ""
+    head = ["strategy", *(f"Δm% {c}" if not c.startswith("toy") else c for c in cols)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for strat, row in cells.items():
+        lines.append("| " + " | ".join([strat, *(row.get(c, "–") for c in cols)]) + " |")
+    return "\n".join(lines)
+
+
 def build(results: list[dict[str, Any]], env: dict[str, Any], out_dir: pathlib.Path) -> str:
     """The whole report as one Markdown string."""
     md = [HEADER.format(command=env.get("command", "mtlbal-bench"), out=out_dir, meta=_meta(env))]
@@ -68,6 +101,12 @@ def build(results: list[dict[str, Any]], env: dict[str, Any], out_dir: pathlib.P
     if used:
         md.append("\n## Strategies compared\n\n| name | configuration |\n|---|---|\n")
         md.extend(f"| {s} | {S.DESCRIPTIONS[s]} |\n" for s in used)
+    table = overview(results)
+    if table:
+        md.append(
+            "\n## Overview\n\nΔm% against the single-task baselines (lower is better; "
+            "details and spreads below).\n\n" + table + "\n"
+        )
     md.append("\n## Results\n")
     for r in results:
         body = r.get("markdown") or ""

@@ -137,7 +137,7 @@ def run(
     all_rows: list[dict[str, Any]] = []
     summaries: list[dict[str, Any]] = []
     md = [
-        f"### {TITLE}\n",
+        f"### {TITLE}\n\n",
         f"MLP 32→128→32 + one linear head per task; Adam lr {cfg.lr}, batch {cfg.batch_size}, "
         f"{cfg.epochs} epochs; seeds {seeds}. Metric: test MSE per task (raw scale). "
         "ρ: the task loss scales span 10^ρ.\n",

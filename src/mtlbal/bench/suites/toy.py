@@ -199,9 +199,10 @@ def run(
         plots.append(p.name)
     md = (
         f"### {TITLE}\n\nAdam lr {lr}, {n_steps} steps, L₁ scaled by {scale}; five standard "
-        f"starting points. Pareto set: x₂ = {PARETO_X2}, x₁ ∈ [−7, 7].\n\n"
-        + "\n".join(lines)
-        + "\n"
+        f"starting points. Pareto set: x₂ = {PARETO_X2}, x₁ ∈ [−7, 7]. The losses are negative "
+        "(down to about −20): weightings that assume positive losses (uncertainty weighting's "
+        "log-variances, the logarithms of IGB and FAMO) run outside their domain here, so read "
+        "their rows as a stress test.\n\n" + "\n".join(lines) + "\n"
     )
     for p_name in plots:
         md += f"\n![toy trajectories]({p_name})\n"

@@ -1,0 +1,273 @@
+"""``mtlbal-bench`` (also ``python -m mtlbal.bench``): run benchmark suites, save JSON, plots and
+the Markdown report, and print the summary tables.
+
+Examples::
+
+    mtlbal-bench                       # the quick suite (what `make bench` runs)
+    mtlbal-bench all --seeds 0,1,2,3,4 # every suite, full size
+    mtlbal-bench multidigits toy --strategies Equal,MGDA,PCGrad --quick
+    mtlbal-bench quick --out docs/choosing-a-balancer --report-only   # rebuild the report
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib
+import inspect
+import os
+import pathlib
+import pkgutil
+import sys
+import time
+import traceback
+from collections.abc import Sequence
+from types import ModuleType
+from typing import Any
+
+from mtlbal.bench import report
+from mtlbal.bench import strategies as S
+from mtlbal.bench import suites as suites_pkg
+
+__all__ = ["discover", "main", "run_suites"]
+
+
+def discover() -> list[str]:
+    """Every suite module in :mod:`mtlbal.bench.suites`, in the package's preferred order."""
+    found = [
+        m.name for m in pkgutil.iter_modules(suites_pkg.__path__) if not m.name.startswith("_")
+    ]
+    ordered = [n for n in suites_pkg.ALL if n in found]
+    return ordered + sorted(n for n in found if n not in ordered)
+
+
+def _import(name: str) -> ModuleType:
+    return importlib.import_module(f"mtlbal.bench.suites.{name}")
+
+
+def expand(requested: Sequence[str]) -> tuple[list[str], bool]:
+    """Suite names for the command line's suite arguments, and whether that is the quick run."""
+    names: list[str] = []
+    quick = False
+    known = discover()
+    for r in requested or ["quick"]:
+        if r == "quick":
+            quick = True
+            names += [n for n in suites_pkg.QUICK if n in known]
+        elif r == "all":
+            names += known
+        elif r in known:
+            names.append(r)
+        else:
+            raise SystemExit(f"unknown suite {r!r}; known: quick, all, {', '.join(known)}")
+    out: list[str] = []
+    for n in names:
+        if n not in out:
+            out.append(n)
+    return out, quick
+
+
+def _call(mod: ModuleType, kwargs: dict[str, Any]) -> dict[str, Any]:
+    params = inspect.signature(mod.run).parameters
+    accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    kw = {k: v for k, v in kwargs.items() if k in params or accepts_any}
+    result = mod.run(**kw)
+    if not isinstance(result, dict) or "name" not in result:
+        raise TypeError(f"suite {mod.__name__}.run must return a dict with a 'name'")
+    return result
+
+
+def run_suites(
+    names: Sequence[str],
+    *,
+    strategies: list[str] | None,
+    seeds: list[int],
+    quick: bool,
+    device: str,
+    out_dir: pathlib.Path,
+    show_progress: bool = True,
+    tiny: bool = False,
+    log: Any = sys.stderr,
+) -> list[dict[str, Any]]:
+    """Run the suites in order; a suite that fails is recorded with its error, not fatal."""
+    results = []
+    for name in names:
+        t0 = time.perf_counter()
+        print(f"[mtlbal-bench] {name} ...", file=log, flush=True)
+        try:
+            mod = _import(name)
+            res = _call(
+                mod,
+                {
+                    "strategies": strategies,
+                    "seeds": list(seeds),
+                    "quick": quick,
+                    "device": device,
+                    "out_dir": out_dir,
+                    "show_progress": show_progress,
+                    **({"tiny": True} if tiny else {}),
+                },
+            )
+        except Exception as e:
+            traceback.print_exc(file=log)
+            res = {
+                "name": name,
+                "rows": [],
+                "markdown": "",
+                "error": f"{type(e).__name__}: {e}",
+                "skipped": f"failed: {type(e).__name__}: {e}",
+            }
+        res["suite_wall_s"] = round(time.perf_counter() - t0, 1)
+        print(f"[mtlbal-bench] {name} done in {res['suite_wall_s']:.1f} s", file=log, flush=True)
+        results.append(res)
+    return results
+
+
+def _merge(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Saved suites replaced by the new ones of the same name; suite order of ``discover``."""
+    by = {r["name"]: r for r in old}
+    by.update({r["name"]: r for r in new})
+    order = discover()
+    return sorted(by.values(), key=lambda r: order.index(r["name"]) if r["name"] in order else 99)
+
+
+def _csv(text: str | None) -> list[str] | None:
+    if text is None:
+        return None
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mtlbal-bench",
+        description="Compare multi-task balancers for accuracy and cost; write JSON, plots and "
+        "a Markdown report.",
+    )
+    p.add_argument(
+        "suites",
+        nargs="*",
+        default=["quick"],
+        help="'quick' (default: the quick suite), 'all', or suite names",
+    )
+    p.add_argument("--strategies", help="comma-separated strategy names (default: all available)")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--out", default="bench-results", help="output folder (default bench-results/)")
+    p.add_argument(
+        "--report-only", action="store_true", help="rebuild the report from the saved JSON"
+    )
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--quick",
+        dest="mode",
+        action="store_const",
+        const="quick",
+        help="small sizes for named suites too",
+    )
+    mode.add_argument(
+        "--full",
+        dest="mode",
+        action="store_const",
+        const="full",
+        help="full sizes even for the quick suite",
+    )
+    mode.add_argument(
+        "--tiny",
+        dest="mode",
+        action="store_const",
+        const="tiny",
+        help="smoke-test sizes (1 epoch, a few steps): checks the wiring only",
+    )
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--list", action="store_true", help="list suites and strategies, then exit")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    out_dir = pathlib.Path(args.out)
+    if args.list:
+        have, missing = S.available()
+        print("suites:", ", ".join(discover()))
+        print("quick suite:", ", ".join(n for n in suites_pkg.QUICK if n in discover()))
+        print("strategies:", ", ".join(have))
+        if missing:
+            print("not available:", ", ".join(f"{k} ({v})" for k, v in missing.items()))
+        return 0
+    if args.report_only:
+        try:
+            results, env = report.load(out_dir)
+        except FileNotFoundError as e:
+            print(f"mtlbal-bench: {e}", file=sys.stderr)
+            return 2
+        path = report.save(results, env, out_dir)
+        print(f"report: {path}")
+        return 0
+
+    # deterministic cuBLAS needs this before CUDA initialises
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    import torch
+
+    # one thread by default: the models are small, and on a shared machine several OpenMP threads
+    # spinning against other processes cost far more than they gain (measured: up to 50× slower)
+    threads = args.threads or 1
+    torch.set_num_threads(threads)
+    torch.set_flush_denormal(True)
+    names, quick = expand(args.suites)
+    tiny = args.mode == "tiny"
+    if args.mode is not None:
+        quick = args.mode in ("quick", "tiny")
+    strategies = _csv(args.strategies)
+    if strategies is not None:
+        strategies = [S.resolve(s) for s in strategies]
+        S.available(strategies)  # raises naming a strategy this mtlbal cannot build
+    seeds = [int(s) for s in _csv(args.seeds) or ["0"]]
+    t0 = time.perf_counter()
+    results = run_suites(
+        names,
+        strategies=strategies,
+        seeds=seeds,
+        quick=quick,
+        device=args.device,
+        out_dir=out_dir,
+        show_progress=not args.no_progress,
+        tiny=tiny,
+    )
+    wall = time.perf_counter() - t0
+    import mtlbal
+
+    env = {
+        "command": "mtlbal-bench " + " ".join(sys.argv[1:] if argv is None else argv),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "device": args.device,
+        "torch": torch.__version__,
+        "mtlbal": mtlbal.__version__,
+        "threads": threads,
+        "seeds": seeds,
+        "quick": quick,
+        "wall_s": round(wall, 1),
+    }
+    for r in results:
+        r["env"] = {k: env[k] for k in ("command", "date", "device", "torch", "threads")}
+    old: list[dict[str, Any]] = []
+    if (out_dir / "results.json").exists():
+        try:
+            old, _ = report.load(out_dir)
+        except Exception:
+            old = []
+    merged = _merge(old, results)
+    path = report.save(merged, env, out_dir)
+    for r in results:
+        print()
+        print(r.get("markdown") or f"### {r['name']}\n\nSkipped: {r.get('skipped')}")
+    table = report.overview(results)
+    if table:
+        print("\n### Overview: Δm% per suite (lower is better)\n")
+        print(table)
+    print(f"\nwall time: {wall:.1f} s; results: {out_dir / 'results.json'}; report: {path}")
+    return 1 if any(r.get("error") for r in results) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,399 @@
+"""What the accuracy suites share: seeding, the MLP models, the training loop of one strategy,
+the single-task baseline, and the summary table (Δm%, Δp, mean rank, mean ± std)."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import random
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+import mtlbal
+from mtlbal.bench import metrics as M
+from mtlbal.bench import strategies as S
+
+__all__ = [
+    "STL",
+    "Problem",
+    "TaskSpec",
+    "TrainConfig",
+    "progress",
+    "run_problem",
+    "seed_everything",
+    "select_strategies",
+    "summarize",
+]
+
+STL = "STL"
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and CUDA) and ask torch for deterministic kernels."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def progress(iterable: Iterable[Any], *, total: int, desc: str, enabled: bool = True) -> Any:
+    """A tqdm bar on stderr when tqdm is installed and ``enabled``; the plain iterable otherwise."""
+    if not enabled:
+        return iterable
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm is in the bench extra
+        return iterable
+    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+
+def select_strategies(names: list[str] | None) -> tuple[list[str], dict[str, str]]:
+    """The strategies to run (all available ones by default) and the ones left out, with why."""
+    return S.available(names)
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One task: its loss (``"ce"`` classification, ``"mse"`` regression) and its metric."""
+
+    name: str
+    loss: Literal["ce", "mse"]
+    metric: Literal["acc", "mae", "mse"]
+    out_dim: int = 1
+    scale: float = 1.0  # metric reported as metric(pred, y) · scale (MAE) or · scale² (MSE)
+
+    @property
+    def higher_is_better(self) -> bool:
+        return self.metric == "acc"
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}/{self.metric}"
+
+
+@dataclass
+class Problem:
+    """A multi-task dataset: inputs ``[N, d]`` and targets ``[N, m]`` (class indices stored as
+    floats for classification tasks)."""
+
+    name: str
+    tasks: list[TaskSpec]
+    x_train: Tensor
+    y_train: Tensor
+    x_test: Tensor
+    y_test: Tensor
+    hidden: tuple[int, ...] = (256, 64)
+
+    @property
+    def m(self) -> int:
+        return len(self.tasks)
+
+    def to(self, device: str) -> Problem:
+        return Problem(
+            self.name,
+            self.tasks,
+            self.x_train.to(device),
+            self.y_train.to(device),
+            self.x_test.to(device),
+            self.y_test.to(device),
+            self.hidden,
+        )
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 1e-3
+
+
+class MTLNet(nn.Module):
+    """An MLP trunk (Linear+ReLU layers) and one linear head per task."""
+
+    def __init__(self, d_in: int, hidden: Sequence[int], out_dims: Sequence[int]) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        prev = d_in
+        for h in hidden:
+            layers += [nn.Linear(prev, h), nn.ReLU()]
+            prev = h
+        self.trunk = nn.Sequential(*layers)
+        self.heads = nn.ModuleList([nn.Linear(prev, o) for o in out_dims])
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        z = self.trunk(x)
+        return [h(z) for h in self.heads]
+
+
+class StackedLinear(nn.Module):
+    """``m`` independent linear layers applied to ``[m, B, d_in]`` (initialised like
+    ``nn.Linear``)."""
+
+    def __init__(self, m: int, d_in: int, d_out: int) -> None:
+        super().__init__()
+        ws, bs = [], []
+        for _ in range(m):
+            lin = nn.Linear(d_in, d_out)
+            ws.append(lin.weight.detach().T.clone())
+            bs.append(lin.bias.detach().clone())
+        self.weight = nn.Parameter(torch.stack(ws))  # [m, d_in, d_out]
+        self.bias = nn.Parameter(torch.stack(bs)[:, None, :])  # [m, 1, d_out]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.baddbmm(self.bias, x, self.weight)
+
+
+class STLNet(nn.Module):
+    """``m`` single-task networks (same architecture as :class:`MTLNet`, one trunk each) trained
+    together: their parameters are disjoint, so the gradient of the summed loss is each
+    network's own gradient and Adam (element-wise) trains each exactly as if alone."""
+
+    def __init__(self, d_in: int, hidden: Sequence[int], out_dims: Sequence[int]) -> None:
+        super().__init__()
+        m = len(out_dims)
+        dims = [d_in, *hidden]
+        self.layers = nn.ModuleList([StackedLinear(m, a, b) for a, b in itertools.pairwise(dims)])
+        self.head = StackedLinear(m, dims[-1], max(out_dims))
+        self.out_dims = list(out_dims)
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        h = x.unsqueeze(0).expand(len(self.out_dims), *x.shape)
+        for layer in self.layers:
+            h = F.relu(layer(h))
+        out = self.head(h)
+        return [out[t, :, :o] for t, o in enumerate(self.out_dims)]
+
+
+def _task_loss(task: TaskSpec, pred: Tensor, y: Tensor) -> Tensor:
+    if task.loss == "ce":
+        return F.cross_entropy(pred, y.long())
+    return F.mse_loss(pred.squeeze(-1), y)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, problem: Problem, batch: int = 4096) -> dict[str, float]:
+    """The test metric of every task, ``{task/metric: value}``."""
+    model.eval()
+    outs: list[list[Tensor]] = []
+    for i in range(0, problem.x_test.shape[0], batch):
+        outs.append(model(problem.x_test[i : i + batch]))
+    model.train()
+    res: dict[str, float] = {}
+    for t, task in enumerate(problem.tasks):
+        pred = torch.cat([o[t] for o in outs])
+        y = problem.y_test[:, t]
+        if task.metric == "acc":
+            v = (pred.argmax(-1) == y.long()).double().mean().item()
+        elif task.metric == "mae":
+            v = (pred.squeeze(-1) - y).abs().double().mean().item() * task.scale
+        else:
+            v = (pred.squeeze(-1) - y).double().pow(2).mean().item() * task.scale**2
+        res[task.key] = v
+    return res
+
+
+def train_one(
+    problem: Problem, strategy: str, seed: int, cfg: TrainConfig, device: str = "cpu"
+) -> dict[str, Any]:
+    """Train one network with ``strategy`` (or the single-task baselines for :data:`STL`) and
+    return ``{"strategy", "seed", "wall_s", <task/metric>: value, ...}``."""
+    seed_everything(seed)
+    out_dims = [t.out_dim for t in problem.tasks]
+    d_in = problem.x_train.shape[1]
+    model: nn.Module
+    if strategy == STL:
+        model = STLNet(d_in, problem.hidden, out_dims).to(device)
+        opt: Any = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+        balancer = None
+    else:
+        net = MTLNet(d_in, problem.hidden, out_dims).to(device)
+        model = net
+        spec = S.get(strategy)(problem.m, seed)
+        balancer = mtlbal.Balancer(
+            net.trunk,
+            weighting=spec.weighting,
+            aggregator=spec.aggregator,
+            at=net.trunk if spec.at == "cut" else "params",
+        ).to(device)
+        opt = mtlbal.wrap(torch.optim.Adam(net.parameters(), lr=cfg.lr), balancer)
+    gen = torch.Generator().manual_seed(seed)
+    n = problem.x_train.shape[0]
+    names = [t.name for t in problem.tasks]
+    t0 = time.perf_counter()
+    for _ in range(cfg.epochs):
+        perm = torch.randperm(n, generator=gen).to(problem.x_train.device)
+        for i in range(0, n, cfg.batch_size):
+            idx = perm[i : i + cfg.batch_size]
+            xb, yb = problem.x_train[idx], problem.y_train[idx]
+            preds = model(xb)
+            losses = [
+                _task_loss(task, p, yb[:, t])
+                for t, (task, p) in enumerate(zip(problem.tasks, preds))
+            ]
+            opt.zero_grad(set_to_none=True)
+            if balancer is None:
+                torch.stack(losses).sum().backward()
+            else:
+                opt.backward(dict(zip(names, losses)))
+            opt.step()
+        if balancer is not None:
+            balancer.epoch_end()
+    wall = time.perf_counter() - t0
+    if balancer is not None:
+        balancer.remove()
+    row: dict[str, Any] = {"strategy": strategy, "seed": seed}
+    row.update(evaluate(model, problem))
+    row["wall_s"] = round(wall, 3)
+    return row
+
+
+def run_problem(
+    problem: Problem,
+    strategies: list[str],
+    seeds: list[int],
+    cfg: TrainConfig,
+    *,
+    device: str = "cpu",
+    desc: str = "",
+    show_progress: bool = True,
+    on_row: Callable[[dict[str, Any]], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Train every strategy and the single-task baselines once per seed; the rows of
+    :func:`train_one` (seeds interleaved so that a slow stretch of a shared machine does not hit
+    one strategy only)."""
+    prob = problem.to(device)
+    jobs = [(s, seed) for seed in seeds for s in [STL, *strategies]]
+    rows = []
+    for s, seed in progress(
+        jobs, total=len(jobs), desc=desc or problem.name, enabled=show_progress
+    ):
+        row = train_one(prob, s, seed, cfg, device)
+        rows.append(row)
+        if on_row is not None:
+            on_row(row)
+    return rows
+
+
+def _fmt(mean: float, std: float, digits: int) -> str:
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+@dataclass
+class Summary:
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    markdown: str = ""
+
+
+def summarize(
+    problem_tasks: Sequence[TaskSpec],
+    rows: list[dict[str, Any]],
+    *,
+    metric_digits: int = 4,
+    max_metric_columns: int = 11,
+) -> Summary:
+    """Per strategy: every metric as mean ± std over seeds, Δm% and Δp against the mean of the
+    single-task baselines (per seed, then mean ± std), and the mean rank of the seed-mean
+    metrics among the multi-task strategies. Adds ``delta_m``/``delta_p`` to each MTL row."""
+    keys = [t.key for t in problem_tasks]
+    hib = [t.higher_is_better for t in problem_tasks]
+    task_of = [t.name for t in problem_tasks]
+    stl = [r for r in rows if r["strategy"] == STL]
+    if not stl:
+        raise ValueError("no single-task baseline row: Δm needs one")
+    base = [float(np.mean([r[k] for r in stl])) for k in keys]
+    order: list[str] = []
+    for r in rows:
+        if r["strategy"] not in order:
+            order.append(r["strategy"])
+    per: dict[str, list[dict[str, Any]]] = {
+        s: [r for r in rows if r["strategy"] == s] for s in order
+    }
+    for rs in per.values():
+        for r in rs:
+            vals = [r[k] for k in keys]
+            r["delta_m"] = M.delta_m(vals, base, hib)
+            r["delta_p"] = M.delta_p(vals, base, hib, task_of)
+    mtl = [s for s in order if s != STL]
+    means = {s: [float(np.mean([r[k] for r in per[s]])) for k in keys] for s in order}
+    ranks = M.mean_rank({s: means[s] for s in mtl}, hib) if mtl else {}
+    show_metrics = len(keys) <= max_metric_columns
+    header = ["strategy"]
+    if show_metrics:
+        header += [f"{k} {'↑' if h else '↓'}" for k, h in zip(keys, hib)]
+    header += ["Δm% ↓", "Δp% ↑", "MR ↓", "worst task Δ% ↓", "s/run"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    summary_rows = []
+    for s in order:
+        rs = per[s]
+        dm = M.mean_std([r["delta_m"] for r in rs])
+        dp = M.mean_std([r["delta_p"] for r in rs])
+        # worst task: the largest signed relative drop of any single metric (seed means)
+        rel = [(-1.0 if h else 1.0) * (v - b) / b * 100 for v, b, h in zip(means[s], base, hib)]
+        worst = max(rel)
+        wall = float(np.median([r["wall_s"] for r in rs]))
+        srow: dict[str, Any] = {
+            "strategy": s,
+            "n_seeds": len(rs),
+            "delta_m": dm[0],
+            "delta_m_std": dm[1],
+            "delta_p": dp[0],
+            "delta_p_std": dp[1],
+            "mean_rank": ranks.get(s),
+            "worst_task_delta": worst,
+            "median_wall_s": wall,
+        }
+        cells = [f"**{s}**" if s == STL else s]
+        for k in keys:
+            ms = M.mean_std([r[k] for r in rs])
+            srow[k] = ms[0]
+            srow[k + "_std"] = ms[1]
+            if show_metrics:
+                cells.append(_fmt(ms[0], ms[1], metric_digits))
+        if s == STL:
+            cells += ["0 (ref.)", "0 (ref.)", "–", "0", f"{wall:.1f}"]
+        else:
+            cells += [
+                _fmt(dm[0], dm[1], 2),
+                _fmt(dp[0], dp[1], 2),
+                f"{ranks[s]:.2f}",
+                f"{worst:+.2f}",
+                f"{wall:.1f}",
+            ]
+        lines.append("| " + " | ".join(cells) + " |")
+        summary_rows.append(srow)
+    return Summary(summary_rows, "\n".join(lines))
+
+
+def plot_delta_m(summary_rows: list[dict[str, Any]], path: Any, title: str) -> None:
+    """A bar chart of Δm% (mean ± std over seeds) per multi-task strategy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in summary_rows if r["strategy"] != STL]
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.55 * len(rows) + 1.5), 3.2))
+    xs = np.arange(len(rows))
+    ax.bar(
+        xs,
+        [r["delta_m"] for r in rows],
+        yerr=[r["delta_m_std"] for r in rows],
+        color=["tab:green" if r["delta_m"] < 0 else "tab:red" for r in rows],
+        capsize=3,
+    )
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_xticks(xs)
+    ax.set_xticklabels([r["strategy"] for r in rows], rotation=45, ha="right", fontsize=8)
+    ax.set_ylabel("Δm% vs single-task (lower is better)")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

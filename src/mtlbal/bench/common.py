@@ -244,6 +244,15 @@ def train_one(
             else:
                 opt.backward(dict(zip(names, losses)))
             opt.step()
+            if balancer is not None and callable(getattr(balancer.weighting, "update", None)):
+                # FAMO: re-evaluate the same batch after the step, feed it back
+                with torch.no_grad():
+                    preds = model(xb)
+                    after = [
+                        _task_loss(task, p, yb[:, t])
+                        for t, (task, p) in enumerate(zip(problem.tasks, preds))
+                    ]
+                balancer.update(dict(zip(names, after)))
         if balancer is not None:
             balancer.epoch_end()
     wall = time.perf_counter() - t0

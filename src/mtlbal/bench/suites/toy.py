@@ -17,6 +17,11 @@ the quick suite's budget). The balancer treats ``x`` as the shared parameters; a
 strategy cuts at a module that returns ``x`` (its representation gradient equals the parameter
 gradient here).
 
+The losses are negative in places; methods that take ``log L`` (IGB, FAMO) need a lower bound
+``L*``. Following FAMO's toy script (``min_losses = [−21·scale, −21]``), every strategy is given
+the shifted losses ``L_t − L*_t`` (``L*`` below the infimum, so they are positive): gradients are
+unchanged, loss-based weightings see losses in their domain.
+
 Reported per strategy: the final losses from each start, the distance of the end point to the
 Pareto set, and how many of the five runs end within 0.1 of it. The plot shows every trajectory
 on the contours of ``L₁ + L₂``.
@@ -55,6 +60,11 @@ def toy_losses(x: Tensor, scale: float = 0.1) -> Tensor:
     l1 = f1 * c1 + f1_sq * c2
     l2 = f2 * c1 + f2_sq * c2
     return torch.stack([scale * l1, l2], dim=-1)
+
+
+def min_losses(scale: float = 0.1) -> Tensor:
+    """The lower bounds ``L*`` used by FAMO's toy script: ``[−21·scale, −21]``."""
+    return torch.tensor([-21.0 * scale, -21.0], dtype=torch.float64)
 
 
 def pareto_distance(x1: float, x2: float) -> float:
@@ -96,11 +106,16 @@ def trajectory(
     opt = mtlbal.wrap(torch.optim.Adam(point.parameters(), lr=lr), balancer)
     path = [list(init)]
     epoch = max(steps // 100, 1)  # IGB/DWA-style strategies see 100 "epochs"
+    shift = min_losses()
     for k in range(steps):
-        losses = toy_losses(point())
+        losses = toy_losses(point()) - shift
         opt.zero_grad(set_to_none=True)
         opt.backward({"L1": losses[0], "L2": losses[1]})
         opt.step()
+        if callable(getattr(balancer.weighting, "update", None)):
+            with torch.no_grad():  # FAMO: the same point re-evaluated after the step
+                after = toy_losses(point()) - shift
+            balancer.update({"L1": after[0], "L2": after[1]})
         if (k + 1) % epoch == 0:
             balancer.epoch_end()
         if (k + 1) % record_every == 0:

@@ -141,7 +141,9 @@ STRATEGIES: dict[str, Callable[[], Factory | None]] = {
     "CAGrad": _dynamic("CAGrad", role="aggregator"),
     "IMTLG": _dynamic("IMTLG", role="aggregator"),
     "UPGrad": _dynamic("UPGrad", role="aggregator"),
-    "NashMTL": _dynamic("NashMTL", role="aggregator"),
+    # the reference keeps the previous α when no solution exists (anti-parallel or zero task
+    # gradients, e.g. on a Pareto front); the bench does the same, warned and counted
+    "NashMTL": _dynamic("NashMTL", role="aggregator", on_failure="warn"),
     "FAMO": _dynamic("FAMO", role="weighting"),
     "DWA": _dynamic("DWA", role="weighting"),
     "RLW": _dynamic("RLW", role="weighting"),
@@ -162,7 +164,7 @@ DESCRIPTIONS: dict[str, str] = {
     "CAGrad": "`aggregation.CAGrad()` at the shared parameters",
     "IMTLG": "`aggregation.IMTLG()` at the shared parameters",
     "UPGrad": "`aggregation.UPGrad()` at the shared parameters",
-    "NashMTL": "`aggregation.NashMTL()` at the shared parameters",
+    "NashMTL": '`aggregation.NashMTL(on_failure="warn")` at the shared parameters',
     "FAMO": "`weighting.FAMO()`",
     "DWA": "`weighting.DWA()` (epoch-level loss ratios)",
     "RLW": "`weighting.RLW()` (random loss weights)",

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 import pathlib
+import warnings
 from typing import Any
 
 import numpy as np
@@ -93,6 +94,26 @@ def trajectory(
     record_every: int = 10,
 ) -> dict[str, Any]:
     """Run one strategy from one start; the recorded path and the end point's losses."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        row = _trajectory(
+            strategy, init, steps=steps, lr=lr, seed=seed, scale=scale, record_every=record_every
+        )
+    # solver failures a strategy reported (e.g. Nash-MTL on the Pareto front) are counted
+    row["solver_warnings"] = sum(1 for w in caught if "solver" in type(w.message).__name__.lower())
+    return row
+
+
+def _trajectory(
+    strategy: str,
+    init: tuple[float, float],
+    *,
+    steps: int,
+    lr: float,
+    seed: int,
+    scale: float,
+    record_every: int,
+) -> dict[str, Any]:
     seed_everything(seed)
     point = _Point(init)
     spec = S.get(strategy)(2, seed)

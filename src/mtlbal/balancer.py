@@ -27,6 +27,7 @@ from torch.utils.hooks import RemovableHandle
 from mtlbal.aggregation.base import Aggregator, GramianAggregator
 from mtlbal.engine.base import PerTaskGrads
 from mtlbal.engine.dense import CutPerTaskGrads, DensePerTaskGrads, batched_grads
+from mtlbal.engine.layerwise import LayerRecord, LayerwiseCapture, layerwise_per_task_grads
 from mtlbal.transforms.base import GradientTransform
 from mtlbal.weighting.base import Equal, LossContext, LossWeighting
 
@@ -173,7 +174,10 @@ class Balancer:
         diagnostics: also compute per-task gradients (norms, cosines, conflict) when no
             strategy needs them (costs what a gradient method costs).
         chunk_size: tasks per batched backward at the parameters (bounds memory).
-        engine: ``"dense"`` (batched VJPs), or ``"auto"``.
+        engine: ``"dense"`` (batched VJPs of the parameters), ``"layerwise"`` (forward hooks
+            on the supported layers; one batched backward to their outputs, per-layer
+            Gramians, see :mod:`mtlbal.engine.layerwise`), or ``"auto"``: ``"layerwise"`` at
+            the parameters when the shared part has a supported layer, else ``"dense"``.
 
     Example:
         >>> import torch, mtlbal
@@ -198,7 +202,7 @@ class Balancer:
         check_connected: Literal["first", "always", "never"] = "first",
         diagnostics: bool = False,
         chunk_size: int | None = None,
-        engine: Literal["auto", "dense"] = "auto",
+        engine: Literal["auto", "dense", "layerwise"] = "auto",
     ) -> None:
         shared_list = list(shared) if not isinstance(shared, nn.Module) else [shared]
         self.shared_modules: list[nn.Module] = [s for s in shared_list if isinstance(s, nn.Module)]
@@ -220,7 +224,7 @@ class Balancer:
             raise ValueError(f"nonfinite must be 'raise', 'skip' or 'off', got {nonfinite!r}")
         if check_connected not in ("first", "always", "never"):
             raise ValueError("check_connected must be 'first', 'always' or 'never'")
-        if engine not in ("auto", "dense"):
+        if engine not in ("auto", "dense", "layerwise"):
             raise ValueError(f"unknown engine {engine!r}")
         self.weighting: LossWeighting = weighting if weighting is not None else Equal()
         self.aggregator = aggregator
@@ -247,6 +251,14 @@ class Balancer:
             self.at = "params"
         else:
             raise ValueError(f"at must be 'params' or an nn.Module, got {at!r}")
+        self._capture: LayerwiseCapture | None = None
+        self._records: list[LayerRecord] = []
+        if engine in ("auto", "layerwise") and self.at == "params":
+            capture = LayerwiseCapture(self.shared_modules)
+            if capture.modules or engine == "layerwise":
+                self._capture = capture
+            else:
+                capture.remove()
         self.weighting.bind(self.shared_params, self.shared_modules)
         self.last_info: StepInfo | None = None
 
@@ -284,6 +296,9 @@ class Balancer:
         if self._cut is not None:
             self._cut.remove()
             self._cut = None
+        if self._capture is not None:
+            self._capture.remove()
+            self._capture = None
         self._hooks.clear()
 
     def epoch_end(self) -> None:
@@ -415,11 +430,14 @@ class Balancer:
                 f"no output of the cut point {type(self._cut.module).__name__} was captured "
                 "since the last backward: run the forward pass (with grad enabled) first"
             )
+        # the layer calls of this forward (taken every step so that none accumulate)
+        self._records = self._capture.take() if self._capture is not None else []
         stacked = torch.stack(values)
         raw = stacked.detach()
         if not self._check_finite(names, raw):
             if self._cut is not None:
                 self._cut.take()
+            self._records = []
             info = StepInfo(names, raw, torch.zeros_like(raw), torch.zeros_like(raw))
             info.skipped = True
             info.step = self.step_count
@@ -445,6 +463,7 @@ class Balancer:
             self._cut_backward(objectives, weighted.aux, info)
         else:
             self._params_backward(objectives, weighted.aux, info)
+        self._records = []
 
         self.weighting.observe(raw)
         self.tasks = names
@@ -525,10 +544,32 @@ class Balancer:
         grads = CutPerTaskGrads(outs, per_task)
         self._aggregate(grads, info)
 
+    def _per_task_transforms(self, p: Tensor, g: Tensor) -> Tensor:
+        for t in self.transforms:
+            if t.applies_to(p):
+                g = t.per_task(p, g)
+        return g
+
     def _params_backward(self, objectives: Tensor, aux: Tensor | None, info: StepInfo) -> None:
         leaves, _ = _reachable([objectives] + ([aux] if aux is not None else []), set())
         shared = [p for p in self.shared_params if any(p is q for q in leaves)]
         others = [q for q in leaves if id(q) not in self._shared_ids]
+        if self._capture is not None:
+            records, self._records = self._records, []
+            lw = layerwise_per_task_grads(
+                objectives,
+                records,
+                shared,
+                others,
+                chunk_size=self.chunk_size,
+                retain_graph=aux is not None,
+                force_fallback=[p for p in shared if self._transform_applies(p)],
+                per_task_transform=self._per_task_transforms if self.transforms else None,
+            )
+            if aux is not None:
+                aux.backward()  # reaches the strategy's own parameters only
+            self._aggregate(lw, info)
+            return
         per_task = batched_grads(
             objectives, shared + others, chunk_size=self.chunk_size, retain_graph=aux is not None
         )

@@ -253,6 +253,7 @@ class Balancer:
             raise ValueError(f"at must be 'params' or an nn.Module, got {at!r}")
         self._capture: LayerwiseCapture | None = None
         self._records: list[LayerRecord] = []
+        self._task_losses: list[Tensor] = []
         if engine in ("auto", "layerwise") and self.at == "params":
             capture = LayerwiseCapture(self.shared_modules)
             if capture.modules or engine == "layerwise":
@@ -432,12 +433,13 @@ class Balancer:
             )
         # the layer calls of this forward (taken every step so that none accumulate)
         self._records = self._capture.take() if self._capture is not None else []
+        self._task_losses = values
         stacked = torch.stack(values)
         raw = stacked.detach()
         if not self._check_finite(names, raw):
             if self._cut is not None:
                 self._cut.take()
-            self._records = []
+            self._records, self._task_losses = [], []
             info = StepInfo(names, raw, torch.zeros_like(raw), torch.zeros_like(raw))
             info.skipped = True
             info.step = self.step_count
@@ -463,7 +465,7 @@ class Balancer:
             self._cut_backward(objectives, weighted.aux, info)
         else:
             self._params_backward(objectives, weighted.aux, info)
-        self._records = []
+        self._records, self._task_losses = [], []
 
         self.weighting.observe(raw)
         self.tasks = names
@@ -565,6 +567,7 @@ class Balancer:
                 retain_graph=aux is not None,
                 force_fallback=[p for p in shared if self._transform_applies(p)],
                 per_task_transform=self._per_task_transforms if self.transforms else None,
+                task_losses=self._task_losses,
             )
             if aux is not None:
                 aux.backward()  # reaches the strategy's own parameters only

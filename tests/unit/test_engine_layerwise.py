@@ -38,19 +38,31 @@ def tol(dtype: torch.dtype) -> dict[str, float]:
 
 def check(
     trunk: nn.Module,
-    forward: Callable[[], Tensor],
+    forward: Callable[[], Tensor | list[Tensor]],
     dtype: torch.dtype,
     *,
     chunk_size: int | None = None,
     expect_covered: int | None = None,
     extra_shared: list[Tensor] | None = None,
+    mix: Callable[[Tensor], Tensor] | None = None,
+    expect_split: bool | None = None,
 ) -> None:
     trunk.to(dtype)
     cap = LayerwiseCapture([trunk])
-    losses = forward()
+    task_losses: list[Tensor] | None = None
+    out = forward()
+    if mix is not None:
+        task_losses = list(out.unbind(0)) if isinstance(out, Tensor) else list(out)
+        losses = mix(torch.stack(task_losses))
+    else:
+        losses = out
     shared = [p for p in trunk.parameters() if p.requires_grad] + (extra_shared or [])
     J = reference(losses, shared)
-    eng = layerwise_per_task_grads(losses, cap.take(), shared, chunk_size=chunk_size)
+    eng = layerwise_per_task_grads(
+        losses, cap.take(), shared, chunk_size=chunk_size, task_losses=task_losses
+    )
+    if expect_split is not None:
+        assert eng.task_split == expect_split
     if expect_covered is not None:
         assert len(eng.terms) == expect_covered
     G = eng.gramian()
@@ -317,3 +329,58 @@ def test_balancer_remove_drops_the_hooks() -> None:
     trunk(torch.randn(2, 6))
     assert b._capture is None
     assert not trunk[0]._forward_hooks
+
+
+def heads_list(z: Tensor, m: int = M) -> list[Tensor]:
+    g = torch.Generator().manual_seed(1)
+    z = z.reshape(z.shape[0], -1)
+    ws = [torch.randn(z.shape[1], 2, generator=g, dtype=z.dtype) for _ in range(m)]
+    return [((z @ w) ** 2).mean() + (z @ w).sin().sum() for w in ws]
+
+
+def mixing(losses: Tensor) -> Tensor:
+    """A loss weighting that mixes tasks (not elementwise): ℓ = A L + L² / 2."""
+    m = losses.shape[0]
+    a = torch.eye(m, dtype=losses.dtype) + 0.3 * torch.ones(m, m, dtype=losses.dtype)
+    return a @ losses + losses.pow(2) / 2
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("chunk_size", [None, 2])
+def test_per_task_heads_then_batched_trunk(dtype: torch.dtype, chunk_size: int | None) -> None:
+    torch.manual_seed(0)
+    trunk = nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 4), Scale(4))
+    x = torch.randn(6, 5, dtype=dtype)
+
+    def fwd() -> list[Tensor]:
+        z = trunk(x)
+        return [*heads_list(z), z.sum() * 0.1]  # 4 tasks; the last reads z directly
+
+    check(trunk, fwd, dtype, mix=mixing, chunk_size=chunk_size, expect_split=True)
+
+
+def test_split_declined_when_a_task_owns_a_shared_layer() -> None:
+    torch.manual_seed(0)
+    l1, l2 = nn.Linear(3, 4), nn.Linear(4, 2)
+    trunk = nn.ModuleList([l1, l2])
+    x = torch.randn(5, 3, dtype=torch.float64)
+
+    def fwd() -> list[Tensor]:
+        h = torch.tanh(l1(x))
+        return [l2(h).pow(2).sum(), h.sum(), h.pow(3).mean()]  # l2 reached by task 0 only
+
+    check(trunk, fwd, torch.float64, mix=mixing, expect_split=False)
+
+
+def test_split_declined_when_the_weighting_reads_the_model() -> None:
+    torch.manual_seed(0)
+    lin = nn.Linear(3, 4)
+    x = torch.randn(5, 3, dtype=torch.float64)
+
+    def fwd() -> list[Tensor]:
+        return heads_list(lin(x))
+
+    def mix(losses: Tensor) -> Tensor:
+        return losses * lin.weight.sum()
+
+    check(lin, fwd, torch.float64, mix=mix, expect_split=False)

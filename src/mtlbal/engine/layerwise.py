@@ -424,6 +424,8 @@ class LayerwisePerTaskGrads(PerTaskGrads):
         self.dense = dense
         self.m = m
         self._gramian: Tensor | None = None
+        # whether the heads were backpropagated per task (see ``task_losses``)
+        self.task_split = False
 
     def _per_task(self, p: Tensor) -> Tensor:
         if id(p) in self.dense:
@@ -482,23 +484,26 @@ def _kinds(rec: LayerRecord) -> dict[str, str]:
 
 
 def _batched(
-    objectives: Tensor,
+    outputs: Sequence[Tensor | GradientEdge],
+    cotangents: Sequence[Tensor],
     inputs: list[Tensor | GradientEdge],
     shapes: list[tuple[torch.Size, torch.dtype]],
     chunk_size: int | None,
     retain_graph: bool,
 ) -> list[Tensor]:
-    m = objectives.shape[0]
-    eye = torch.eye(m, dtype=objectives.dtype, device=objectives.device)
+    """Gradients of ``outputs`` w.r.t. ``inputs`` for the ``m`` rows of ``cotangents``
+    (each ``[m, *output.shape]``), in one batched backward per chunk of rows."""
+    m = cotangents[0].shape[0]
+    device = cotangents[0].device
     step = m if chunk_size is None or chunk_size >= m else chunk_size
     parts: list[list[Tensor]] = []
     for start in range(0, m, step):
         stop = min(start + step, m)
         rows = stop - start
         grads = torch.autograd.grad(
-            objectives,
+            list(outputs),  # type: ignore[arg-type]
             inputs,  # type: ignore[arg-type]  # tensors and gradient edges mix fine
-            grad_outputs=eye[start:stop],
+            grad_outputs=[c[start:stop] for c in cotangents],
             is_grads_batched=True,
             retain_graph=retain_graph or stop < m,
             allow_unused=True,
@@ -506,7 +511,7 @@ def _batched(
         chunk: list[Tensor] = []
         for g, (shape, dtype) in zip(grads, shapes):
             if g is None:
-                g = torch.zeros(rows, *shape, dtype=dtype, device=objectives.device)
+                g = torch.zeros(rows, *shape, dtype=dtype, device=device)
             elif g.dim() != len(shape) + 1 or g.shape[0] != rows:
                 g = g.expand(rows, *shape)
             chunk.append(g)
@@ -514,6 +519,147 @@ def _batched(
     if len(parts) == 1:
         return parts[0]
     return [torch.cat([p[i] for p in parts], dim=0) for i in range(len(inputs))]
+
+
+_SHARED = -1
+
+
+def _frontier(
+    task_losses: Sequence[Tensor],
+    record_nodes: set[int],
+    shared_ids: set[int],
+    objectives_root: Any = None,
+) -> list[list[tuple[Any, int]]] | None:
+    """Where each task's own sub-graph enters the part of the graph that several tasks reach.
+
+    Returns, per task, the graph edges ``(node, input_nr)`` from nodes only that task reaches
+    into nodes several tasks reach, or ``None`` when the split does not apply (a recorded layer
+    or a shared parameter inside one task's own sub-graph, a task loss shared by two tasks).
+    """
+    owner: dict[int, int] = {}
+
+    def mark_shared(start: Any) -> None:
+        stack = [start]
+        while stack:
+            fn = stack.pop()
+            if owner.get(id(fn)) == _SHARED:
+                continue
+            owner[id(fn)] = _SHARED
+            stack.extend(nxt for nxt, _ in fn.next_functions if nxt is not None)
+
+    roots = []
+    for t, loss in enumerate(task_losses):
+        root = loss.grad_fn
+        if root is None:
+            return None
+        roots.append(root)
+        stack = [root]
+        while stack:
+            fn = stack.pop()
+            o = owner.get(id(fn))
+            if o in (t, _SHARED):
+                continue
+            if o is not None:
+                mark_shared(fn)
+                continue
+            owner[id(fn)] = t
+            stack.extend(nxt for nxt, _ in fn.next_functions if nxt is not None)
+    if objectives_root is not None:
+        # ℓ must depend on the model only through the task losses
+        stop = {id(r) for r in roots}
+        seen_o: set[int] = set()
+        stack = [objectives_root]
+        while stack:
+            fn = stack.pop()
+            if id(fn) in seen_o or id(fn) in stop:
+                continue
+            seen_o.add(id(fn))
+            if id(fn) in owner:
+                return None
+            stack.extend(nxt for nxt, _ in fn.next_functions if nxt is not None)
+    out: list[list[tuple[Any, int]]] = []
+    for t, root in enumerate(roots):
+        if owner[id(root)] != t:
+            return None
+        edges: list[tuple[Any, int]] = []
+        seen: set[int] = set()
+        stack = [root]
+        while stack:
+            fn = stack.pop()
+            if id(fn) in seen:
+                continue
+            seen.add(id(fn))
+            if id(fn) in record_nodes:
+                return None  # a recorded layer only this task reaches
+            var = getattr(fn, "variable", None)
+            if var is not None and id(var) in shared_ids:
+                return None  # a shared parameter only this task reaches
+            for nxt, nr in fn.next_functions:
+                if nxt is None:
+                    continue
+                if owner.get(id(nxt)) == _SHARED:
+                    if getattr(nxt, "variable", None) is not None:
+                        return None  # a task branch feeding a shared parameter directly
+                    edges.append((nxt, nr))
+                else:
+                    stack.append(nxt)
+        out.append(edges)
+    return out
+
+
+def _task_split_cotangents(
+    objectives: Tensor,
+    task_losses: Sequence[Tensor],
+    frontier: list[list[tuple[Any, int]]],
+) -> tuple[list[GradientEdge], list[Tensor]] | None:
+    """Per-task backward through each task's own sub-graph (no batching), then the cotangents
+    of the objectives ``ℓ`` at the frontier: ``[m, *shape]`` per frontier edge, row ``t`` being
+    ``Σ_s (∂ℓ_t/∂L_s) ∂L_s/∂(edge)``."""
+    m = objectives.shape[0]
+    eye = torch.eye(m, dtype=objectives.dtype, device=objectives.device)
+    dl = torch.autograd.grad(
+        objectives,
+        list(task_losses),
+        eye,
+        is_grads_batched=True,
+        retain_graph=True,
+        allow_unused=True,
+    )
+    cols = [g.reshape(m) if g is not None else objectives.new_zeros(m) for g in dl]
+    c = torch.stack(cols, dim=1)  # C[t, s] = ∂ℓ_t/∂L_s
+    keys: dict[tuple[int, int], int] = {}
+    edges: list[GradientEdge] = []
+    per_edge: list[dict[int, Tensor]] = []
+    for s, (loss, fr) in enumerate(zip(task_losses, frontier)):
+        uniq: list[tuple[Any, int]] = []
+        local: set[tuple[int, int]] = set()
+        for node, nr in fr:
+            key = (id(node), nr)
+            if key not in local:
+                local.add(key)
+                uniq.append((node, nr))
+        if not uniq:
+            continue
+        gs = torch.autograd.grad(
+            loss, [GradientEdge(n, nr) for n, nr in uniq], retain_graph=True, allow_unused=True
+        )
+        for (node, nr), g in zip(uniq, gs):
+            if g is None:
+                continue
+            key = (id(node), nr)
+            if key not in keys:
+                keys[key] = len(edges)
+                edges.append(GradientEdge(node, nr))
+                per_edge.append({})
+            per_edge[keys[key]][s] = g
+    if not edges:
+        return None
+    cots: list[Tensor] = []
+    for rows in per_edge:
+        any_g = next(iter(rows.values()))
+        stacked = torch.stack([rows.get(s, torch.zeros_like(any_g)) for s in range(m)])
+        cots.append(torch.tensordot(c.to(stacked.dtype), stacked, dims=1))
+    return edges, cots
 
 
 def layerwise_per_task_grads(
@@ -526,6 +672,7 @@ def layerwise_per_task_grads(
     retain_graph: bool = False,
     force_fallback: Iterable[Tensor] = (),
     per_task_transform: Callable[[Tensor, Tensor], Tensor] | None = None,
+    task_losses: Sequence[Tensor] | None = None,
 ) -> LayerwisePerTaskGrads:
     """Per-task gradients of ``shared_params`` from the recorded layer calls.
 
@@ -541,6 +688,12 @@ def layerwise_per_task_grads(
             gradient transform acts on).
         per_task_transform: ``f(param, grads[m, *shape])`` applied to every fallback
             parameter's per-task gradients.
+        task_losses: the ``m`` per-task losses ``L_t`` that ``objectives`` is a function of.
+            When given, and each loss has its own sub-graph (its head) that joins the others
+            only in the shared part, each head is backpropagated once for its own task (not
+            ``m`` times batched, where most cotangents are zero), and the batched backward
+            starts where the heads join, with cotangents ``Σ_s (∂ℓ_t/∂L_s)·∂L_s/∂(join)``.
+            Exact for any loss weighting; ignored when the split does not apply.
     """
     m = objectives.shape[0]
     shared = list(shared_params)
@@ -599,7 +752,21 @@ def layerwise_per_task_grads(
     shapes = [(rec.out_shape, rec.out_dtype) for rec in needed]
     inputs += fallback
     shapes += [(p.shape, p.dtype) for p in fallback]
-    grads = _batched(objectives, inputs, shapes, chunk_size, retain_after) if inputs else []
+    used_split = False
+    outputs: Sequence[Tensor | GradientEdge] = [objectives]
+    cotangents = [torch.eye(m, dtype=objectives.dtype, device=objectives.device)]
+    if task_losses is not None and inputs:
+        record_nodes = {id(rec.edge.node) for rec in live}
+        frontier = _frontier(task_losses, record_nodes, shared_ids, objectives.grad_fn)
+        split = (
+            None if frontier is None else _task_split_cotangents(objectives, task_losses, frontier)
+        )
+        if split is not None:
+            outputs, cotangents = split
+            used_split = True
+    grads = (
+        _batched(outputs, cotangents, inputs, shapes, chunk_size, retain_after) if inputs else []
+    )
     deltas = grads[: len(needed)]
     dense = {id(p): g for p, g in zip(fallback, grads[len(needed) :])}
     if per_task_transform is not None:
@@ -644,4 +811,6 @@ def layerwise_per_task_grads(
         elif kind == "embed":
             idx = rs[0]["idx"] if len(rs) == 1 else torch.cat([x["idx"] for x in rs], dim=0)
         terms[pid] = [_Term(p, kind, d, a=a, idx=idx)]
-    return LayerwisePerTaskGrads(shared, terms, dense, m)
+    out = LayerwisePerTaskGrads(shared, terms, dense, m)
+    out.task_split = used_split
+    return out

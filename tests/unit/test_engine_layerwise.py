@@ -384,3 +384,26 @@ def test_split_declined_when_the_weighting_reads_the_model() -> None:
         return losses * lin.weight.sum()
 
     check(lin, fwd, torch.float64, mix=mix, expect_split=False)
+
+
+def test_balancer_with_learnable_weighting_equals_dense() -> None:
+    # ℓ_t = exp(-s_t) L_t + s_t: heads get Σ_t ∂ℓ_t/∂q through the weighting's Jacobian, the
+    # log-variances get their own gradient
+    x = torch.randn(10, 6)
+    ys = torch.randn(3, 10, 1)
+    grads = {}
+    for eng in ("dense", "layerwise"):
+        trunk, heads = _model()
+        uw = mtlbal.weighting.UncertaintyWeighting(3)
+        with torch.no_grad():
+            for p in uw.parameters():
+                p.copy_(torch.tensor([0.3, -0.2, 0.5]).view_as(p))
+        b = mtlbal.Balancer(trunk, weighting=uw, aggregator=MGDA(), engine=eng)  # type: ignore[arg-type]
+        z = trunk(x)
+        b.backward({f"t{i}": (h(z) - ys[i]).pow(2).mean() for i, h in enumerate(heads)})
+        ps = [*trunk.parameters(), *heads.parameters(), *b.parameters()]
+        grads[eng] = [p.grad.clone() for p in ps]  # type: ignore[union-attr]
+        b.remove()
+    assert len(grads["dense"]) == len(grads["layerwise"])
+    for a, c in zip(grads["dense"], grads["layerwise"]):
+        torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-6)

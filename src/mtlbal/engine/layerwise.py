@@ -529,11 +529,12 @@ def _frontier(
     record_nodes: set[int],
     shared_ids: set[int],
     objectives_root: Any = None,
-) -> list[list[tuple[Any, int]]] | None:
+) -> tuple[list[list[tuple[Any, int]]], list[list[Tensor]]] | None:
     """Where each task's own sub-graph enters the part of the graph that several tasks reach.
 
     Returns, per task, the graph edges ``(node, input_nr)`` from nodes only that task reaches
-    into nodes several tasks reach, or ``None`` when the split does not apply (a recorded layer
+    into nodes several tasks reach, and the parameters only that task reaches; or ``None``
+    when the split does not apply (a recorded layer
     or a shared parameter inside one task's own sub-graph, a task loss shared by two tasks).
     """
     owner: dict[int, int] = {}
@@ -578,10 +579,12 @@ def _frontier(
                 return None
             stack.extend(nxt for nxt, _ in fn.next_functions if nxt is not None)
     out: list[list[tuple[Any, int]]] = []
+    owned: list[list[Tensor]] = []
     for t, root in enumerate(roots):
         if owner[id(root)] != t:
             return None
         edges: list[tuple[Any, int]] = []
+        mine: list[Tensor] = []
         seen: set[int] = set()
         stack = [root]
         while stack:
@@ -592,8 +595,10 @@ def _frontier(
             if id(fn) in record_nodes:
                 return None  # a recorded layer only this task reaches
             var = getattr(fn, "variable", None)
-            if var is not None and id(var) in shared_ids:
-                return None  # a shared parameter only this task reaches
+            if var is not None:
+                if id(var) in shared_ids:
+                    return None  # a shared parameter only this task reaches
+                mine.append(var)
             for nxt, nr in fn.next_functions:
                 if nxt is None:
                     continue
@@ -604,17 +609,20 @@ def _frontier(
                 else:
                     stack.append(nxt)
         out.append(edges)
-    return out
+        owned.append(mine)
+    return out, owned
 
 
 def _task_split_cotangents(
     objectives: Tensor,
     task_losses: Sequence[Tensor],
     frontier: list[list[tuple[Any, int]]],
-) -> tuple[list[GradientEdge], list[Tensor]] | None:
+    owned: list[list[Tensor]],
+) -> tuple[list[GradientEdge], list[Tensor]]:
     """Per-task backward through each task's own sub-graph (no batching), then the cotangents
     of the objectives ``ℓ`` at the frontier: ``[m, *shape]`` per frontier edge, row ``t`` being
-    ``Σ_s (∂ℓ_t/∂L_s) ∂L_s/∂(edge)``."""
+    ``Σ_s (∂ℓ_t/∂L_s) ∂L_s/∂(edge)``. The parameters only task ``s`` reaches get
+    ``Σ_t (∂ℓ_t/∂L_s) ∂L_s/∂q`` added to ``.grad`` on the way."""
     m = objectives.shape[0]
     eye = torch.eye(m, dtype=objectives.dtype, device=objectives.device)
     dl = torch.autograd.grad(
@@ -627,6 +635,7 @@ def _task_split_cotangents(
     )
     cols = [g.reshape(m) if g is not None else objectives.new_zeros(m) for g in dl]
     c = torch.stack(cols, dim=1)  # C[t, s] = ∂ℓ_t/∂L_s
+    col_sums = c.sum(0)
     keys: dict[tuple[int, int], int] = {}
     edges: list[GradientEdge] = []
     per_edge: list[dict[int, Tensor]] = []
@@ -638,12 +647,21 @@ def _task_split_cotangents(
             if key not in local:
                 local.add(key)
                 uniq.append((node, nr))
-        if not uniq:
+        params = owned[s]
+        if not uniq and not params:
             continue
+        targets: list[Tensor | GradientEdge] = [GradientEdge(n, nr) for n, nr in uniq]
+        targets += params
         gs = torch.autograd.grad(
-            loss, [GradientEdge(n, nr) for n, nr in uniq], retain_graph=True, allow_unused=True
+            loss,
+            targets,  # type: ignore[arg-type]
+            retain_graph=True,
+            allow_unused=True,
         )
-        for (node, nr), g in zip(uniq, gs):
+        for q, gq in zip(params, gs[len(uniq) :]):
+            if gq is not None:
+                _accumulate(q, col_sums[s].to(gq.dtype) * gq)
+        for (node, nr), g in zip(uniq, gs[: len(uniq)]):
             if g is None:
                 continue
             key = (id(node), nr)
@@ -652,8 +670,6 @@ def _task_split_cotangents(
                 edges.append(GradientEdge(node, nr))
                 per_edge.append({})
             per_edge[keys[key]][s] = g
-    if not edges:
-        return None
     cots: list[Tensor] = []
     for rows in per_edge:
         any_g = next(iter(rows.values()))
@@ -739,34 +755,35 @@ def layerwise_per_task_grads(
     fallback = [p for p in shared if id(p) not in covered]
 
     retain_after = retain_graph
-    others = list(other_params)
-    if others:
-        total = objectives.sum()
-        og = torch.autograd.grad(
-            total, others, retain_graph=True, allow_unused=True, materialize_grads=True
-        )
-        for q, g in zip(others, og):
-            _accumulate(q, g)
-
     inputs: list[Tensor | GradientEdge] = [rec.edge for rec in needed]
     shapes = [(rec.out_shape, rec.out_dtype) for rec in needed]
     inputs += fallback
     shapes += [(p.shape, p.dtype) for p in fallback]
+    others = list(other_params)
     used_split = False
     outputs: Sequence[Tensor | GradientEdge] = [objectives]
     cotangents = [torch.eye(m, dtype=objectives.dtype, device=objectives.device)]
     if task_losses is not None and inputs:
         record_nodes = {id(rec.edge.node) for rec in live}
-        frontier = _frontier(task_losses, record_nodes, shared_ids, objectives.grad_fn)
-        split = (
-            None if frontier is None else _task_split_cotangents(objectives, task_losses, frontier)
-        )
-        if split is not None:
-            outputs, cotangents = split
+        found = _frontier(task_losses, record_nodes, shared_ids, objectives.grad_fn)
+        if found is not None:
+            other_ids = {id(q) for q in others}
+            owned = [[q for q in qs if id(q) in other_ids] for qs in found[1]]
+            outputs, cotangents = _task_split_cotangents(objectives, task_losses, found[0], owned)
             used_split = True
-    grads = (
-        _batched(outputs, cotangents, inputs, shapes, chunk_size, retain_after) if inputs else []
-    )
+            done = {id(q) for qs in owned for q in qs}
+            others = [q for q in others if id(q) not in done]
+    if others:
+        og = torch.autograd.grad(
+            objectives.sum(), others, retain_graph=True, allow_unused=True, materialize_grads=True
+        )
+        for q, g in zip(others, og):
+            _accumulate(q, g)
+    if inputs and outputs:
+        grads = _batched(outputs, cotangents, inputs, shapes, chunk_size, retain_after)
+    else:  # nothing of the shared part is reached by any task
+        dev = objectives.device
+        grads = [torch.zeros(m, *shape, dtype=dt, device=dev) for shape, dt in shapes]
     deltas = grads[: len(needed)]
     dense = {id(p): g for p, g in zip(fallback, grads[len(needed) :])}
     if per_task_transform is not None:

@@ -367,12 +367,16 @@ class _Term:
             g = d.new_zeros(m, *self.param.shape).index_add_(1, self.idx, d)
         return g.reshape(m, *self.param.shape)
 
-    def gramian(self) -> Tensor:
+    def gramian(self, with_bias: bool = False) -> Tensor:
+        """This parameter's share of ``G``; ``with_bias``: plus that of a bias fed by the same
+        ``δ`` (identity path only: ``⟨(a aᵀ + 1 1ᵀ) δ_i, δ_j⟩``)."""
         m = self.delta.shape[0]
         if self.uses_identity():
             if self.kind == "mm":
                 assert self.a is not None
                 rows = self.a @ self.a.T
+                if with_bias:
+                    rows = rows + 1
             else:
                 assert self.idx is not None
                 rows = (self.idx[:, None] == self.idx[None, :]).to(self.delta.dtype)
@@ -381,8 +385,13 @@ class _Term:
         g = self.per_task().reshape(m, -1)
         return g @ g.T
 
-    def combined(self, w: Tensor) -> Tensor:
-        u = torch.tensordot(w.to(self.delta.dtype), self.delta, dims=1)  # [N, d_out]
+    def combined(self, w: Tensor, cache: dict[int, Tensor] | None = None) -> Tensor:
+        key = id(self.delta)
+        u = cache.get(key) if cache is not None else None
+        if u is None:
+            u = torch.tensordot(w.to(self.delta.dtype), self.delta, dims=1)  # [N, d_out]
+            if cache is not None:
+                cache[key] = u
         if self.kind == "mm":
             assert self.a is not None
             g = u.T @ self.a
@@ -439,10 +448,29 @@ class LayerwisePerTaskGrads(PerTaskGrads):
     def gramian(self) -> Tensor:
         if self._gramian is None:
             g: Tensor | None = None
+            # a bias whose layer's weight takes the identity path joins that term
+            ident = {
+                id(t[0].delta)
+                for t in self.terms.values()
+                if len(t) == 1 and t[0].kind == "mm" and t[0].uses_identity()
+            }
+            merged = {
+                id(t[0].param)
+                for t in self.terms.values()
+                if len(t) == 1 and t[0].kind == "sum" and id(t[0].delta) in ident
+            }
+            with_bias = {
+                id(t[0].delta)
+                for t in self.terms.values()
+                if len(t) == 1 and id(t[0].param) in merged
+            }
             for p in self.params:
+                if id(p) in merged:
+                    continue
                 terms = self.terms.get(id(p))
                 if terms is not None and len(terms) == 1:
-                    term = terms[0].gramian()
+                    t0 = terms[0]
+                    term = t0.gramian(with_bias=t0.kind == "mm" and id(t0.delta) in with_bias)
                 else:
                     flat = self._per_task(p).reshape(self.m, -1)
                     term = flat @ flat.T
@@ -455,15 +483,16 @@ class LayerwisePerTaskGrads(PerTaskGrads):
         return torch.cat([self._per_task(p).reshape(self.m, -1) for p in self.params], dim=1)
 
     def apply_weights(self, w: Tensor) -> None:
+        cache: dict[int, Tensor] = {}  # Σ_t w_t δ_t, shared by a layer's weight and bias
         for p in self.params:
             if id(p) in self.dense:
                 jp = self.dense[id(p)]
                 _accumulate(p, torch.tensordot(w.to(jp.dtype), jp, dims=1))
             else:
                 terms = self.terms[id(p)]
-                g = terms[0].combined(w)
+                g = terms[0].combined(w, cache)
                 for t in terms[1:]:
-                    g = g + t.combined(w)
+                    g = g + t.combined(w, cache)
                 _accumulate(p, g)
 
     def apply_direction(self, g: Tensor) -> None:

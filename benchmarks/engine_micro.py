@@ -251,6 +251,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--per-round", type=int, default=5)
     ap.add_argument("--mem", action="store_true", help="also measure peak memory per variant")
+    ap.add_argument("--mem-only", action="store_true", help="only the peak-memory table")
     ap.add_argument("--_mem-one", nargs=3, metavar=("VARIANT", "M", "B"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -259,6 +260,44 @@ def main() -> None:
         print(json.dumps(peak_memory(v, int(m), int(b), args.device)))
         return
     print(f"torch {torch.__version__}, device {args.device}, threads {args.threads}")
+    if args.mem_only:
+        variants = [
+            "plain",
+            "loop",
+            "dense",
+            "layerwise",
+            "layerwise_nosolver",
+            "jd_autojac_upgrad",
+            "jd_autojac_mean",
+            "jd_autogram_upgrad",
+        ]
+        print("peak memory above the model, MiB (fresh process per variant, 3 steps)")
+        print("| batch | m | " + " | ".join(variants) + " |")
+        print("|---|---|" + "---|" * len(variants))
+        for batch in args.batch:
+            for m in args.tasks:
+                cells = []
+                for v in variants:
+                    out = subprocess.run(
+                        [
+                            sys.executable,
+                            __file__,
+                            "--threads",
+                            str(args.threads),
+                            "--device",
+                            args.device,
+                            "--_mem-one",
+                            v,
+                            str(m),
+                            str(batch),
+                        ],
+                        capture_output=True,
+                        text=True,
+                        check=True,
+                    )
+                    cells.append(f"{json.loads(out.stdout.strip().splitlines()[-1]):.1f}")
+                print(f"| {batch} | {m} | " + " | ".join(cells) + " |", flush=True)
+        return
     results = []
     for batch in args.batch:
         for m in args.tasks:

@@ -19,6 +19,15 @@ batch × positions for convolutions). The combined gradient ``Σ_t w_t ∂ℓ_t/
 taken w.r.t. the layers' *outputs* (their gradient edges, so a later in-place op on an output is
 harmless); the weight gradients themselves are never computed by autograd.
 
+With the per-task losses ``L_t`` (the Balancer passes them), the graph is first split where each
+task's own sub-graph (its head) joins the part several tasks reach: each head is backpropagated
+once, for its own task only (a batched backward would push all ``m`` cotangents through every
+head, ``m²`` head passes, and hits ops without vmap batching rules such as
+``mse_loss_backward``), and the batched backward starts at the join with cotangents
+``Σ_s C_ts ∂L_s/∂(join)``, ``C = ∂ℓ/∂L`` (``[m, m]``, exact for any loss weighting). The split is
+declined when a recorded layer or a shared parameter lies inside one task's own sub-graph, or
+when ``ℓ`` reads the model other than through ``L``.
+
 Supported leaf modules: ``nn.Linear``, ``nn.Conv1d``/``nn.Conv2d`` (``groups=1``; im2col rows),
 ``nn.Embedding`` (not sparse, no ``scale_grad_by_freq``; ``padding_idx`` honoured; identity with
 ``A_bc = [idx_b = idx_c]``), ``nn.LayerNorm`` and ``nn.BatchNorm1d``/``2d`` affine parameters

@@ -407,3 +407,22 @@ def test_balancer_with_learnable_weighting_equals_dense() -> None:
     assert len(grads["dense"]) == len(grads["layerwise"])
     for a, c in zip(grads["dense"], grads["layerwise"]):
         torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-6)
+
+
+def test_mixed_dtypes_between_input_and_output() -> None:
+    # as under autocast: the recorded input is float32, the layer computes in float64 here
+    class Cast(nn.Linear):
+        def forward(self, x: Tensor) -> Tensor:
+            return nn.functional.linear(x.double(), self.weight.double(), self.bias.double())
+
+    torch.manual_seed(0)
+    lin = Cast(3, 4)
+    x = torch.randn(5, 3)
+    cap = LayerwiseCapture([lin])
+    losses = heads_losses(lin(x))
+    shared = list(lin.parameters())
+    J = reference(losses, shared)
+    eng = layerwise_per_task_grads(losses, cap.take(), shared)
+    assert len(eng.terms) == 2
+    torch.testing.assert_close(eng.gramian(), J @ J.T, rtol=1e-5, atol=1e-6, check_dtype=False)
+    cap.remove()

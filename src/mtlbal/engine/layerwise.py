@@ -341,6 +341,9 @@ class _Term:
     ) -> None:
         self.param = param
         self.kind = kind
+        if a is not None and a.dtype != delta.dtype:  # mixed precision (autocast)
+            dt = torch.promote_types(a.dtype, delta.dtype)
+            a, delta = a.to(dt), delta.to(dt)
         self.delta = delta  # [m, N, d_out]
         self.a = a  # [N, d_in] ("mm"), x̂ [N, D] ("diag")
         self.idx = idx  # [N] ("embed")

@@ -343,14 +343,14 @@ def main() -> None:
             jds = [v for k, v in med.items() if k.startswith("jd_")]
             if jds:
                 print(f"  fastest TorchJD / layerwise = {min(jds) / med['layerwise']:.2f}x")
+    if args.variants is not None:
+        return
     print(
         "\n| batch | m | plain ms | layerwise | layerwise (no solver) | dense | loop "
         "| jd autojac upgrad | jd autojac mean | jd autogram | fastest-JD / layerwise |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for batch, m, med, _ in results:
-        if args.variants is not None:
-            break
         b = med["plain"]
         jd = min(v for k, v in med.items() if k.startswith("jd_"))
         cells = [

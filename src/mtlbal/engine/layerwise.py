@@ -164,6 +164,8 @@ class LayerwiseCapture:
     def _hook(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         if not torch.is_grad_enabled() or not isinstance(output, Tensor):
             return
+        if torch.compiler.is_compiling():  # traced: no autograd node to record (dense fallback)
+            return
         if not output.requires_grad or output.grad_fn is None or not args:
             return
         a = args[0]

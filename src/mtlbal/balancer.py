@@ -28,6 +28,7 @@ from torch.utils.hooks import RemovableHandle
 from mtlbal.aggregation.base import Aggregator, GramianAggregator
 from mtlbal.engine.base import PerTaskGrads
 from mtlbal.engine.dense import CutPerTaskGrads, DensePerTaskGrads, batched_grads
+from mtlbal.engine.layerwise import LayerRecord, LayerwiseCapture, layerwise_per_task_grads
 from mtlbal.transforms.base import GradientTransform
 from mtlbal.transforms.branch_calibration import BranchCalibration
 from mtlbal.weighting.base import Equal, LossContext, LossWeighting
@@ -259,7 +260,10 @@ class Balancer:
         diagnostics: also compute per-task gradients (norms, cosines, conflict) when no
             strategy needs them (costs what a gradient method costs).
         chunk_size: tasks per batched backward at the parameters (bounds memory).
-        engine: ``"dense"`` (batched VJPs), or ``"auto"``.
+        engine: ``"dense"`` (batched VJPs of the parameters), ``"layerwise"`` (forward hooks
+            on the supported layers; one batched backward to their outputs, per-layer
+            Gramians, see :mod:`mtlbal.engine.layerwise`), or ``"auto"``: ``"layerwise"`` at
+            the parameters when the shared part has a supported layer, else ``"dense"``.
 
     Example:
         >>> import torch, mtlbal
@@ -284,7 +288,7 @@ class Balancer:
         check_connected: Literal["first", "always", "never"] = "first",
         diagnostics: bool = False,
         chunk_size: int | None = None,
-        engine: Literal["auto", "dense"] = "auto",
+        engine: Literal["auto", "dense", "layerwise"] = "auto",
         branches: Sequence[nn.Module] | BranchCalibration | None = None,
     ) -> None:
         shared_list = list(shared) if not isinstance(shared, nn.Module) else [shared]
@@ -307,7 +311,7 @@ class Balancer:
             raise ValueError(f"nonfinite must be 'raise', 'skip' or 'off', got {nonfinite!r}")
         if check_connected not in ("first", "always", "never"):
             raise ValueError("check_connected must be 'first', 'always' or 'never'")
-        if engine not in ("auto", "dense"):
+        if engine not in ("auto", "dense", "layerwise"):
             raise ValueError(f"unknown engine {engine!r}")
         self.weighting: LossWeighting = weighting if weighting is not None else Equal()
         self.aggregator = aggregator
@@ -328,15 +332,29 @@ class Balancer:
         self._hooks: OrderedDict[int, Callable[..., Any]] = OrderedDict()
         self._cut: _Cut | None = None
         if isinstance(at, nn.Module):
-            self._cut = _Cut(at, detach=self._needs_per_task_grads())
+            self._cut = _Cut(at, detach=True)  # decided below, once transforms are bound
             self.at: Literal["params"] | nn.Module = at
         elif at == "params":
             self.at = "params"
         else:
             raise ValueError(f"at must be 'params' or an nn.Module, got {at!r}")
+        self._capture: LayerwiseCapture | None = None
+        self._records: list[LayerRecord] = []
+        self._task_losses: list[Tensor] = []
         self.weighting.bind(self.shared_params, self.shared_modules)
         for t in self.transforms:
             t.bind(self.shared_params, self.shared_modules)
+        needs_grads = self._needs_per_task_grads()
+        if self._cut is not None:
+            self._cut.detach = needs_grads
+        # the layer-wise engine's forward hooks exist only when per-task gradients at the
+        # parameters will be needed: loss-level strategies keep a hook-free forward
+        if engine in ("auto", "layerwise") and self.at == "params" and needs_grads:
+            capture = LayerwiseCapture(self.shared_modules)
+            if capture.modules or engine == "layerwise":
+                self._capture = capture
+            else:
+                capture.remove()
         self._branches: _Branches | None = None
         if branches is not None:
             calib = (
@@ -389,6 +407,9 @@ class Balancer:
         if self._branches is not None:
             self._branches.remove()
             self._branches = None
+        if self._capture is not None:
+            self._capture.remove()
+            self._capture = None
         self._hooks.clear()
 
     def epoch_end(self) -> None:
@@ -561,6 +582,9 @@ class Balancer:
                 f"no output of the cut point {type(self._cut.module).__name__} was captured "
                 "since the last backward: run the forward pass (with grad enabled) first"
             )
+        # the layer calls of this forward (taken every step so that none accumulate)
+        self._records = self._capture.take() if self._capture is not None else []
+        self._task_losses = values
         stacked = torch.stack(values)
         raw = stacked.detach()
         if not self._check_finite(names, raw):
@@ -568,6 +592,7 @@ class Balancer:
                 self._cut.take()
             if self._branches is not None:
                 self._branches.take()
+            self._records, self._task_losses = [], []
             info = StepInfo(names, raw, torch.zeros_like(raw), torch.zeros_like(raw))
             info.skipped = True
             info.step = self.step_count
@@ -611,6 +636,7 @@ class Balancer:
                 if branch_caps is not None:
                     assert self._branches is not None
                     self._branches.backward(branch_caps, info)
+        self._records, self._task_losses = [], []
 
         if _distributed_world_size() > 1:
             self._average_strategy_grads()
@@ -735,6 +761,12 @@ class Balancer:
         for leaf in leaves:
             leaf.grad = None
 
+    def _per_task_transforms(self, p: Tensor, g: Tensor) -> Tensor:
+        for t in self.transforms:
+            if t.applies_to(p):
+                g = t.per_task(p, g)
+        return g
+
     def _params_backward(self, objectives: Tensor, aux: Tensor | None, info: StepInfo) -> None:
         if _distributed_world_size() > 1:
             raise NotImplementedError(
@@ -745,6 +777,23 @@ class Balancer:
         leaves, _ = _reachable([objectives] + ([aux] if aux is not None else []), set())
         shared = [p for p in self.shared_params if any(p is q for q in leaves)]
         others = [q for q in leaves if id(q) not in self._shared_ids]
+        if self._capture is not None:
+            records, self._records = self._records, []
+            lw = layerwise_per_task_grads(
+                objectives,
+                records,
+                shared,
+                others,
+                chunk_size=self.chunk_size,
+                retain_graph=aux is not None,
+                force_fallback=[p for p in shared if self._transform_applies(p)],
+                per_task_transform=self._per_task_transforms if self.transforms else None,
+                task_losses=self._task_losses,
+            )
+            if aux is not None:
+                aux.backward()  # reaches the strategy's own parameters only
+            self._aggregate(lw, info)
+            return
         per_task = batched_grads(
             objectives, shared + others, chunk_size=self.chunk_size, retain_graph=aux is not None
         )

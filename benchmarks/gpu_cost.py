@@ -6,7 +6,7 @@ batch 32, the Gramian solvers for m = 4 … 256, peak memory from ``torch.cuda.m
 and host syncs (profiler count and ``torch.cuda.set_sync_debug_mode``). Prints the Markdown
 report and writes ``cost.json``, ``cost.md`` and ``cost_scaling.png`` into ``--out``.
 
-    python benchmarks/gpu_cost.py                       # on a CUDA machine
+    PYTHONPATH=src python benchmarks/gpu_cost.py                # on a CUDA machine
     PYTHONPATH=src python benchmarks/gpu_cost.py --device cpu   # smoke test (quick settings)
 """
 

@@ -3,10 +3,12 @@
 Trunk MLP 256→3×512 (Linear+ReLU) with m linear heads (512→8), batch 256, Adam, m = 4 and 16.
 A step is zero_grad + forward + the balancer's backward + optimizer step. Every variant has its
 own copy of the same model; after a warm-up, ``--rounds`` rounds run each variant ``--steps``
-times in a rotated order. The ratio of a round is the variant's median step over the plain
-step's median in the same round; the table gives the median of those ratios and their
-p25–p75. When the plain step itself is noisy across rounds (spread above ``--noisy``), the
-measurement is repeated (up to ``--tries``) and the quietest one is kept.
+times in a rotated order, each block right after a block of plain steps. The ratio of a round
+is the variant's median step over the median of the plain block before it; the table gives the
+median of those ratios and their p25–p75. When the plain step itself is noisy across rounds
+(spread above ``--noisy``), the measurement is repeated (up to ``--tries``) and the quietest
+one is kept. With one thread (the default) the CPU clock is the process's CPU time, so other
+jobs on a shared machine do not inflate the steps; ``--clock wall`` measures wall time.
 
 Strategies: every class exported by ``mtlbal.weighting`` / ``mtlbal.aggregation`` (found with
 getattr, so new methods appear here), loss-level ones as they are, gradient-level ones at a cut
@@ -32,6 +34,7 @@ from mtlbal.bench.suites.cost import (
     _quantile,
     build_variants,
     make_problem,
+    resolve_clock,
     time_variants,
 )
 
@@ -58,6 +61,7 @@ def measure(m: int, args: argparse.Namespace) -> tuple[Timing, list[str], dict[s
             steps_per_round=args.steps,
             warmup=args.warmup if attempt == 0 else 1,
             device=device,
+            clock=resolve_clock(args.clock, device),
         )
         spread = t.spread(BASELINE)
         print(
@@ -119,13 +123,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--strategies", nargs="*", default=None)
     p.add_argument("--autogram", action="store_true", help="add TorchJD's autogram engine")
+    p.add_argument(
+        "--clock",
+        default="auto",
+        choices=["auto", "cpu", "wall"],
+        help="CPU clock: process CPU time (auto with one thread) or wall time",
+    )
     args = p.parse_args(argv)
     torch.set_flush_denormal(True)
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
     print(
         f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {args.device}, "
-        f"batch {args.batch}, {args.rounds} rounds × {args.steps} steps"
+        f"clock {resolve_clock(args.clock, torch.device(args.device))}, "
+        f"batch {args.batch}, {args.rounds} rounds × {args.steps} steps (paired with plain)"
     )
     t0 = time.perf_counter()
     for m in args.tasks:

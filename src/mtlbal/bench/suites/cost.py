@@ -10,10 +10,13 @@ What is measured, for m = 2, 4, 16, 64 (and each strategy present in :mod:`mtlba
 :mod:`mtlbal.aggregation`, found by introspection so new methods join automatically):
 
 * **step time** — every variant has its own copy of the model and optimizer; after a warm-up,
-  ``rounds`` rounds run each variant for ``steps_per_round`` steps, in a rotated order, timing
-  each step (``time.perf_counter`` on CPU, CUDA events on GPU). The ratio of a round is the
-  variant's median over that round divided by the plain step's median over the same round; the
-  reported ratio is the median of the rounds' ratios, with their 25th/75th percentiles as spread.
+  ``rounds`` rounds run each variant for ``steps_per_round`` steps, in a rotated order, each
+  block right after a block of plain steps, timing each step. Clock: CUDA events on GPU; on CPU
+  with one thread (the default) the process's CPU time (``time.process_time``), which other jobs
+  on a shared machine cannot inflate (wall time of a 15 ms step read 55–80 ms on the shared
+  2-core machine, its CPU time 14–15.5 ms); ``clock="wall"`` for ``perf_counter``. The ratio of
+  a round is the variant's median step over the median of the plain block before it; the
+  reported ratio is the median of the rounds' ratios, with their 25th/75th percentiles.
 * **peak memory** of one step above what is live before it (parameters, optimizer state and the
   batch are excluded, they are the same for every variant). On CUDA:
   ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``. On CPU: torch's own CPU

@@ -887,7 +887,9 @@ def measure_block(
             continue
         cheap = r.family in ("baseline", "loss")
         if not cheap and cfg.max_step_s is not None and dt > cfg.max_step_s:
-            skipped[f"{r.name} m={m}"] = f"first step {dt:.2f} s > {cfg.max_step_s} s (quick)"
+            skipped[f"{r.name} m={m}"] = (
+                f"a step took {dt:.2f} s > {cfg.max_step_s} s (quick budget)"
+            )
             r.close()
             continue
         ok.append(r)

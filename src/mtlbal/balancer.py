@@ -27,7 +27,13 @@ from torch.utils.hooks import RemovableHandle
 
 from mtlbal.aggregation.base import Aggregator, GramianAggregator
 from mtlbal.engine.base import PerTaskGrads
-from mtlbal.engine.dense import CutPerTaskGrads, DensePerTaskGrads, batched_grads
+from mtlbal.engine.dense import (
+    CutPerTaskGrads,
+    DensePerTaskGrads,
+    batched_grads,
+    split_task_grads,
+    task_grad_norms,
+)
 from mtlbal.engine.layerwise import LayerRecord, LayerwiseCapture, layerwise_per_task_grads
 from mtlbal.transforms.base import GradientTransform
 from mtlbal.transforms.branch_calibration import BranchCalibration
@@ -345,6 +351,8 @@ class Balancer:
         for t in self.transforms:
             t.bind(self.shared_params, self.shared_modules)
         needs_grads = self._needs_per_task_grads()
+        # fixed by the configuration: computed once, not per step
+        self._needs_grads = needs_grads
         if self._cut is not None:
             self._cut.detach = needs_grads
         # the layer-wise engine's forward hooks exist only when per-task gradients at the
@@ -517,8 +525,11 @@ class Balancer:
                 f"{type(self.weighting).__name__} was built for {expected} tasks, "
                 f"got {len(values)} losses ({', '.join(names)})"
             )
-        stateful = any(getattr(s, "is_stateful", False) for s in self.strategies)
-        if self.tasks is not None and names != self.tasks and stateful:
+        if (
+            self.tasks is not None
+            and names != self.tasks
+            and any(getattr(s, "is_stateful", False) for s in self.strategies)
+        ):
             raise ValueError(
                 f"the task set changed from {list(self.tasks)} to {list(names)}; the configured "
                 "strategies keep per-task state. Use the same tasks every step (or a new Balancer)."
@@ -586,6 +597,7 @@ class Balancer:
         self._records = self._capture.take() if self._capture is not None else []
         self._task_losses = values
         stacked = torch.stack(values)
+        self._stacked = stacked
         raw = stacked.detach()
         if not self._check_finite(names, raw):
             if self._cut is not None:
@@ -615,7 +627,7 @@ class Balancer:
                 weighted.aux = scaler.scale(weighted.aux)
         info = StepInfo(names, raw, weighted.weights.detach(), weighted.weights.detach())
 
-        needs_grads = self._needs_per_task_grads()
+        needs_grads = self._needs_grads
         if needs_grads and self._cut is None and self._branches is not None:
             raise ValueError(
                 "modality branches with per-task gradients need a cut point downstream of the "
@@ -676,7 +688,7 @@ class Balancer:
     @contextmanager
     def _combined_hooks(self) -> Iterator[None]:
         handles: list[RemovableHandle] = []
-        for p in self.shared_params:
+        for p in self.shared_params if self.transforms else ():
             ts = [t for t in self.transforms if t.applies_to(p)]
             if ts:
 
@@ -699,10 +711,7 @@ class Balancer:
             params = [leaf for _, leaf in self._cut.captured]
         else:
             params = self.weighting.grad_norm_params()
-        grads = batched_grads(stacked, params, chunk_size=self.chunk_size, retain_graph=True)
-        sq = sum(g.reshape(g.shape[0], -1).pow(2).sum(1) for g in grads)
-        assert isinstance(sq, Tensor)
-        return sq.sqrt().detach()
+        return task_grad_norms(self._task_losses, params).detach()
 
     def _total(self, objectives: Tensor, aux: Tensor | None) -> Tensor:
         total = objectives.sum()
@@ -742,7 +751,7 @@ class Balancer:
         captured = self._cut.take()
         outs = [z for z, _ in captured]
         leaves = [leaf for _, leaf in captured]
-        per_task = batched_grads(objectives, leaves, retain_graph=True)
+        per_task = split_task_grads(objectives, self._stacked, self._task_losses, leaves)
         # ONE backward call runs the heads (gradient of Σ ℓ_t, plus learnable strategy
         # parameters) and the trunk (the combined gradient at z) together, so DDP's reducer
         # sees a single backward; the .grad it leaves on the detached leaves is discarded

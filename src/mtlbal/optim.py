@@ -64,7 +64,7 @@ class BalancedOptimizer(Optimizer):
         if balancer_optimizer is not None:
             self.balancer_optimizer: Optimizer | None = balancer_optimizer
         elif extra:
-            self.balancer_optimizer = torch.optim.Adam(extra, lr=balancer_lr)
+            self.balancer_optimizer = _default_strategy_optimizer(extra, balancer_lr)
         else:
             self.balancer_optimizer = None
         self._initial_lr = [float(g.get("lr", 1.0)) for g in optimizer.param_groups]
@@ -165,6 +165,14 @@ class BalancedOptimizer(Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+
+
+def _default_strategy_optimizer(params: list[torch.nn.Parameter], lr: float) -> Optimizer:
+    # fused Adam has the lowest fixed cost per step for these few tiny tensors
+    try:
+        return torch.optim.Adam(params, lr=lr, fused=True)
+    except (RuntimeError, ValueError, TypeError):
+        return torch.optim.Adam(params, lr=lr)
 
 
 def wrap(

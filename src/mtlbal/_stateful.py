@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 __all__ = ["Stateful"]
@@ -30,6 +31,20 @@ class Stateful(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self._state_defaults: dict[str, Tensor | None] = {}
+        self._generator: torch.Generator | None = None
+        self._generator_seed: int | None = None
+
+    # ------------------------------------------------------------------ randomness
+    def add_generator(self, seed: int | None) -> torch.Generator:
+        """Declare the strategy's random generator (CPU), seeded by ``seed`` (``None``: from
+        the OS). Its state travels in ``state_dict`` and ``reset()`` reseeds it."""
+        gen = torch.Generator()
+        if seed is None:
+            gen.seed()
+        else:
+            gen.manual_seed(seed)
+        self._generator, self._generator_seed = gen, seed
+        return gen
 
     # ------------------------------------------------------------------ declared tensor state
     def add_state(self, name: str, default: Tensor | None) -> None:
@@ -52,6 +67,8 @@ class Stateful(nn.Module):
             if value is not None and current is not None:
                 value = value.to(current.device)
             setattr(self, name, value)
+        if self._generator is not None and self._generator_seed is not None:
+            self._generator.manual_seed(self._generator_seed)
         self.reset_extra()
 
     def reset_extra(self) -> None:
@@ -66,9 +83,16 @@ class Stateful(nn.Module):
         """Restore what :meth:`extra_state` returned; subclasses override."""
 
     def get_extra_state(self) -> Any:
-        return self.extra_state()
+        state = dict(self.extra_state())
+        if self._generator is not None:
+            state["_generator"] = self._generator.get_state()
+        return state
 
     def set_extra_state(self, state: Any) -> None:
+        state = dict(state)
+        gen_state = state.pop("_generator", None)
+        if self._generator is not None and gen_state is not None:
+            self._generator.set_state(gen_state)
         self.load_extra_state(state)
 
     def _load_from_state_dict(

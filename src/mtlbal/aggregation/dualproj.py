@@ -28,8 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mtlbal.aggregation.base import GramianAggregator, Reduction
-from mtlbal.aggregation.upgrad import nonneg_qp
+from mtlbal.aggregation.upgrad import DualConeAggregator, nonneg_qp
 
 __all__ = ["DualProj", "dualproj_weights"]
 
@@ -61,36 +60,12 @@ def dualproj_weights(
     return torch.as_tensor(u + x, dtype=torch.float64, device=gramian.device)
 
 
-class DualProj(GramianAggregator):
+class DualProj(DualConeAggregator):
     """Projection of the summed (or mean) gradient onto the dual cone of the task gradients.
 
-    Args:
-        pref: optional ``u`` (``[m]``; default ones, times ``1/m`` under ``"mean"``).
-        norm_eps, reg_eps: as :class:`~mtlbal.aggregation.UPGrad`.
-        reduction: ``"sum"`` (default) or ``"mean"`` (TorchJD's scale).
+    Arguments as :class:`~mtlbal.aggregation.upgrad.DualConeAggregator` (``pref`` is ``u``,
+    default ones, times ``1/m`` under ``"mean"``).
     """
 
-    host_sync = True
-
-    def __init__(
-        self,
-        *,
-        pref: Tensor | None = None,
-        norm_eps: float = 0.0,
-        reg_eps: float = 1e-4,
-        reduction: Reduction = "sum",
-    ) -> None:
-        super().__init__(reduction)
-        if norm_eps < 0 or reg_eps < 0:
-            raise ValueError(f"norm_eps and reg_eps must be ≥ 0, got {norm_eps}, {reg_eps}")
-        self.pref = None if pref is None else pref.detach().clone()
-        self.norm_eps = float(norm_eps)
-        self.reg_eps = float(reg_eps)
-
-    def hparams(self) -> dict[str, object]:
-        return {"reg_eps": self.reg_eps, "reduction": self.reduction}
-
-    def weights(self, gramian: Tensor) -> Tensor:
-        m = gramian.shape[0]
-        w = dualproj_weights(gramian, self.pref, norm_eps=self.norm_eps, reg_eps=self.reg_eps)
-        return w * self._scale(m)
+    def _kernel(self, gramian: Tensor) -> Tensor:
+        return dualproj_weights(gramian, self.pref, norm_eps=self.norm_eps, reg_eps=self.reg_eps)

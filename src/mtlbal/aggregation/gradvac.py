@@ -33,8 +33,6 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
@@ -109,11 +107,7 @@ class GradVac(GramianAggregator):
         self.beta = float(beta)
         self.eps = float(eps)
         self.seed = seed
-        self._gen = torch.Generator()
-        if seed is None:
-            self._gen.seed()
-        else:
-            self._gen.manual_seed(seed)
+        self._gen = self.add_generator(seed)
         self.add_state("targets", None)
 
     def hparams(self) -> dict[str, object]:
@@ -136,14 +130,3 @@ class GradVac(GramianAggregator):
             gramian, self.targets, self._orders(m), self.beta, self.eps
         )
         return w * self._scale(m)
-
-    def extra_state(self) -> dict[str, Any]:
-        return {"generator": self._gen.get_state()}
-
-    def load_extra_state(self, state: Any) -> None:
-        if "generator" in state:
-            self._gen.set_state(state["generator"])
-
-    def reset_extra(self) -> None:
-        if self.seed is not None:
-            self._gen.manual_seed(self.seed)

@@ -24,8 +24,6 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
@@ -69,11 +67,7 @@ class PCGrad(GramianAggregator):
         super().__init__(reduction)
         self.seed = seed
         self.eps = float(eps)
-        self._gen = torch.Generator()
-        if seed is None:
-            self._gen.seed()
-        else:
-            self._gen.manual_seed(seed)
+        self._gen = self.add_generator(seed)
 
     def hparams(self) -> dict[str, object]:
         return {"seed": self.seed, "reduction": self.reduction}
@@ -85,17 +79,6 @@ class PCGrad(GramianAggregator):
         m = gramian.shape[0]
         orders = self._orders(m).to(gramian.device)
         return pcgrad_weights(gramian, orders, self.eps) * self._scale(m)
-
-    def extra_state(self) -> dict[str, Any]:
-        return {"generator": self._gen.get_state()}
-
-    def load_extra_state(self, state: Any) -> None:
-        if "generator" in state:
-            self._gen.set_state(state["generator"])
-
-    def reset_extra(self) -> None:
-        if self.seed is not None:
-            self._gen.manual_seed(self.seed)
 
     @property
     def is_stateful(self) -> bool:

@@ -184,8 +184,8 @@ def upgrad_weights(
     return torch.as_tensor(w, dtype=torch.float64, device=gramian.device)
 
 
-class UPGrad(GramianAggregator):
-    """Unconflicting projection of gradients (sum of the dual-cone projections).
+class DualConeAggregator(GramianAggregator):
+    """Shared settings of the dual-cone methods (:class:`UPGrad`, :class:`DualProj`).
 
     Args:
         pref: optional preference vector ``[m]`` (default all ones; see the module's scale note).
@@ -215,7 +215,18 @@ class UPGrad(GramianAggregator):
     def hparams(self) -> dict[str, object]:
         return {"reg_eps": self.reg_eps, "reduction": self.reduction}
 
+    def _kernel(self, gramian: Tensor) -> Tensor:
+        raise NotImplementedError
+
     def weights(self, gramian: Tensor) -> Tensor:
-        m = gramian.shape[0]
-        w = upgrad_weights(gramian, self.pref, norm_eps=self.norm_eps, reg_eps=self.reg_eps)
-        return w * self._scale(m)
+        return self._kernel(gramian) * self._scale(gramian.shape[0])
+
+
+class UPGrad(DualConeAggregator):
+    """Unconflicting projection of gradients (sum of the dual-cone projections).
+
+    Arguments as :class:`DualConeAggregator`.
+    """
+
+    def _kernel(self, gramian: Tensor) -> Tensor:
+        return upgrad_weights(gramian, self.pref, norm_eps=self.norm_eps, reg_eps=self.reg_eps)

@@ -23,7 +23,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -61,11 +61,7 @@ class RLW(LossWeighting):
         self.num_tasks = num_tasks
         self.seed = seed
         self.reduction: Literal["sum", "mean"] = reduction
-        self._gen = torch.Generator()
-        if seed is None:
-            self._gen.seed()
-        else:
-            self._gen.manual_seed(seed)
+        self._gen = self.add_generator(seed)
         self._last: Tensor | None = None
 
     def hparams(self) -> dict[str, object]:
@@ -84,16 +80,7 @@ class RLW(LossWeighting):
         w = torch.ones_like(losses).detach()
         return w if self.reduction == "sum" else w / losses.shape[0]
 
-    def extra_state(self) -> dict[str, Any]:
-        return {"generator": self._gen.get_state()}
-
-    def load_extra_state(self, state: Any) -> None:
-        if "generator" in state:
-            self._gen.set_state(state["generator"])
-
     def reset_extra(self) -> None:
-        if self.seed is not None:
-            self._gen.manual_seed(self.seed)
         self._last = None
 
     @property

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from mtlbal.aggregation.base import Aggregator, GramianAggregator
-from mtlbal.engine.base import PerTaskGrads
+from mtlbal.engine.base import PerTaskGrads, accumulate_grad
 from mtlbal.engine.dense import (
     CutPerTaskGrads,
     DensePerTaskGrads,
@@ -812,11 +812,7 @@ class Balancer:
                 if t.applies_to(p):
                     shared_grads[j] = t.per_task(p, shared_grads[j])
         for q, g in zip(others, per_task[len(shared) :]):
-            total = g.sum(0)
-            if q.grad is None:
-                q.grad = total.detach()
-            else:
-                q.grad.add_(total)
+            accumulate_grad(q, g.sum(0))
         if aux is not None:
             aux.backward()  # reaches the strategy's own parameters only
         grads = DensePerTaskGrads(

@@ -13,7 +13,27 @@ from abc import ABC, abstractmethod
 
 from torch import Tensor
 
-__all__ = ["PerTaskGrads"]
+__all__ = ["PerTaskGrads", "accumulate_grad", "gramian_of"]
+
+
+def accumulate_grad(param: Tensor, grad: Tensor) -> None:
+    """Add ``grad`` to ``param.grad`` (setting it when absent), in ``param``'s dtype."""
+    if param.grad is None:
+        param.grad = grad.detach().to(param.dtype)
+    else:
+        param.grad.add_(grad.to(param.grad.dtype))
+
+
+def gramian_of(blocks: list[Tensor], m: int) -> Tensor:
+    """``Σ_k B_k B_kᵀ`` for per-task blocks ``B_k`` of shape ``[m, ...]`` (flattened)."""
+    g: Tensor | None = None
+    for block in blocks:
+        flat = block.reshape(m, -1)
+        term = flat @ flat.T
+        g = term if g is None else g + term
+    if g is None:
+        raise ValueError("no per-task gradient to form a Gramian from")
+    return g
 
 
 class PerTaskGrads(ABC):

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from mtlbal.engine.base import PerTaskGrads
+from mtlbal.engine.base import PerTaskGrads, accumulate_grad, gramian_of
 
 __all__ = [
     "CutPerTaskGrads",
@@ -103,13 +103,6 @@ def task_grad_norms(losses: Sequence[Tensor], inputs: Sequence[Tensor]) -> Tenso
     return torch.stack(norms)
 
 
-def _accumulate(param: Tensor, grad: Tensor) -> None:
-    if param.grad is None:
-        param.grad = grad.detach().to(param.dtype)
-    else:
-        param.grad.add_(grad.to(param.grad.dtype))
-
-
 class DensePerTaskGrads(PerTaskGrads):
     """Per-task gradients kept as one ``[m, *p.shape]`` tensor per shared parameter."""
 
@@ -128,13 +121,7 @@ class DensePerTaskGrads(PerTaskGrads):
 
     def gramian(self) -> Tensor:
         if self._gramian is None:
-            g: Tensor | None = None
-            for jp in self.grads:
-                flat = jp.reshape(self.m, -1)
-                term = flat @ flat.T
-                g = term if g is None else g + term
-            assert g is not None
-            self._gramian = g
+            self._gramian = gramian_of(self.grads, self.m)
         return self._gramian
 
     def jacobian(self) -> Tensor:
@@ -145,7 +132,7 @@ class DensePerTaskGrads(PerTaskGrads):
             g = torch.tensordot(w.to(jp.dtype), jp, dims=1)
             if self._combined_transform is not None:
                 g = self._combined_transform(p, g)
-            _accumulate(p, g)
+            accumulate_grad(p, g)
 
     def apply_direction(self, g: Tensor) -> None:
         offset = 0
@@ -154,7 +141,7 @@ class DensePerTaskGrads(PerTaskGrads):
             gp = g[offset : offset + n].view_as(p)
             if self._combined_transform is not None:
                 gp = self._combined_transform(p, gp)
-            _accumulate(p, gp)
+            accumulate_grad(p, gp)
             offset += n
 
 
@@ -182,13 +169,7 @@ class CutPerTaskGrads(PerTaskGrads):
 
     def gramian(self) -> Tensor:
         if self._gramian is None:
-            g: Tensor | None = None
-            for z in self.grads:
-                flat = z.reshape(self.m, -1)
-                term = flat @ flat.T
-                g = term if g is None else g + term
-            assert g is not None
-            self._gramian = g
+            self._gramian = gramian_of(self.grads, self.m)
         return self._gramian
 
     def jacobian(self) -> Tensor:

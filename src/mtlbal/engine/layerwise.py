@@ -79,7 +79,7 @@ from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.utils.hooks import RemovableHandle
 
-from mtlbal.engine.base import PerTaskGrads
+from mtlbal.engine.base import PerTaskGrads, accumulate_grad
 
 __all__ = [
     "LayerRecord",
@@ -420,13 +420,6 @@ class _Term:
         return g.reshape(self.param.shape)
 
 
-def _accumulate(param: Tensor, grad: Tensor) -> None:
-    if param.grad is None:
-        param.grad = grad.detach().to(param.dtype)
-    else:
-        param.grad.add_(grad.to(param.grad.dtype))
-
-
 class LayerwisePerTaskGrads(PerTaskGrads):
     """Per-task gradients of the shared parameters, per layer in factored form.
 
@@ -501,19 +494,19 @@ class LayerwisePerTaskGrads(PerTaskGrads):
         for p in self.params:
             if id(p) in self.dense:
                 jp = self.dense[id(p)]
-                _accumulate(p, torch.tensordot(w.to(jp.dtype), jp, dims=1))
+                accumulate_grad(p, torch.tensordot(w.to(jp.dtype), jp, dims=1))
             else:
                 terms = self.terms[id(p)]
                 g = terms[0].combined(w, cache)
                 for t in terms[1:]:
                     g = g + t.combined(w, cache)
-                _accumulate(p, g)
+                accumulate_grad(p, g)
 
     def apply_direction(self, g: Tensor) -> None:
         offset = 0
         for p in self.params:
             n = p.numel()
-            _accumulate(p, g[offset : offset + n].view_as(p))
+            accumulate_grad(p, g[offset : offset + n].view_as(p))
             offset += n
 
 
@@ -703,7 +696,7 @@ def _task_split_cotangents(
         )
         for q, gq in zip(params, gs[len(uniq) :]):
             if gq is not None:
-                _accumulate(q, col_sums[s].to(gq.dtype) * gq)
+                accumulate_grad(q, col_sums[s].to(gq.dtype) * gq)
         for (node, nr), g in zip(uniq, gs[: len(uniq)]):
             if g is None:
                 continue
@@ -821,7 +814,7 @@ def layerwise_per_task_grads(
             objectives.sum(), others, retain_graph=True, allow_unused=True, materialize_grads=True
         )
         for q, g in zip(others, og):
-            _accumulate(q, g)
+            accumulate_grad(q, g)
     if inputs and outputs:
         grads = _batched(outputs, cotangents, inputs, shapes, chunk_size, retain_after)
     else:  # nothing of the shared part is reached by any task

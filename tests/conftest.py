@@ -9,11 +9,18 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from hypothesis import settings
 from torch import Tensor, nn
 
 sys.path.insert(0, os.path.dirname(__file__))
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+# Property tests draw a fixed sequence of examples: a run (CI's included) is reproducible, and a
+# failure seen once is seen again. HYPOTHESIS_PROFILE=explore draws fresh examples instead.
+settings.register_profile("default", derandomize=True, deadline=None, print_blob=True)
+settings.register_profile("explore", derandomize=False, deadline=None, max_examples=500)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
 @dataclass

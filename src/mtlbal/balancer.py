@@ -347,6 +347,7 @@ class Balancer:
         self._capture: LayerwiseCapture | None = None
         self._records: list[LayerRecord] = []
         self._task_losses: list[Tensor] = []
+        self._stacked: Tensor | None = None
         self.weighting.bind(self.shared_params, self.shared_modules)
         for t in self.transforms:
             t.bind(self.shared_params, self.shared_modules)
@@ -373,6 +374,13 @@ class Balancer:
             if self._cut is not None and any(m is self._cut.module for m in calib.modules):
                 raise ValueError("a modality branch cannot also be the cut point")
             self._branches = _Branches(calib)
+            if self._cut is None and self._needs_per_task_grads():
+                self.remove()
+                raise ValueError(
+                    "modality branches with per-task gradients need a cut point downstream of "
+                    "the fusion (at=module): at 'params' the gradient entering the branches is "
+                    "not defined for every aggregator"
+                )
         self.last_info: StepInfo | None = None
         # ``lr_0 / lr_now`` of the optimizer, passed to the weighting as ``LossContext.lr_factor``
         # (IGB v2's reward scale); :func:`mtlbal.wrap` sets it, users of a bare Balancer may.
@@ -604,7 +612,7 @@ class Balancer:
                 self._cut.take()
             if self._branches is not None:
                 self._branches.take()
-            self._records, self._task_losses = [], []
+            self._records, self._task_losses, self._stacked = [], [], None
             info = StepInfo(names, raw, torch.zeros_like(raw), torch.zeros_like(raw))
             info.skipped = True
             info.step = self.step_count
@@ -628,12 +636,6 @@ class Balancer:
         info = StepInfo(names, raw, weighted.weights.detach(), weighted.weights.detach())
 
         needs_grads = self._needs_grads
-        if needs_grads and self._cut is None and self._branches is not None:
-            raise ValueError(
-                "modality branches with per-task gradients need a cut point downstream of the "
-                "fusion (at=module): at 'params' the gradient entering the branches is not "
-                "defined for every aggregator"
-            )
         branch_caps = self._branches.take() if self._branches is not None else None
         if needs_grads and self._cut is None:
             self._params_backward(objectives, weighted.aux, info)
@@ -648,7 +650,7 @@ class Balancer:
                 if branch_caps is not None:
                     assert self._branches is not None
                     self._branches.backward(branch_caps, info)
-        self._records, self._task_losses = [], []
+        self._records, self._task_losses, self._stacked = [], [], None
 
         if _distributed_world_size() > 1:
             self._average_strategy_grads()
@@ -751,6 +753,7 @@ class Balancer:
         captured = self._cut.take()
         outs = [z for z, _ in captured]
         leaves = [leaf for _, leaf in captured]
+        assert self._stacked is not None
         per_task = split_task_grads(objectives, self._stacked, self._task_losses, leaves)
         # ONE backward call runs the heads (gradient of Σ ℓ_t, plus learnable strategy
         # parameters) and the trunk (the combined gradient at z) together, so DDP's reducer

@@ -280,9 +280,11 @@ def test_errors() -> None:
     with pytest.raises(ValueError, match="at least two"):
         BranchCalibration([net.cam])
     with pytest.raises(ValueError, match="cut point downstream"):
-        b = mtlbal.Balancer(net.backbone(), aggregator=MGDA(), branches=[net.cam, net.lid])
-        xc, xl, y1, y2 = data()
-        b.backward(losses(net(xc, xl), y1, y2))
+        # refused when built, before any step could touch gradients or strategy state
+        mtlbal.Balancer(net.backbone(), aggregator=MGDA(), branches=[net.cam, net.lid])
+    # and the refused Balancer left no hook behind: the branches' outputs are not replaced
+    xc, xl, _, _ = data()
+    assert net.cam(xc).grad_fn is not None
     with pytest.raises(ValueError, match="cannot also be the cut"):
         mtlbal.Balancer(net.backbone(), at=net.cam, branches=[net.cam, net.lid])
     with pytest.raises(ValueError, match="target"):

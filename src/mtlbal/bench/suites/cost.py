@@ -61,6 +61,7 @@ import json
 import math
 import os
 import statistics
+import sys
 import tempfile
 import time
 import warnings
@@ -622,6 +623,22 @@ def resolve_clock(clock: str, device: torch.device) -> str:
     return clock
 
 
+@contextlib.contextmanager
+def _quiet_profiler() -> Iterator[None]:
+    """Silence the native profiler's start/stop lines (Kineto writes them to file descriptor 2,
+    hundreds per cost run) while it runs; Python-level warnings are unaffected."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def count_host_syncs(runner: Runner) -> dict[str, int]:
     """Host syncs in one backward of ``runner`` (after its forward, before its optimizer step).
 
@@ -631,7 +648,7 @@ def count_host_syncs(runner: Runner) -> dict[str, int]:
     runner.zero_grad()
     losses = runner.forward()
     device = losses[0].device
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with _quiet_profiler(), profile(activities=[ProfilerActivity.CPU]) as prof:
         runner.backward(losses)
     n = sum(1 for e in prof.events() if e.name == "aten::_local_scalar_dense")
     out = {"local_scalar_dense": n}
@@ -690,7 +707,10 @@ def _profiler_peak(fn: Callable[[], None]) -> float:
     """Peak of torch's CPU allocator running total over ``fn``, in bytes (profiler events)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        with (
+            _quiet_profiler(),
+            profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof,
+        ):
             fn()
     fd, path = tempfile.mkstemp(suffix=".json")
     os.close(fd)

@@ -63,6 +63,10 @@ class IMTLG(GramianAggregator):
         reduction: ``"sum"`` (``m·α``, default) or ``"mean"`` (the paper's ``Σα = 1``).
     """
 
+    # torch.linalg.pinv runs an SVD whose status is checked on the host (one sync per step,
+    # measured by the cost suite's profiler count)
+    host_sync = True
+
     def __init__(self, *, eps: float = 1e-12, reduction: Reduction = "sum") -> None:
         super().__init__(reduction)
         self.eps = float(eps)

@@ -787,7 +787,8 @@ class Balancer:
                 "run one ordinary backward that DDP synchronises"
             )
         leaves, _ = _reachable([objectives] + ([aux] if aux is not None else []), set())
-        shared = [p for p in self.shared_params if any(p is q for q in leaves)]
+        reached = {id(q) for q in leaves}
+        shared = [p for p in self.shared_params if id(p) in reached]
         others = [q for q in leaves if id(q) not in self._shared_ids]
         if self._capture is not None:
             records, self._records = self._records, []

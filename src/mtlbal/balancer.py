@@ -56,11 +56,13 @@ class StepInfo:
         grad_weights: ``[m]`` the gradient-level weights on ``∇ℓ_t`` (Gramian methods), if any.
         weights: ``[m]`` the overall weight of ``∇L_t`` in the shared update where the method
             is a weighting (``loss_weights·grad_weights``), else ``loss_weights``.
-        grad_norms: ``[m]`` norms of the per-task gradients of ``ℓ_t`` at the shared part, when
-            they were computed.
-        cosines: ``[m, m]`` pairwise cosines of those gradients, when computed.
+        gramian: ``[m, m]`` Gramian of the per-task gradients of ``ℓ_t`` at the shared part,
+            when they were formed (a gradient method, ``diagnostics=True``).
+        grad_norms: ``[m]`` norms of those gradients (``None`` without a Gramian).
+        cosines: ``[m, m]`` their pairwise cosines.
         conflict: share of task pairs with a negative cosine (the sparse-training paper's
-            gradient-conflict incidence), when computed.
+            gradient-conflict incidence).
+        The last three are derived from ``gramian`` on first access (no work when unread).
         skipped: ``True`` when the step was skipped by the ``nonfinite="skip"`` policy.
         step: the Balancer's step counter after this call.
     """
@@ -70,13 +72,31 @@ class StepInfo:
     loss_weights: Tensor
     weights: Tensor
     grad_weights: Tensor | None = None
-    grad_norms: Tensor | None = None
-    cosines: Tensor | None = None
-    conflict: Tensor | None = None
     gramian: Tensor | None = None
     skipped: bool = False
     step: int = 0
     extras: dict[str, Any] = field(default_factory=dict)
+    _stats: tuple[Tensor, Tensor, Tensor] | None = field(default=None, repr=False, compare=False)
+
+    def _derived(self) -> tuple[Tensor, Tensor, Tensor] | None:
+        if self._stats is None and self.gramian is not None:
+            self._stats = gramian_stats(self.gramian)
+        return self._stats
+
+    @property
+    def grad_norms(self) -> Tensor | None:
+        stats = self._derived()
+        return None if stats is None else stats[0]
+
+    @property
+    def cosines(self) -> Tensor | None:
+        stats = self._derived()
+        return None if stats is None else stats[1]
+
+    @property
+    def conflict(self) -> Tensor | None:
+        stats = self._derived()
+        return None if stats is None else stats[2]
 
 
 def gramian_stats(gramian: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -732,8 +752,7 @@ class Balancer:
         gram: Tensor | None = None
         if agg is None or isinstance(agg, GramianAggregator) or self.diagnostics:
             gram = grads.gramian()
-            norms, cos, conflict = gramian_stats(gram)
-            info.grad_norms, info.cosines, info.conflict, info.gramian = norms, cos, conflict, gram
+            info.gramian = gram.detach()
         if agg is None:
             assert gram is not None
             grads.apply_weights(torch.ones(grads.m, dtype=gram.dtype, device=gram.device))

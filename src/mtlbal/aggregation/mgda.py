@@ -62,15 +62,17 @@ def _mgda_numpy(g: np.ndarray, max_iter: int, tol: float, clip: float) -> np.nda
     m = g.shape[0]
     if m == 1:
         return np.ones(1)
-    best = np.inf
+    # the best pair, all pairs at once (the same rule as min_norm_2, first minimum in (i, j)
+    # order as the reference's double loop)
+    ii, jj = np.triu_indices(m, k=1)
+    a11, a12, a22 = g[ii, ii], g[ii, jj], g[jj, jj]
+    inner = ~((a12 >= a11) | (a12 >= a22))
+    safe = np.where(inner, a11 + a22 - 2.0 * a12, 1.0)
+    gam = np.where(a12 >= a11, 1.0 - clip, np.where(a12 >= a22, clip, (a22 - a12) / safe))
+    cost = np.where(a12 >= a11, a11, np.where(a12 >= a22, a22, a22 + gam * (a12 - a22)))
+    k = int(np.argmin(cost))
     sol = np.zeros(m)
-    for i in range(m):
-        for j in range(i + 1, m):
-            gamma, cost = min_norm_2(g[i, i], g[i, j], g[j, j], clip=clip)
-            if cost < best:
-                best = cost
-                sol = np.zeros(m)
-                sol[i], sol[j] = gamma, 1.0 - gamma
+    sol[ii[k]], sol[jj[k]] = gam[k], 1.0 - gam[k]
     if m == 2:
         return sol
     for _ in range(max_iter):

@@ -4,7 +4,9 @@ the single-task baseline, and the summary table (Δm%, Δp, mean rank, mean ± s
 from __future__ import annotations
 
 import itertools
+import json
 import os
+import pathlib
 import random
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -33,6 +35,17 @@ __all__ = [
 ]
 
 STL = "STL"
+
+
+def save_suite_result(result: dict[str, Any], out_dir: Any) -> dict[str, Any]:
+    """Write ``result`` as ``<name>.json`` and its Markdown as ``<name>.md`` in ``out_dir``
+    (when given) and return it."""
+    if out_dir is not None:
+        folder = pathlib.Path(out_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{result['name']}.json").write_text(json.dumps(result, indent=2))
+        (folder / f"{result['name']}.md").write_text(result["markdown"] + "\n")
+    return result
 
 
 def seed_everything(seed: int) -> None:

@@ -24,7 +24,6 @@ test NMSE over the tasks (test MSE / Var(y)), the trainable share of the trunk, 
 
 from __future__ import annotations
 
-import json
 import pathlib
 import time
 from collections.abc import Callable
@@ -35,6 +34,7 @@ from torch import Tensor, nn
 
 import mtlbal
 from mtlbal.aggregation import MGDA, PCGrad
+from mtlbal.bench.common import save_suite_result
 from mtlbal.diagnostics import ConflictIncidence
 from mtlbal.transforms import SparseMask
 
@@ -160,12 +160,7 @@ def run(
         f"gradients), 3 tasks, {steps} steps, seeds {seeds}, {device}.\n\n" + "\n".join(lines)
     )
     result = {"name": NAME, "rows": rows, "markdown": md, "seeds": list(seeds), "quick": quick}
-    if out_dir is not None:
-        out_dir = pathlib.Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / f"{NAME}.json").write_text(json.dumps(result, indent=2))
-        (out_dir / f"{NAME}.md").write_text(md + "\n")
-    return result
+    return save_suite_result(result, out_dir)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ shared CPU).
 
 from __future__ import annotations
 
-import json
 import math
 import pathlib
 import time
@@ -36,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 import mtlbal
+from mtlbal.bench.common import save_suite_result
 from mtlbal.presets import fuller, fuller_modality_level, fuller_task_level
 
 NAME = "multimodal"
@@ -187,12 +187,7 @@ def run(
         f"{steps} steps, seeds {seeds}, {device}. NMSE = test MSE / Var(y).\n\n" + "\n".join(lines)
     )
     result = {"name": NAME, "rows": rows, "markdown": md, "seeds": list(seeds), "quick": quick}
-    if out_dir is not None:
-        out_dir = pathlib.Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / f"{NAME}.json").write_text(json.dumps(result, indent=2))
-        (out_dir / f"{NAME}.md").write_text(md + "\n")
-    return result
+    return save_suite_result(result, out_dir)
 
 
 if __name__ == "__main__":

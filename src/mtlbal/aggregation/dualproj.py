@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mtlbal.aggregation.upgrad import DualConeAggregator, nonneg_qp
+from mtlbal.aggregation.upgrad import DualConeAggregator, dual_cone_problem, nonneg_qp
 
 __all__ = ["DualProj", "dualproj_weights"]
 
@@ -41,18 +41,7 @@ def dualproj_weights(
     reg_eps: float = 1e-4,
 ) -> Tensor:
     """``v = argmin_{v ≥ u} vᵀ G̃ v`` (``[m]``, float64) with ``u = pref`` (default ones)."""
-    if gramian.dim() != 2 or gramian.shape[0] != gramian.shape[1]:
-        raise ValueError(f"expected a square Gramian [m, m], got {tuple(gramian.shape)}")
-    m = gramian.shape[0]
-    g = gramian.detach().to(torch.float64).cpu().numpy()
-    g = 0.5 * (g + g.T)
-    if not np.isfinite(g).all():
-        raise ValueError("DualProj: the Gramian has non-finite entries")
-    u = np.ones(m) if pref is None else pref.detach().to(torch.float64).cpu().numpy().reshape(-1)
-    if u.shape[0] != m:
-        raise ValueError(f"pref has {u.shape[0]} entries for {m} tasks")
-    tr = float(np.trace(g))
-    a = (g / tr if tr > norm_eps else np.zeros_like(g)) + reg_eps * np.eye(m)
+    a, u = dual_cone_problem(gramian, pref, norm_eps, reg_eps, "DualProj")
     try:
         x = nonneg_qp(a, a @ u)
     except np.linalg.LinAlgError as e:

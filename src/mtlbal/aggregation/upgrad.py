@@ -145,6 +145,26 @@ def nonneg_qp(
     return x
 
 
+def dual_cone_problem(
+    gramian: Tensor, pref: Tensor | None, norm_eps: float, reg_eps: float, name: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """The QP matrix ``G̃ = G/trace(G) + reg_eps·I`` (``reg_eps·I`` when ``trace(G) ≤
+    norm_eps``), float64 on the host, and the preference vector (default ones)."""
+    if gramian.dim() != 2 or gramian.shape[0] != gramian.shape[1]:
+        raise ValueError(f"expected a square Gramian [m, m], got {tuple(gramian.shape)}")
+    m = gramian.shape[0]
+    g = gramian.detach().to(torch.float64).cpu().numpy()
+    g = 0.5 * (g + g.T)
+    if not np.isfinite(g).all():
+        raise ValueError(f"{name}: the Gramian has non-finite entries")
+    p = np.ones(m) if pref is None else pref.detach().to(torch.float64).cpu().numpy().reshape(-1)
+    if p.shape[0] != m:
+        raise ValueError(f"pref has {p.shape[0]} entries for {m} tasks")
+    tr = float(np.trace(g))
+    a = g / tr if tr > norm_eps else np.zeros_like(g)
+    return a + reg_eps * np.eye(m), p
+
+
 def upgrad_weights(
     gramian: Tensor,
     pref: Tensor | None = None,
@@ -157,19 +177,8 @@ def upgrad_weights(
     ``v_i = argmin_{v ≥ p_i e_i} vᵀ G̃ v`` with ``G̃ = G/trace(G) + reg_eps·I`` (``G̃ = reg_eps·I``
     when ``trace(G) ≤ norm_eps``). ``pref`` defaults to ones (the sum scale).
     """
-    if gramian.dim() != 2 or gramian.shape[0] != gramian.shape[1]:
-        raise ValueError(f"expected a square Gramian [m, m], got {tuple(gramian.shape)}")
-    m = gramian.shape[0]
-    g = gramian.detach().to(torch.float64).cpu().numpy()
-    g = 0.5 * (g + g.T)
-    if not np.isfinite(g).all():
-        raise ValueError("UPGrad: the Gramian has non-finite entries")
-    p = np.ones(m) if pref is None else pref.detach().to(torch.float64).cpu().numpy().reshape(-1)
-    if p.shape[0] != m:
-        raise ValueError(f"pref has {p.shape[0]} entries for {m} tasks")
-    tr = float(np.trace(g))
-    a = g / tr if tr > norm_eps else np.zeros_like(g)
-    a = a + reg_eps * np.eye(m)
+    a, p = dual_cone_problem(gramian, pref, norm_eps, reg_eps, "UPGrad")
+    m = a.shape[0]
     w = np.zeros(m)
     for i in range(m):
         u = np.zeros(m)

@@ -22,8 +22,8 @@ $(STAMP_BENCH): pyproject.toml | $(BIN)/python
 	touch $@
 
 lint: $(STAMP_TEST)
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks examples
+	$(BIN)/ruff format --check src tests benchmarks examples
 
 typecheck: $(STAMP_TEST)
 	$(BIN)/mypy

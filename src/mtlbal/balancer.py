@@ -799,17 +799,12 @@ class Balancer:
         return g
 
     def _params_backward(self, objectives: Tensor, aux: Tensor | None, info: StepInfo) -> None:
-        if _distributed_world_size() > 1:
-            raise NotImplementedError(
-                "per-task gradients at the parameters are not all-reduced across processes yet: "
-                "under DDP use a loss-level strategy or a cut point (Balancer(at=module)), which "
-                "run one ordinary backward that DDP synchronises"
-            )
+        world = _distributed_world_size()
         leaves, _ = _reachable([objectives] + ([aux] if aux is not None else []), set())
         reached = {id(q) for q in leaves}
         shared = [p for p in self.shared_params if id(p) in reached]
         others = [q for q in leaves if id(q) not in self._shared_ids]
-        if self._capture is not None:
+        if self._capture is not None and world == 1:
             records, self._records = self._records, []
             lw = layerwise_per_task_grads(
                 objectives,
@@ -829,6 +824,16 @@ class Balancer:
         per_task = batched_grads(
             objectives, shared + others, chunk_size=self.chunk_size, retain_graph=aux is not None
         )
+        if world > 1:
+            # exact data parallelism: the per-task gradients of the global (mean over ranks)
+            # losses are the rank average of the local ones. torch.autograd.grad fires no DDP
+            # hook, so the Jacobian is all-reduced here (m × n values), every rank then solves
+            # the same problem and writes the same .grad (the layer-wise engine keeps factors
+            # that do not average, so the dense path is used under a process group)
+            per_task = [g.contiguous() for g in per_task]
+            for g in per_task:
+                torch.distributed.all_reduce(g)
+                g.div_(world)
         shared_grads = per_task[: len(shared)]
         for j, p in enumerate(shared):
             for t in self.transforms:

@@ -20,6 +20,7 @@ pytestmark = pytest.mark.distributed
 
 WORLD = 2
 M = 3
+STEPS = 2
 
 
 def _model(seed: int = 0) -> tuple[nn.Module, nn.Module, nn.ModuleList]:
@@ -54,6 +55,12 @@ def _make(kind: str, net: nn.Module) -> mtlbal.Balancer:
         return mtlbal.Balancer(trunk, at=trunk, aggregator=mtlbal.aggregation.MGDA())
     if kind == "uw":
         return mtlbal.Balancer(trunk, weighting=mtlbal.weighting.UncertaintyWeighting(M))
+    if kind == "uw-pcgrad-params":
+        return mtlbal.Balancer(
+            trunk,
+            weighting=mtlbal.weighting.UncertaintyWeighting(M),
+            aggregator=mtlbal.aggregation.PCGrad(seed=0),
+        )
     raise ValueError(kind)
 
 
@@ -66,9 +73,15 @@ def _worker(rank: int, port: int, kind: str, out: str) -> None:
         net, _, _ = _model()
         ddp = nn.parallel.DistributedDataParallel(net)
         bal = _make(kind, net)
+        opt = mtlbal.wrap(torch.optim.SGD(net.parameters(), lr=0.1), bal)
         x, y = _data()
         xs, ys = x.chunk(WORLD)[rank], y.chunk(WORLD)[rank]
-        bal.backward(_losses(ddp(xs), ys))
+        for _ in range(STEPS):  # several steps: DDP accepts the next forward after ours
+            opt.zero_grad()
+            opt.backward(_losses(ddp(xs), ys))
+            opt.step()
+        opt.zero_grad()
+        opt.backward(_losses(ddp(xs), ys))
         grads = [p.grad.clone() for p in net.parameters()]
         sgrads = [p.grad.clone() for p in bal.parameters()]
         torch.save({"grads": grads, "strategy": sgrads}, f"{out}/{rank}.pt")
@@ -109,7 +122,7 @@ def _free_port() -> int:
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 @pytest.mark.skipif(sys.platform == "win32", reason="gloo spawn test runs on POSIX")
-@pytest.mark.parametrize("kind", ["mgda-cut", "uw"])
+@pytest.mark.parametrize("kind", ["mgda-cut", "uw", "uw-pcgrad-params"])
 def test_ddp_matches_full_batch(kind: str) -> None:
     results = _spawn(kind)
     # every rank holds the same gradients
@@ -118,8 +131,14 @@ def test_ddp_matches_full_batch(kind: str) -> None:
     # and they are the single-process full-batch gradients (mean losses over the global batch)
     net, _, _ = _model()
     bal = _make(kind, net)
+    opt = mtlbal.wrap(torch.optim.SGD(net.parameters(), lr=0.1), bal)
     x, y = _data()
-    bal.backward(_losses(net(x), y))
+    for _ in range(STEPS):
+        opt.zero_grad()
+        opt.backward(_losses(net(x), y))
+        opt.step()
+    opt.zero_grad()
+    opt.backward(_losses(net(x), y))
     for a, p in zip(results[0]["grads"], net.parameters()):
         torch.testing.assert_close(a, p.grad)
     for a, p in zip(results[0]["strategy"], bal.parameters()):

@@ -64,11 +64,14 @@ def gradvac_weights(
     phi_t = targets.detach().to(device=g.device, dtype=g.dtype).clone()
     rows = torch.arange(m, device=g.device)
     norms = g.diagonal().clamp_min(0).sqrt()
+    # kept up to date instead of recomputed (O(m²) per visit instead of O(m³)):
+    # cg[i, l] = ⟨g_i^GV, g_l⟩ = (C G)[i, l] and sq[i] = ‖g_i^GV‖²
+    cg = g.clone()
+    sq = g.diagonal().clone()
     for k in range(m - 1):
         j = orders[:, k].to(g.device)
-        cg = coef @ g  # cg[i, l] = ⟨g_i, g_l⟩
         dot = cg[rows, j]
-        norm_i = (cg * coef).sum(1).clamp_min(0).sqrt()
+        norm_i = sq.clamp_min(0).sqrt()
         norm_j = norms[j]
         phi = dot / (norm_i * norm_j + eps)
         target = phi_t[rows, j]
@@ -77,6 +80,9 @@ def gradvac_weights(
         w = norm_i * (target * s_phi - phi * s_tgt) / (norm_j * s_tgt + eps)
         w = torch.where(phi < target, w, torch.zeros_like(w))
         coef = coef.index_put((rows, j), coef[rows, j] + w)
+        # g_i += w_i g_j: ⟨g_i, g_l⟩ gains w_i G[j, l]; ‖g_i‖² gains 2 w_i ⟨g_i, g_j⟩ + w_i² ‖g_j‖²
+        sq = sq + 2 * w * dot + w * w * g[j, j]
+        cg = cg + w[:, None] * g[j]
         phi_t = phi_t.index_put((rows, j), (1 - beta) * target + beta * phi)
     return coef.sum(0), phi_t
 

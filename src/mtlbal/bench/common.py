@@ -37,6 +37,27 @@ __all__ = [
 STL = "STL"
 
 
+def missing_note(missing: dict[str, str]) -> str:
+    """The report line listing strategies absent from this mtlbal (empty when none)."""
+    if not missing:
+        return ""
+    return "\nNot run (absent from this mtlbal): " + ", ".join(sorted(missing)) + ".\n"
+
+
+def delta_m_section(
+    summary_rows: list[dict[str, Any]], out_dir: Any, stem: str, title: str
+) -> tuple[str, list[str]]:
+    """Plot Δm% per strategy as ``<stem>_delta_m.png`` in ``out_dir`` (when given and there are
+    rows); return the Markdown that shows it and the plot names."""
+    if out_dir is None or not summary_rows:
+        return "", []
+    folder = pathlib.Path(out_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    name = f"{stem}_delta_m.png"
+    plot_delta_m(summary_rows, folder / name, title)
+    return f"\n![Δm% per strategy]({name})\n", [name]
+
+
 def save_suite_result(result: dict[str, Any], out_dir: Any) -> dict[str, Any]:
     """Write ``result`` as ``<name>.json`` and its Markdown as ``<name>.md`` in ``out_dir``
     (when given) and return it."""

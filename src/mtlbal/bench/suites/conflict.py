@@ -35,6 +35,7 @@ from torch import Tensor, nn
 import mtlbal
 from mtlbal.aggregation import MGDA, PCGrad
 from mtlbal.bench.common import save_suite_result
+from mtlbal.bench.metrics import mean_std
 from mtlbal.diagnostics import ConflictIncidence
 from mtlbal.transforms import SparseMask
 
@@ -104,11 +105,6 @@ def run_one(method: str, masked: bool, seed: int, steps: int, device: str) -> di
     }
 
 
-def _mean_std(xs: list[float]) -> tuple[float, float]:
-    t = torch.tensor(xs, dtype=torch.float64)
-    return float(t.mean()), float(t.std()) if len(xs) > 1 else 0.0
-
-
 def run(
     *,
     seeds: list[int],
@@ -139,7 +135,7 @@ def run(
                     "steps": steps,
                 }
                 for key in rs[0]:
-                    row[key], row[key + "_std"] = _mean_std([r[key] for r in rs])
+                    row[key], row[key + "_std"] = mean_std([r[key] for r in rs])
                 rows.append(row)
     finally:
         torch.set_num_threads(threads)

@@ -23,7 +23,8 @@ from mtlbal.bench.common import (
     Problem,
     TaskSpec,
     TrainConfig,
-    plot_delta_m,
+    delta_m_section,
+    missing_note,
     run_problem,
     select_strategies,
     summarize,
@@ -95,14 +96,8 @@ def run(
         f"{cfg.lr}, batch {cfg.batch_size}, {cfg.epochs} epochs; seeds {seeds}."
     )
     md = f"### {TITLE}\n\n{intro}\n\n{summ.markdown}\n"
-    plots: list[str] = []
-    if out_dir is not None and rows:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        plot_delta_m(summ.rows, out_dir / "multidigits_delta_m.png", TITLE)
-        plots.append("multidigits_delta_m.png")
-        md += "\n![Δm% per strategy](multidigits_delta_m.png)\n"
-    if missing:
-        md += "\nNot run (absent from this mtlbal): " + ", ".join(sorted(missing)) + ".\n"
+    figure, plots = delta_m_section(summ.rows if rows else [], out_dir, "multidigits", TITLE)
+    md += figure + missing_note(missing)
     return {
         "name": NAME,
         "title": TITLE,

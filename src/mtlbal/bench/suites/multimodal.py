@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 import mtlbal
 from mtlbal.bench.common import save_suite_result
+from mtlbal.bench.metrics import mean_std
 from mtlbal.presets import fuller, fuller_modality_level, fuller_task_level
 
 NAME = "multimodal"
@@ -126,11 +127,6 @@ def run_one(name: str, seed: int, steps: int, device: str) -> dict[str, float]:
     return {"det_nmse": m1, "seg_nmse": m2, "grad_ratio_B_A": ratio, "ms_per_step": ms}
 
 
-def _mean_std(xs: list[float]) -> tuple[float, float]:
-    t = torch.tensor(xs, dtype=torch.float64)
-    return float(t.mean()), float(t.std()) if len(xs) > 1 else 0.0
-
-
 def _fmt(m: float | None, s: float | None) -> str:
     return "n/a" if m is None or s is None else f"{m:.4f} ± {s:.4f}"
 
@@ -164,11 +160,11 @@ def run(
         rs = per[name]
         row: dict[str, Any] = {"strategy": name, "seeds": len(rs), "steps": steps}
         for key in ("det_nmse", "seg_nmse", "grad_ratio_B_A", "ms_per_step"):
-            m, s = _mean_std([r[key] for r in rs])
+            m, s = mean_std([r[key] for r in rs])
             # no modality level: no branch norms (None, so the JSON stays strict)
             row[key], row[key + "_std"] = (None, None) if math.isnan(m) else (m, s)
         deltas = [100 * (0.5 * (r["det_nmse"] + r["seg_nmse"]) - b) / b for r, b in zip(rs, base)]
-        row["delta_pct"], row["delta_pct_std"] = _mean_std(deltas)
+        row["delta_pct"], row["delta_pct_std"] = mean_std(deltas)
         rows.append(row)
     lines = [
         "| strategy | det NMSE ↓ | seg NMSE ↓ | Δ% mean NMSE vs equal ↓ | ‖g_B‖/‖g_A‖ before "

@@ -29,7 +29,8 @@ from mtlbal.bench.common import (
     Problem,
     TaskSpec,
     TrainConfig,
-    plot_delta_m,
+    delta_m_section,
+    missing_note,
     run_problem,
     select_strategies,
     summarize,
@@ -226,14 +227,8 @@ def run(
         f"{cfg.batch_size}, {cfg.epochs} epochs; seeds {seeds}. Test MAE per target ({units}).\n\n"
         f"{summ.markdown}\n"
     )
-    plots: list[str] = []
-    if out_dir is not None and rows:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        plot_delta_m(summ.rows, out_dir / "qm9_delta_m.png", TITLE)
-        plots.append("qm9_delta_m.png")
-        md += "\n![Δm% per strategy](qm9_delta_m.png)\n"
-    if missing:
-        md += "\nNot run (absent from this mtlbal): " + ", ".join(sorted(missing)) + ".\n"
+    figure, plots = delta_m_section(summ.rows if rows else [], out_dir, "qm9", TITLE)
+    md += figure + missing_note(missing)
     return {
         "name": NAME,
         "title": TITLE,

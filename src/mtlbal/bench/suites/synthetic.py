@@ -29,6 +29,7 @@ from mtlbal.bench.common import (
     Problem,
     TaskSpec,
     TrainConfig,
+    missing_note,
     run_problem,
     select_strategies,
     summarize,
@@ -175,8 +176,7 @@ def run(
             )
             plots.append(name)
             md.append(f"\n![per-task error, m={m} c={c}]({name})\n")
-    if missing:
-        md.append("\nNot run (absent from this mtlbal): " + ", ".join(sorted(missing)) + ".\n")
+    md.append(missing_note(missing))
     return {
         "name": NAME,
         "title": TITLE,

@@ -1,20 +1,29 @@
-"""The Balancer: owns the hooks, runs the pipeline, fills ``.grad``.
+"""The Balancer: configuration, hooks and state; :meth:`Balancer.backward` runs one step.
 
-Pipeline of :meth:`Balancer.backward` for losses ``L`` (``[m]``):
+One ``backward(losses)`` is a transaction through five stages (the per-step data lives in a
+local :class:`_Step`, never on the Balancer):
 
-1. validate the losses (scalar, count, names, finite: the one optional host sync);
-2. the loss weighting maps ``L`` to per-task objectives ``ℓ`` (``w_t·L_t``, ``w_t·log L_t``, …);
-3. without a gradient aggregator: one ordinary backward of ``Σ_t ℓ_t`` (+ the weighting's
-   auxiliary term);
-4. with one: the engine forms the per-task gradients of the shared part (at the parameters, or
-   at a cut point), the transforms act on them, the aggregator turns them into weights ``w``
-   (Gramian methods) or a direction, and the result is written to ``.grad``. Parameters outside
-   the shared part (the task heads, learnable strategy parameters) receive the gradient of
-   ``Σ_t ℓ_t``: gradient-level methods act on the shared part only.
+1. **validate**: names, scalars, task set in one canonical order, connectivity; under DDP the
+   ranks agree on the tasks and the finiteness verdict, and the strategies see global losses;
+2. **weigh**: the loss weighting maps ``L`` to per-task objectives ``ℓ``;
+3. **form**: an engine (dense, cut point, layer-wise: :mod:`mtlbal.engine`) forms what the
+   configuration needs — nothing but the loss-level backward, or the per-task gradients of the
+   shared part and their Gramian (in at least float32);
+4. **check and solve**: every loss and per-task gradient is finite (one host sync), then the
+   transforms and the aggregator give weights (the ``m × m`` solve in float64) or a direction,
+   staged as gradient writes;
+5. **commit**: ``.grad`` of the shared part, the heads and the strategies' parameters is written,
+   then the step counter, the strategies' observation of the losses and the step hooks.
+
+Nothing a user can see changes before the commit: the gradient writes are staged
+(:class:`~mtlbal.engine.base.GradWrites`) and the strategies' state is snapshotted when the step
+starts and restored if anything refuses it (:mod:`mtlbal._transaction`), so a refused step leaves
+every tensor and every piece of state bitwise as it was.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -25,231 +34,50 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from mtlbal import _distributed as dist_util
+from mtlbal._graph import reachable
+from mtlbal._transaction import StrategySnapshot
 from mtlbal.aggregation.base import Aggregator, GramianAggregator
-from mtlbal.engine.base import PerTaskGrads, accumulate_grad
-from mtlbal.engine.dense import (
-    CutPerTaskGrads,
-    DensePerTaskGrads,
-    batched_grads,
-    split_task_grads,
-    task_grad_norms,
-)
-from mtlbal.engine.layerwise import LayerRecord, LayerwiseCapture, layerwise_per_task_grads
+from mtlbal.engine.base import GradWrites, PerTaskGrads
+from mtlbal.engine.branches import BranchStage
+from mtlbal.engine.cut import CutPerTaskGrads, CutPoint, split_task_grads
+from mtlbal.engine.dense import DensePerTaskGrads, batched_grads, task_grad_norms
+from mtlbal.engine.layerwise import LayerwiseCapture, layerwise_per_task_grads
+from mtlbal.step import StepInfo, gramian_stats
 from mtlbal.transforms.base import GradientTransform
 from mtlbal.transforms.branch_calibration import BranchCalibration
 from mtlbal.weighting.base import Equal, LossContext, LossWeighting
 
-__all__ = ["Balancer", "StepInfo"]
+__all__ = ["Balancer", "StepInfo", "gramian_stats"]
 
 Losses = Mapping[str, Tensor] | Sequence[Tensor]
 NonFinitePolicy = Literal["raise", "skip", "off"]
 
 
 @dataclass
-class StepInfo:
-    """What one :meth:`Balancer.backward` did. Tensors live on the losses' device.
+class _Step:
+    """The per-step data that travels through the stages."""
 
-    Attributes:
-        tasks: task names (dict keys, or ``"0"``, ``"1"``, … for a sequence).
-        losses: ``[m]`` detached raw losses.
-        loss_weights: ``[m]`` the loss-level multipliers ``∂ℓ_t/∂L_t``.
-        grad_weights: ``[m]`` the gradient-level weights on ``∇ℓ_t`` (Gramian methods), if any.
-        weights: ``[m]`` the overall weight of ``∇L_t`` in the shared update where the method
-            is a weighting (``loss_weights·grad_weights``), else ``loss_weights``.
-        gramian: ``[m, m]`` Gramian of the per-task gradients of ``ℓ_t`` at the shared part,
-            when they were formed (a gradient method, ``diagnostics=True``).
-        grad_norms: ``[m]`` norms of those gradients (``None`` without a Gramian).
-        cosines: ``[m, m]`` their pairwise cosines.
-        conflict: share of task pairs with a negative cosine (the sparse-training paper's
-            gradient-conflict incidence).
-        The last three are derived from ``gramian`` on first access (no work when unread).
-        skipped: ``True`` when the step was skipped by the ``nonfinite="skip"`` policy.
-        step: the Balancer's step counter after this call.
-    """
-
-    tasks: tuple[str, ...]
-    losses: Tensor
-    loss_weights: Tensor
-    weights: Tensor
-    grad_weights: Tensor | None = None
-    gramian: Tensor | None = None
-    skipped: bool = False
-    step: int = 0
-    extras: dict[str, Any] = field(default_factory=dict)
-    _stats: tuple[Tensor, Tensor, Tensor] | None = field(default=None, repr=False, compare=False)
-
-    def _derived(self) -> tuple[Tensor, Tensor, Tensor] | None:
-        if self._stats is None and self.gramian is not None:
-            self._stats = gramian_stats(self.gramian)
-        return self._stats
-
-    @property
-    def grad_norms(self) -> Tensor | None:
-        stats = self._derived()
-        return None if stats is None else stats[0]
-
-    @property
-    def cosines(self) -> Tensor | None:
-        stats = self._derived()
-        return None if stats is None else stats[1]
-
-    @property
-    def conflict(self) -> Tensor | None:
-        stats = self._derived()
-        return None if stats is None else stats[2]
+    names: tuple[str, ...]
+    values: list[Tensor]  # the local losses L_t (scalars, with their graph)
+    stacked: Tensor  # torch.stack(values)
+    raw: Tensor  # the losses the strategies see (detached; global under DDP)
+    world: int
+    writes: GradWrites = field(default_factory=GradWrites)
+    captured: list[tuple[Tensor, Tensor]] = field(default_factory=list)
+    branch_caps: list[list[tuple[Tensor, Tensor]]] | None = None
+    records: list[Any] = field(default_factory=list)
+    scale: Tensor | None = None  # the GradScaler's scale (a tensor: no host sync)
 
 
-def gramian_stats(gramian: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Norms ``[m]``, cosines ``[m, m]`` and the share of pairs with negative cosine."""
-    g = gramian.detach()
-    norms = g.diagonal().clamp_min(0).sqrt()
-    denom = norms[:, None] * norms[None, :]
-    cos = torch.where(denom > 0, g / denom.clamp_min(torch.finfo(g.dtype).tiny), 0.0)
-    m = g.shape[0]
-    if m < 2:
-        conflict = torch.zeros((), dtype=g.dtype, device=g.device)
-    else:
-        iu = torch.triu_indices(m, m, offset=1, device=g.device)
-        conflict = (cos[iu[0], iu[1]] < 0).to(g.dtype).mean()
-    return norms, cos, conflict
+class _Refused(Exception):
+    """Internal: the step is skipped (``nonfinite="skip"``); nothing is committed."""
 
 
-def _distributed_world_size() -> int:
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized():
-        return int(dist.get_world_size())
-    return 1
-
-
-def _reachable(roots: Sequence[Tensor], stop: set[int]) -> tuple[list[Tensor], set[int]]:
-    """Leaf tensors reached from ``roots`` (through ``grad_fn``), and which ids of ``stop`` (ids
-    of leaf tensors or of graph nodes) were reached. The walk stops at leaves and at ``stop``."""
-    leaves: dict[int, Tensor] = {}
-    seen: set[int] = set()
-    hit: set[int] = set()
-    stack = [r.grad_fn for r in roots if r.grad_fn is not None]
-    for r in roots:
-        if r.grad_fn is None and r.requires_grad:
-            leaves[id(r)] = r
-    while stack:
-        fn = stack.pop()
-        if fn is None or id(fn) in seen:
-            continue
-        seen.add(id(fn))
-        if id(fn) in stop:
-            hit.add(id(fn))
-            continue
-        var = getattr(fn, "variable", None)
-        if var is not None:
-            leaves[id(var)] = var
-            if id(var) in stop:
-                hit.add(id(var))
-            continue
-        for nxt, _ in fn.next_functions:
-            if nxt is not None and id(nxt) not in seen:
-                stack.append(nxt)
-    return list(leaves.values()), hit
-
-
-class _Cut:
-    """A cut point: a forward hook records the module's output ``z``. When per-task gradients
-    are needed there (``detach=True``), it replaces ``z`` by a detached leaf ``ẑ`` (same value)
-    so that the heads' graph stops at ``ẑ``; ``z`` is kept to backpropagate the combined gradient
-    through the trunk. Otherwise the output passes through unchanged (``ẑ`` is ``z``)."""
-
-    def __init__(self, module: nn.Module, *, detach: bool) -> None:
-        self.module = module
-        self.detach = detach
-        self.captured: list[tuple[Tensor, Tensor]] = []
-        self.handle = module.register_forward_hook(self._hook)
-
-    def _hook(self, module: nn.Module, args: Any, output: Any) -> Any:
-        if not isinstance(output, Tensor):
-            raise TypeError(
-                f"cut point {type(module).__name__} must return a single tensor, "
-                f"got {type(output).__name__}"
-            )
-        if not (torch.is_grad_enabled() and output.requires_grad):
-            return None
-        if not self.detach:
-            self.captured.append((output, output))
-            return None
-        leaf = output.detach().requires_grad_(True)
-        self.captured.append((output, leaf))
-        return leaf
-
-    def take(self) -> list[tuple[Tensor, Tensor]]:
-        out, self.captured = self.captured, []
-        return out
-
-    def remove(self) -> None:
-        self.handle.remove()
-        self.captured = []
-
-
-class _Branches:
-    """Modality branches (FULLER's modality level): each branch output is replaced by a detached
-    leaf in the forward, as at a cut point. Once the combined gradient has been backpropagated
-    through the fusion and the trunk down to those leaves, :meth:`backward` rescales the
-    gradients there with the :class:`BranchCalibration` and backpropagates them into the
-    branches."""
-
-    def __init__(self, calibration: BranchCalibration) -> None:
-        self.calibration = calibration
-        self.cuts = [_Cut(m, detach=True) for m in calibration.modules]
-
-    def take(self) -> list[list[tuple[Tensor, Tensor]]]:
-        return [c.take() for c in self.cuts]
-
-    def remove(self) -> None:
-        for c in self.cuts:
-            c.remove()
-
-    def backward(self, captured: list[list[tuple[Tensor, Tensor]]], info: StepInfo) -> None:
-        live = [caps for caps in captured if caps]
-        if not live:
-            return
-        grads = [
-            [leaf.grad if leaf.grad is not None else torch.zeros_like(leaf) for _, leaf in caps]
-            for caps in live
-        ]
-        if all(leaf.grad is None for caps in live for _, leaf in caps):
-            raise ValueError(
-                "no gradient reached the outputs of the modality branches: the branches must "
-                "feed the losses (and lie upstream of the cut point, if any)"
-            )
-        calib = self.calibration
-        if calib.per_sample:
-            counts = {len(g) for g in grads}
-            if len(counts) != 1:
-                raise ValueError(
-                    "per-sample branch calibration needs every branch to run the same number "
-                    f"of times per step, got {[len(g) for g in grads]}"
-                )
-            new = [list(col) for col in zip(*[calib(list(row)) for row in zip(*grads)])]
-            info.extras["branch_norms"] = torch.stack(
-                [
-                    torch.cat([x.reshape(x.shape[0], -1).norm(dim=1) for x in g]).detach()
-                    for g in grads
-                ]
-            )
-        else:
-            flat = [torch.cat([x.reshape(-1) for x in g]) for g in grads]
-            info.extras["branch_norms"] = torch.stack([f.norm() for f in flat]).detach()
-            scaled = calib(flat)
-            new = []
-            for g, f in zip(grads, scaled):
-                parts, offset = [], 0
-                for x in g:
-                    parts.append(f[offset : offset + x.numel()].view_as(x))
-                    offset += x.numel()
-                new.append(parts)
-        outs = [z for caps in live for z, _ in caps]
-        cots = [c for g in new for c in g]
-        for caps in live:
-            for _, leaf in caps:
-                leaf.grad = None
-        torch.autograd.backward(outs, cots)
+def _remove_all(handles: list[Any]) -> None:
+    for h in handles:
+        if h is not None:
+            h.remove()
 
 
 class Balancer:
@@ -276,10 +104,13 @@ class Balancer:
             rescaled to a common norm before it flows into each branch. Needs ``at=`` a cut
             point downstream of the fusion, or no per-task gradients (no aggregator, no
             diagnostics). See :func:`mtlbal.presets.fuller`.
-        nonfinite: what a NaN/inf loss does. ``"raise"`` (default): ``ValueError`` naming the
-            task, ``.grad`` untouched; ``"skip"``: the step is skipped (``info.skipped``), no
-            gradient and no state update; ``"off"``: no check (zero host syncs per step).
-            ``"raise"`` and ``"skip"`` cost one host sync per step.
+        nonfinite: what a NaN/inf loss or per-task gradient does. ``"raise"`` (default):
+            ``ValueError`` naming the task; ``"skip"``: the step is skipped (``info.skipped``);
+            either way nothing changes (no ``.grad``, no strategy state, no counter).
+            ``"off"``: no check (zero host syncs per step). ``"raise"`` and ``"skip"`` cost one
+            host sync per step (under DDP the verdict is agreed across ranks: all raise, or all
+            skip). With a ``GradScaler`` a non-finite per-task gradient behind finite losses is
+            an overflow: the step is handed to the scaler to skip (see :meth:`backward`).
         check_connected: when to check that every task's loss reaches the shared part:
             ``"first"`` (the first step and whenever the task set changes), ``"always"``,
             ``"never"``.
@@ -317,6 +148,7 @@ class Balancer:
         engine: Literal["auto", "dense", "layerwise"] = "auto",
         branches: Sequence[nn.Module] | BranchCalibration | None = None,
     ) -> None:
+        # ---- validate the whole configuration first: no hook exists until it has passed
         shared_list = list(shared) if not isinstance(shared, nn.Module) else [shared]
         self.shared_modules: list[nn.Module] = [s for s in shared_list if isinstance(s, nn.Module)]
         params: list[Tensor] = []
@@ -331,80 +163,107 @@ class Balancer:
                     params.append(p)
         if not params and at == "params":
             raise ValueError("the shared part has no parameter that requires grad")
-        self.shared_params = params
-        self._shared_ids = {id(p) for p in params}
         if nonfinite not in ("raise", "skip", "off"):
             raise ValueError(f"nonfinite must be 'raise', 'skip' or 'off', got {nonfinite!r}")
         if check_connected not in ("first", "always", "never"):
             raise ValueError("check_connected must be 'first', 'always' or 'never'")
         if engine not in ("auto", "dense", "layerwise"):
             raise ValueError(f"unknown engine {engine!r}")
-        self.weighting: LossWeighting = weighting if weighting is not None else Equal()
-        self.aggregator = aggregator
-        if transforms is None:
-            self.transforms: list[GradientTransform] = []
-        elif isinstance(transforms, GradientTransform):
-            self.transforms = [transforms]
-        else:
-            self.transforms = list(transforms)
-        self.nonfinite: NonFinitePolicy = nonfinite
-        self.check_connected = check_connected
-        self.diagnostics = diagnostics
-        self.chunk_size = chunk_size
-        self.engine = engine
-        self.step_count = 0
-        self.tasks: tuple[str, ...] | None = None
-        self._checked_for: tuple[str, ...] | None = None
-        self._hooks: OrderedDict[int, Callable[..., Any]] = OrderedDict()
-        self._cut: _Cut | None = None
-        if isinstance(at, nn.Module):
-            self._cut = _Cut(at, detach=True)  # decided below, once transforms are bound
-            self.at: Literal["params"] | nn.Module = at
-        elif at == "params":
-            self.at = "params"
-        else:
+        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+            raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+        if weighting is not None and not isinstance(weighting, LossWeighting):
+            raise TypeError(
+                f"weighting must be an mtlbal.weighting strategy, got {type(weighting).__name__}"
+            )
+        if aggregator is not None and not isinstance(aggregator, Aggregator):
+            raise TypeError(
+                f"aggregator must be an mtlbal.aggregation strategy, got "
+                f"{type(aggregator).__name__}"
+            )
+        if not (at == "params" or isinstance(at, nn.Module)):
             raise ValueError(f"at must be 'params' or an nn.Module, got {at!r}")
-        self._capture: LayerwiseCapture | None = None
-        self._records: list[LayerRecord] = []
-        self._task_losses: list[Tensor] = []
-        self._stacked: Tensor | None = None
-        self.weighting.bind(self.shared_params, self.shared_modules)
-        for t in self.transforms:
-            t.bind(self.shared_params, self.shared_modules)
-        needs_grads = self._needs_per_task_grads()
-        # fixed by the configuration: computed once, not per step
-        self._needs_grads = needs_grads
-        if self._cut is not None:
-            self._cut.detach = needs_grads
-        # the layer-wise engine's forward hooks exist only when per-task gradients at the
-        # parameters will be needed: loss-level strategies keep a hook-free forward
-        if engine in ("auto", "layerwise") and self.at == "params" and needs_grads:
-            capture = LayerwiseCapture(self.shared_modules)
-            if capture.modules or engine == "layerwise":
-                self._capture = capture
-            else:
-                capture.remove()
-        self._branches: _Branches | None = None
+        if transforms is None:
+            tlist: list[GradientTransform] = []
+        elif isinstance(transforms, GradientTransform):
+            tlist = [transforms]
+        else:
+            tlist = list(transforms)
+        for t in tlist:
+            if not isinstance(t, GradientTransform):
+                raise TypeError(f"transforms must be GradientTransforms, got {type(t).__name__}")
+        calib: BranchCalibration | None = None
         if branches is not None:
             calib = (
                 branches
                 if isinstance(branches, BranchCalibration)
                 else BranchCalibration(list(branches))
             )
-            if self._cut is not None and any(m is self._cut.module for m in calib.modules):
+            if isinstance(at, nn.Module) and any(m is at for m in calib.modules):
                 raise ValueError("a modality branch cannot also be the cut point")
-            self._branches = _Branches(calib)
-            if self._cut is None and self._needs_per_task_grads():
-                self.remove()
-                raise ValueError(
-                    "modality branches with per-task gradients need a cut point downstream of "
-                    "the fusion (at=module): at 'params' the gradient entering the branches is "
-                    "not defined for every aggregator"
-                )
+
+        self.shared_params = params
+        self._shared_ids = {id(p) for p in params}
+        self.weighting: LossWeighting = weighting if weighting is not None else Equal()
+        self.aggregator = aggregator
+        self.transforms = tlist
+        self.nonfinite: NonFinitePolicy = nonfinite
+        self.check_connected = check_connected
+        self.diagnostics = diagnostics
+        self.chunk_size = chunk_size
+        self.engine = engine
+        self.at: Literal["params"] | nn.Module = at
+        self.step_count = 0
+        self.tasks: tuple[str, ...] | None = None
+        self._checked_for: tuple[str, ...] | None = None
+        self._hooks: OrderedDict[int, Callable[..., Any]] = OrderedDict()
+        self.weighting.bind(self.shared_params, self.shared_modules)
+        for t in self.transforms:
+            t.bind(self.shared_params, self.shared_modules)
+        # fixed by the configuration: computed once, not per step
+        self._needs_grads = self._needs_per_task_grads()
+        if calib is not None and not isinstance(at, nn.Module) and self._needs_grads:
+            raise ValueError(
+                "modality branches with per-task gradients need a cut point downstream of "
+                "the fusion (at=module): at 'params' the gradient entering the branches is "
+                "not defined for every aggregator"
+            )
         self.last_info: StepInfo | None = None
         # ``lr_0 / lr_now`` of the optimizer, passed to the weighting as ``LossContext.lr_factor``
         # (IGB v2's reward scale); :func:`mtlbal.wrap` sets it, users of a bare Balancer may.
         self.lr_factor: Callable[[], float] | None = None
+
+        # ---- hooks last; all removed if any registration fails, and when the Balancer is
+        # garbage-collected without remove()
+        self._cut: CutPoint | None = None
+        self._capture: LayerwiseCapture | None = None
+        self._branches: BranchStage | None = None
+        try:
+            if isinstance(at, nn.Module):
+                self._cut = CutPoint(at, detach=self._needs_grads)
+            # the layer-wise engine's forward hooks exist only when per-task gradients at the
+            # parameters will be needed: loss-level strategies keep a hook-free forward
+            if engine in ("auto", "layerwise") and at == "params" and self._needs_grads:
+                capture = LayerwiseCapture(self.shared_modules)
+                if capture.modules or engine == "layerwise":
+                    self._capture = capture
+                else:
+                    capture.remove()
+            if calib is not None:
+                self._branches = BranchStage(calib)
+        except BaseException:
+            self.remove()
+            raise
+        self._finalizer = weakref.finalize(self, _remove_all, self._handles())
+
+    def _handles(self) -> list[Any]:
+        out: list[Any] = []
+        if self._cut is not None:
+            out.append(self._cut)
+        if self._capture is not None:
+            out.append(self._capture)
+        if self._branches is not None:
+            out.append(self._branches)
+        return out
 
     # ------------------------------------------------------------------ public helpers
     @property
@@ -425,27 +284,24 @@ class Balancer:
                     yield p
 
     def to(self, device: torch.device | str) -> Balancer:
+        """Move the strategies' state and parameters to ``device`` (the model is the user's)."""
         for s in self.strategies:
             s.to(device)
         return self
 
     def register_hook(self, hook: Callable[[Balancer, StepInfo], None]) -> RemovableHandle:
-        """Call ``hook(balancer, info)`` after every step; returns a handle to remove it."""
+        """Call ``hook(balancer, info)`` after every committed step; returns a handle."""
         handle = RemovableHandle(self._hooks)
         self._hooks[handle.id] = hook
         return handle
 
     def remove(self) -> None:
-        """Drop every hook the Balancer registered on the model (the cut point)."""
-        if self._cut is not None:
-            self._cut.remove()
-            self._cut = None
-        if self._branches is not None:
-            self._branches.remove()
-            self._branches = None
-        if self._capture is not None:
-            self._capture.remove()
-            self._capture = None
+        """Drop every hook the Balancer registered on the model (cut point, branches, layers)."""
+        for h in self._handles():
+            h.remove()
+        self._cut = None
+        self._branches = None
+        self._capture = None
         self._hooks.clear()
 
     def epoch_end(self) -> None:
@@ -465,34 +321,44 @@ class Balancer:
     def update(self, losses: Losses) -> None:
         """Give strategies that learn from the step's effect (FAMO) the losses re-evaluated on
         the same batch after ``optimizer.step()`` (no gradient needed). Does nothing after a
-        skipped step. The task order/names must be those of the last :meth:`backward`."""
+        skipped step. Tasks are matched by name (a dict in another order is reordered); under
+        DDP the strategies see the rank mean. All-or-nothing like :meth:`backward`."""
         if self.last_info is None:
             raise ValueError("update() needs a previous backward() on this Balancer")
         if self.last_info.skipped:
             return
+        tasks = self.last_info.tasks
         if isinstance(losses, Mapping):
             names = tuple(str(k) for k in losses)
-            if names != self.last_info.tasks:
+            if sorted(names) != sorted(tasks):
                 raise ValueError(
-                    f"update() got tasks {list(names)}, the last backward had "
-                    f"{list(self.last_info.tasks)}"
+                    f"update() got tasks {list(names)}, the last backward had {list(tasks)}"
                 )
-            values = list(losses.values())
+            by_name = {str(k): v for k, v in losses.items()}
+            values = [by_name[n] for n in tasks]
         elif isinstance(losses, Tensor):
             values = list(losses.reshape(-1).unbind(0))
         else:
             values = list(losses)
-        if len(values) != len(self.last_info.tasks):
-            raise ValueError(
-                f"update() got {len(values)} losses for {len(self.last_info.tasks)} tasks"
-            )
+        if len(values) != len(tasks):
+            raise ValueError(f"update() got {len(values)} losses for {len(tasks)} tasks")
         stacked = torch.stack([torch.as_tensor(v).reshape(()) for v in values]).detach()
-        if not self._check_finite(self.last_info.tasks, stacked):
+        if dist_util.world_size() > 1:
+            stacked = dist_util.all_mean(stacked)
+        if self.nonfinite != "off" and not bool(torch.isfinite(stacked).all()):
+            if self.nonfinite == "raise":
+                bad = [n for n, ok in zip(tasks, torch.isfinite(stacked).tolist()) if not ok]
+                raise ValueError(f"update(): non-finite loss for task(s) {bad}")
             return
-        for s in self.strategies:
-            fn = getattr(s, "update", None)
-            if callable(fn):
-                fn(stacked)
+        snapshot = StrategySnapshot(self.strategies)
+        try:
+            for s in self.strategies:
+                fn = getattr(s, "update", None)
+                if callable(fn):
+                    fn(stacked)
+        except BaseException:
+            snapshot.restore()
+            raise
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -514,21 +380,143 @@ class Balancer:
 
     def __repr__(self) -> str:
         at = "params" if self.at == "params" else type(self.at).__name__
-        return (
-            f"Balancer(weighting={self.weighting!r}, aggregator={self.aggregator!r}, at={at}, "
-            f"transforms={self.transforms!r}, shared_params={len(self.shared_params)})"
-        )
+        parts = [f"weighting={self.weighting!r}"]
+        if self.aggregator is not None:
+            parts.append(f"aggregator={self.aggregator!r}")
+        parts.append(f"at={at}")
+        if self.transforms:
+            parts.append(f"transforms={self.transforms!r}")
+        for name, default in (
+            ("nonfinite", "raise"),
+            ("check_connected", "first"),
+            ("diagnostics", False),
+            ("chunk_size", None),
+            ("engine", "auto"),
+        ):
+            value = getattr(self, name)
+            if value != default:
+                parts.append(f"{name}={value!r}")
+        if self._branches is not None:
+            parts.append(f"branches={self._branches.calibration!r}")
+        parts.append(f"shared_params={len(self.shared_params)}")
+        return f"Balancer({', '.join(parts)})"
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.pop("_finalizer", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._finalizer = weakref.finalize(self, _remove_all, self._handles())
 
     # ------------------------------------------------------------------ the step
+    def backward(self, losses: Losses, *, scaler: Any | None = None) -> StepInfo:
+        """Fill ``.grad`` of every parameter the losses reach; return what was done.
+
+        All or nothing: if any stage refuses the step (bad input, a non-finite loss or
+        gradient under ``nonfinite="raise"``, a solver that raises, a graph already freed),
+        no ``.grad``, strategy state, generator or counter has changed.
+
+        Args:
+            losses: ``{task_name: scalar}`` or a sequence of scalar losses (unscaled). A dict
+                is matched by name: after the first step its order does not matter.
+            scaler: a ``torch.amp.GradScaler`` for mixed precision. Strategies see the
+                *unscaled* losses, and gradient-level methods the *unscaled* Gramian (so every
+                method is exact, whatever its homogeneity); the objectives are scaled by
+                ``scaler.scale`` (no host sync) before any gradient is taken, so ``.grad`` holds
+                scaled gradients for ``scaler.step(opt)`` to unscale and check, as with a plain
+                ``scaler.scale(loss).backward()``. A per-task gradient that overflows is handed
+                to the scaler: ``.grad`` receives the plain (non-finite) summed gradient, the
+                strategies' state is left unchanged and ``info.skipped`` is set, so
+                ``scaler.step`` skips the step and ``scaler.update`` lowers the scale exactly
+                as for a plain step.
+        """
+        step = self._validate(losses)
+        snapshot = StrategySnapshot(self.strategies)
+        try:
+            info = self._solve(step, scaler)
+            snapshot.verify()
+        except _Refused:
+            snapshot.restore()
+            return self._skipped(step)
+        except BaseException:
+            snapshot.restore()
+            raise
+        if info.skipped:  # an overflow handed to the GradScaler: no strategy state changes
+            snapshot.restore()
+        self._commit(step, info)
+        return info
+
+    def _skipped(self, step: _Step) -> StepInfo:
+        zeros = torch.zeros_like(step.raw)
+        info = StepInfo(step.names, step.raw, zeros, zeros, skipped=True, step=self.step_count)
+        self.last_info = info
+        return info
+
+    # ---- stage 1: validate
+    def _validate(self, losses: Losses) -> _Step:
+        names, values = self._normalize(losses)
+        captured = self._cut.take() if self._cut is not None else []
+        branch_caps = self._branches.take() if self._branches is not None else None
+        records = self._capture.take() if self._capture is not None else []
+        if self._cut is not None and not captured:
+            raise ValueError(
+                f"no output of the cut point {type(self._cut.module).__name__} was captured "
+                "since the last backward: run the forward pass (with grad enabled) first"
+            )
+        world = dist_util.world_size()
+        if world > 1:
+            names, values = self._agree_tasks(names, values)
+        stacked = torch.stack(values)
+        step = _Step(
+            names=names,
+            values=values,
+            stacked=stacked,
+            raw=stacked.detach(),
+            world=world,
+            captured=captured,
+            branch_caps=branch_caps,
+            records=records,
+        )
+        self._check_connected(step)
+        if world > 1:
+            flag = None if self.nonfinite == "off" else ~torch.isfinite(step.raw).all()
+            same, bad = dist_util.agree(names, flag, step.raw.device)
+            if not same:
+                raise ValueError(
+                    f"the ranks disagree on the tasks of this step (this rank: {list(names)}): "
+                    "every rank must pass the same task names"
+                )
+            if bad:
+                self._refuse_losses(step, elsewhere=True)
+            step.raw = dist_util.all_mean(step.raw)
+        return step
+
+    def _agree_tasks(
+        self, names: tuple[str, ...], values: list[Tensor]
+    ) -> tuple[tuple[str, ...], list[Tensor]]:
+        # the first step (and a new task set) fixes one order for every rank: rank 0's
+        if self.tasks is None or sorted(self.tasks) != sorted(names):
+            order = tuple(dist_util.check_same_names(names))
+            by_name = dict(zip(names, values))
+            return order, [by_name[n] for n in order]
+        return names, values
+
     def _normalize(self, losses: Losses) -> tuple[tuple[str, ...], list[Tensor]]:
+        is_dict = isinstance(losses, Mapping)
         if isinstance(losses, Mapping):
             names = tuple(str(k) for k in losses)
             values = list(losses.values())
+        elif isinstance(losses, Tensor):
+            if losses.dim() != 1:
+                raise ValueError(
+                    f"a tensor of losses must be 1-D [m], got shape {tuple(losses.shape)}"
+                )
+            values = list(losses.unbind(0))
+            names = tuple(str(i) for i in range(len(values)))
         elif isinstance(losses, Sequence) and not isinstance(losses, (str, bytes)):
             values = list(losses)
-            names = tuple(str(i) for i in range(len(values)))
-        elif isinstance(losses, Tensor) and losses.dim() == 1:
-            values = list(losses.unbind(0))
             names = tuple(str(i) for i in range(len(values)))
         else:
             raise TypeError(
@@ -537,6 +525,8 @@ class Balancer:
             )
         if not values:
             raise ValueError("no losses were given")
+        if len(set(names)) != len(names):
+            raise ValueError(f"task names must be unique, got {list(names)}")
         for n, v in zip(names, values):
             if not isinstance(v, Tensor):
                 raise TypeError(f"loss of task {n!r} is a {type(v).__name__}, not a tensor")
@@ -545,149 +535,162 @@ class Balancer:
                     f"loss of task {n!r} must be a scalar, got shape {tuple(v.shape)} "
                     "(reduce it, e.g. with .mean())"
                 )
+            if not v.is_floating_point():
+                raise TypeError(f"loss of task {n!r} has dtype {v.dtype}, not a floating type")
             if not v.requires_grad:
                 raise ValueError(f"loss of task {n!r} does not require grad (detached?)")
+        dtypes = {v.dtype for v in values}
+        devices = {v.device for v in values}
+        if len(devices) > 1:
+            raise ValueError(f"the losses are on several devices: {sorted(map(str, devices))}")
+        values = [v.reshape(()) for v in values]
+        if len(dtypes) > 1:  # one dtype for the stacked vector: the widest
+            wide = max(dtypes, key=lambda d: torch.finfo(d).bits)
+            values = [v.to(wide) for v in values]
         expected = self.weighting.num_tasks
         if expected is not None and len(values) != expected:
             raise ValueError(
                 f"{type(self.weighting).__name__} was built for {expected} tasks, "
                 f"got {len(values)} losses ({', '.join(names)})"
             )
-        if (
-            self.tasks is not None
-            and names != self.tasks
-            and any(getattr(s, "is_stateful", False) for s in self.strategies)
-        ):
-            raise ValueError(
-                f"the task set changed from {list(self.tasks)} to {list(names)}; the configured "
-                "strategies keep per-task state. Use the same tasks every step (or a new Balancer)."
-            )
-        return names, [v.reshape(()) for v in values]
+        if self.tasks is not None and names != self.tasks:
+            if is_dict and sorted(names) == sorted(self.tasks):
+                # matched by name: the canonical order is the first step's
+                by_name = dict(zip(names, values))
+                return self.tasks, [by_name[n] for n in self.tasks]
+            if any(getattr(s, "is_stateful", False) for s in self.strategies):
+                raise ValueError(
+                    f"the task set changed from {list(self.tasks)} to {list(names)}; the "
+                    "configured strategies keep per-task state. Use the same tasks every step "
+                    "(or a new Balancer)."
+                )
+        return names, values
 
-    def _check_finite(self, names: tuple[str, ...], stacked: Tensor) -> bool:
-        if self.nonfinite == "off":
-            return True
-        if bool(torch.isfinite(stacked).all()):  # the one host sync of the step
-            return True
-        bad = [n for n, ok in zip(names, torch.isfinite(stacked).tolist()) if not ok]
-        if self.nonfinite == "skip":
-            return False
-        values = ", ".join(f"{n}={stacked[names.index(n)].item()}" for n in bad)
-        raise ValueError(f"non-finite loss for task(s) {', '.join(map(repr, bad))}: {values}")
-
-    def _check_connected(self, names: tuple[str, ...], values: list[Tensor]) -> None:
+    def _check_connected(self, step: _Step) -> None:
         if self.check_connected == "never":
             return
-        if self.check_connected == "first" and self._checked_for == names:
+        if self.check_connected == "first" and self._checked_for == step.names:
             return
         if self._cut is not None:
-            targets = {
-                id(leaf) if leaf is not z else id(z.grad_fn) for z, leaf in self._cut.captured
-            }
-            # (an empty capture was already refused at the top of backward)
+            targets = {id(leaf) if leaf is not z else id(z.grad_fn) for z, leaf in step.captured}
             where = f"the cut point {type(self._cut.module).__name__}"
         else:
             targets = self._shared_ids
             where = "the shared parameters"
-        for n, v in zip(names, values):
-            _, hit = _reachable([v], targets)
+        for n, v in zip(step.names, step.values):
+            _, hit = reachable([v], targets)
             if not hit:
                 raise ValueError(
                     f"the loss of task {n!r} does not depend on {where}: check the model wiring "
                     "(a detached tensor, or a head that bypasses the shared part)"
                 )
-        self._checked_for = names
+        self._checked_for = step.names
 
-    def backward(self, losses: Losses, *, scaler: Any | None = None) -> StepInfo:
-        """Fill ``.grad`` of every parameter the losses reach; return what was done.
+    def _refuse_losses(self, step: _Step, *, elsewhere: bool = False) -> None:
+        """A non-finite loss: raise naming the task(s), or skip, per ``nonfinite``."""
+        if self.nonfinite == "skip":
+            raise _Refused
+        ok = torch.isfinite(step.raw).tolist()
+        bad = [n for n, f in zip(step.names, ok) if not f]
+        if bad:
+            values = ", ".join(f"{n}={step.raw[step.names.index(n)].item()}" for n in bad)
+            raise ValueError(f"non-finite loss for task(s) {', '.join(map(repr, bad))}: {values}")
+        assert elsewhere
+        raise ValueError("non-finite loss on another rank: every rank refuses this step")
 
-        Args:
-            losses: ``{task_name: scalar}`` or a sequence of scalar losses (unscaled).
-            scaler: a ``torch.amp.GradScaler`` for mixed precision. Strategies see the
-                *unscaled* losses; the objectives are scaled by ``scaler.scale`` (no host sync)
-                before any gradient is taken, so ``.grad`` holds scaled gradients for
-                ``scaler.step(opt)`` to unscale and check, as with a plain
-                ``scaler.scale(loss).backward()``. Gradient-level methods then see the scaled
-                per-task gradients: exact for the positively homogeneous ones (MGDA, PCGrad,
-                Aligned-MTL, UPGrad, IMTL-G, CAGrad); a method of degree 0 (Nash-MTL) says so.
-        """
-        names, values = self._normalize(losses)
-        if self._cut is not None and not self._cut.captured:
-            raise ValueError(
-                f"no output of the cut point {type(self._cut.module).__name__} was captured "
-                "since the last backward: run the forward pass (with grad enabled) first"
-            )
-        # the layer calls of this forward (taken every step so that none accumulate)
-        self._records = self._capture.take() if self._capture is not None else []
-        self._task_losses = values
-        stacked = torch.stack(values)
-        self._stacked = stacked
-        raw = stacked.detach()
-        if not self._check_finite(names, raw):
-            if self._cut is not None:
-                self._cut.take()
-            if self._branches is not None:
-                self._branches.take()
-            self._records, self._task_losses, self._stacked = [], [], None
-            info = StepInfo(names, raw, torch.zeros_like(raw), torch.zeros_like(raw))
-            info.skipped = True
-            info.step = self.step_count
-            self.last_info = info
-            return info
-        self._check_connected(names, values)
-
+    # ---- stages 2-4: weigh, form, check, solve (everything staged, nothing written)
+    def _solve(self, step: _Step, scaler: Any | None) -> StepInfo:
+        world = step.world
+        needs_grads = self._needs_grads
+        checking = self.nonfinite != "off" or scaler is not None
+        # without per-task gradients the losses are checked before anything is formed (the
+        # one host sync of the step); with them, together with the gradients below
+        if world == 1 and checking and not needs_grads and not bool(torch.isfinite(step.raw).all()):
+            self._refuse_losses(step)
+        # the strategies see the global losses (under DDP); the graph stays the local one
+        stacked = step.stacked
+        if world > 1:
+            stacked = stacked + (step.raw - step.stacked.detach())
         ctx = LossContext(
             step=self.step_count,
             lr_factor=1.0 if self.lr_factor is None else float(self.lr_factor()),
-            tasks=names,
+            tasks=step.names,
         )
         if self.weighting.needs_layer_grad_norms:
-            ctx.layer_grad_norms = self._layer_grad_norms(stacked)
+            ctx.layer_grad_norms = self._layer_grad_norms(step)
         weighted = self.weighting.objectives(stacked, ctx)
-        objectives = weighted.objectives
+        for q, g in weighted.param_grads:
+            step.writes.add(q, g)
+        objectives, aux = weighted.objectives, weighted.aux
         if scaler is not None:
             objectives = scaler.scale(objectives)
-            if weighted.aux is not None:
-                weighted.aux = scaler.scale(weighted.aux)
-        info = StepInfo(names, raw, weighted.weights.detach(), weighted.weights.detach())
+            aux = None if aux is None else scaler.scale(aux)
+            step.scale = scaler.scale(torch.ones((), device=objectives.device, dtype=torch.float32))
+        info = StepInfo(step.names, step.raw, weighted.weights.detach(), weighted.weights.detach())
+        total = objectives.sum() if aux is None else objectives.sum() + aux
 
-        needs_grads = self._needs_grads
-        branch_caps = self._branches.take() if self._branches is not None else None
-        if needs_grads and self._cut is None:
-            self._params_backward(objectives, weighted.aux, info)
+        if not needs_grads:  # the loss-level backward only
+            if self._cut is not None:
+                step.captured = []
+            step.writes.backward([total], [None])
+            return info
+        grads: PerTaskGrads
+        if self._cut is not None:
+            grads = self._form_at_cut(step, objectives, stacked, total)
         else:
-            # the combined gradient reaches the shared parameters through autograd: the
-            # transforms' `combined` runs in tensor hooks on those parameters
-            with self._combined_hooks():
-                if not needs_grads:
-                    self._plain_backward(objectives, weighted.aux)
-                else:
-                    self._cut_backward(objectives, weighted.aux, info)
-                if branch_caps is not None:
-                    assert self._branches is not None
-                    self._branches.backward(branch_caps, info)
-        self._records, self._task_losses, self._stacked = [], [], None
-
-        if _distributed_world_size() > 1:
-            self._average_strategy_grads()
-        self.weighting.observe(raw)
-        self.tasks = names
-        self.step_count += 1
-        info.step = self.step_count
-        self.last_info = info
-        for hook in list(self._hooks.values()):
-            hook(self, info)
+            grads = self._form_at_params(step, objectives, aux)
+        gram = grads.gramian()
+        if checking:
+            finite = torch.isfinite(gram.diagonal()).all()
+            if world == 1:
+                finite = finite & torch.isfinite(step.raw).all()
+            if not bool(finite):  # the one host sync of the step
+                if not bool(torch.isfinite(step.raw).all()):
+                    self._refuse_losses(step)
+                return self._nonfinite_grads(step, grads, gram, info, scaler)
+        unscaled = gram if step.scale is None else gram / (step.scale.to(gram.dtype) ** 2)
+        info.gramian = unscaled.detach()
+        self._aggregate(step, grads, unscaled, info)
         return info
 
-    # ------------------------------------------------------------------ paths
-    def _average_strategy_grads(self) -> None:
-        # learnable strategy parameters are outside DDP: average their gradients so that every
-        # rank keeps identical weights
-        world = _distributed_world_size()
-        for q in self.parameters():
-            if q.grad is not None:
-                torch.distributed.all_reduce(q.grad)
-                q.grad.div_(world)
+    def _nonfinite_grads(
+        self, step: _Step, grads: PerTaskGrads, gram: Tensor, info: StepInfo, scaler: Any | None
+    ) -> StepInfo:
+        bad = [n for n, f in zip(step.names, torch.isfinite(gram.diagonal()).tolist()) if not f]
+        if scaler is not None:
+            # an overflow: write the plain summed gradient (non-finite) for the scaler to skip
+            grads.write_weights(
+                torch.ones(grads.m, dtype=gram.dtype, device=gram.device), step.writes
+            )
+            info.skipped = True
+            info.extras["overflow"] = tuple(bad)
+            return info
+        if self.nonfinite == "skip":
+            raise _Refused
+        raise ValueError(
+            f"non-finite gradient of task(s) {', '.join(map(repr, bad))} at the shared part "
+            "(the losses are finite): check for inf/NaN in the backward (e.g. sqrt or log at 0)"
+        )
+
+    def _layer_grad_norms(self, step: _Step) -> Tensor:
+        # at a cut point the trunk is out of the heads' graph: norms are taken at the
+        # representation (LibMTL's rep_grad convention), documented on GradNorm
+        if self._cut is not None:
+            params: list[Tensor] = [leaf for _, leaf in step.captured]
+            reduce: Callable[[Tensor], Tensor] | None = None
+            if step.world > 1:  # per-sample blocks: the global norm² is the sum over ranks
+                w = step.world
+
+                def local(x: Tensor) -> Tensor:
+                    return x * (1.0 / w)
+
+                norms2 = task_grad_norms(step.values, params, reduce=local).pow(2)
+                torch.distributed.all_reduce(norms2)
+                return norms2.sqrt().detach()
+        else:
+            params = list(self.weighting.grad_norm_params())
+            reduce = dist_util.all_mean if step.world > 1 else None
+        return task_grad_norms(step.values, params, reduce=reduce).detach()
 
     def _needs_per_task_grads(self) -> bool:
         return (
@@ -703,10 +706,120 @@ class Balancer:
     def _transform_applies(self, p: Tensor) -> bool:
         return any(t.applies_to(p) for t in self.transforms)
 
+    def _per_task_transforms(self, p: Tensor, g: Tensor) -> Tensor:
+        for t in self.transforms:
+            if t.applies_to(p):
+                g = t.per_task(p, g)
+        return g
+
+    def _form_at_cut(
+        self, step: _Step, objectives: Tensor, stacked: Tensor, total: Tensor
+    ) -> CutPerTaskGrads:
+        outs = [z for z, _ in step.captured]
+        leaves = [leaf for _, leaf in step.captured]
+        per_task = split_task_grads(objectives, stacked, step.values, leaves)
+        # ONE backward call at the commit runs the heads (gradient of Σ ℓ_t, plus learnable
+        # strategy parameters) and the trunk (the combined gradient at z) together, so DDP's
+        # reducer sees a single backward
+        grads = CutPerTaskGrads(outs, per_task, extra_roots=[total])
+        if step.world > 1:
+            if self.aggregator is not None and not isinstance(self.aggregator, GramianAggregator):
+                raise NotImplementedError(
+                    f"{type(self.aggregator).__name__} needs the full Jacobian at the cut point, "
+                    "which is not gathered across processes; use a Gramian-based method under DDP"
+                )
+            # the global loss is the rank mean of the local ones, and the per-sample blocks of
+            # the representation are disjoint: G_global = Σ_r G_r / world²
+            gram = grads.gramian().clone()
+            torch.distributed.all_reduce(gram)
+            grads.set_gramian(gram / step.world**2)
+        return grads
+
+    def _form_at_params(self, step: _Step, objectives: Tensor, aux: Tensor | None) -> PerTaskGrads:
+        leaves, _ = reachable([objectives] + ([aux] if aux is not None else []), set())
+        reached = {id(q) for q in leaves}
+        shared = [p for p in self.shared_params if id(p) in reached]
+        others = [q for q in leaves if id(q) not in self._shared_ids]
+        if aux is not None:
+            # the auxiliary term reaches the strategy's own parameters only
+            own: list[Tensor] = [q for q in self.parameters() if q.requires_grad]
+            aux_grads = torch.autograd.grad(aux, own, retain_graph=True, allow_unused=True)
+            for o, ga in zip(own, aux_grads):
+                if ga is not None:
+                    step.writes.add(o, ga)
+        if self._capture is not None and step.world == 1:
+            return layerwise_per_task_grads(
+                objectives,
+                step.records,
+                shared,
+                others,
+                chunk_size=self.chunk_size,
+                retain_graph=False,
+                force_fallback=[p for p in shared if self._transform_applies(p)],
+                per_task_transform=self._per_task_transforms if self.transforms else None,
+                task_losses=step.values,
+                writes=step.writes,
+            )
+        per_task = batched_grads(objectives, shared + others, chunk_size=self.chunk_size)
+        if step.world > 1:
+            # exact data parallelism: the per-task gradients of the global (mean over ranks)
+            # losses are the rank average of the local ones. torch.autograd.grad fires no DDP
+            # hook, so they are all-reduced here, in the canonical task order; every rank then
+            # solves the same problem and writes the same .grad
+            per_task = [dist_util.all_mean(g) for g in per_task]
+        shared_grads = [self._per_task_transforms(p, g) for p, g in zip(shared, per_task)]
+        for q, g in zip(others, per_task[len(shared) :]):
+            step.writes.add(q, g.sum(0))
+        return DensePerTaskGrads(shared, shared_grads)
+
+    def _aggregate(self, step: _Step, grads: PerTaskGrads, gram: Tensor, info: StepInfo) -> None:
+        agg = self.aggregator
+        if agg is None:
+            grads.write_weights(
+                torch.ones(grads.m, dtype=gram.dtype, device=gram.device), step.writes
+            )
+            return
+        agg.set_losses(step.raw)
+        if isinstance(agg, GramianAggregator):
+            # the m × m solve in float64, whatever the gradients' dtype
+            w = agg.weights(gram.to(torch.float64))
+            info.grad_weights = w.detach()
+            info.weights = w.detach().to(info.loss_weights.dtype) * info.loss_weights
+            grads.write_weights(w, step.writes)
+        else:
+            jac = grads.jacobian()
+            if step.scale is not None:
+                jac = jac / step.scale.to(jac.dtype)
+                direction = agg.aggregate_jacobian(jac) * step.scale.to(jac.dtype)
+            else:
+                direction = agg.aggregate_jacobian(jac)
+            grads.write_direction(direction, step.writes)
+
+    # ---- stage 5: commit
+    def _commit(self, step: _Step, info: StepInfo) -> None:
+        with self._combined_hooks(step):
+            step.writes.commit()
+            if step.branch_caps is not None and self._branches is not None:
+                self._branches.backward(step.branch_caps, info.extras)
+        for _, leaf in step.captured:
+            leaf.grad = None
+        if not info.skipped:
+            self.weighting.observe(step.raw)
+            self.tasks = step.names
+            self.step_count += 1
+        info.step = self.step_count
+        self.last_info = info
+        if not info.skipped:
+            for hook in list(self._hooks.values()):
+                hook(self, info)
+
     @contextmanager
-    def _combined_hooks(self) -> Iterator[None]:
+    def _combined_hooks(self, step: _Step) -> Iterator[None]:
+        # where no per-task gradient of a shared parameter was formed (no gradient method, or
+        # at a cut point), the transforms' `combined` acts on the gradient reaching it
         handles: list[RemovableHandle] = []
-        for p in self.shared_params if self.transforms else ():
+        formed_at_params = self._needs_grads and self._cut is None
+        for p in self.shared_params if self.transforms and not formed_at_params else ():
             ts = [t for t in self.transforms if t.applies_to(p)]
             if ts:
 
@@ -721,131 +834,3 @@ class Balancer:
         finally:
             for h in handles:
                 h.remove()
-
-    def _layer_grad_norms(self, stacked: Tensor) -> Tensor:
-        # at a cut point the trunk is out of the heads' graph: norms are taken at the
-        # representation (LibMTL's rep_grad convention), documented on GradNorm
-        if self._cut is not None:
-            params = [leaf for _, leaf in self._cut.captured]
-        else:
-            params = self.weighting.grad_norm_params()
-        return task_grad_norms(self._task_losses, params).detach()
-
-    def _total(self, objectives: Tensor, aux: Tensor | None) -> Tensor:
-        total = objectives.sum()
-        return total if aux is None else total + aux
-
-    def _plain_backward(self, objectives: Tensor, aux: Tensor | None) -> None:
-        # one ordinary backward (at a cut point the output was not detached in this mode)
-        if self._cut is not None:
-            self._cut.take()
-        self._total(objectives, aux).backward()
-
-    def _aggregate(self, grads: PerTaskGrads, info: StepInfo) -> None:
-        agg = self.aggregator
-        if agg is not None:
-            agg.set_losses(info.losses)
-        gram: Tensor | None = None
-        if agg is None or isinstance(agg, GramianAggregator) or self.diagnostics:
-            gram = grads.gramian()
-            info.gramian = gram.detach()
-        if agg is None:
-            assert gram is not None
-            grads.apply_weights(torch.ones(grads.m, dtype=gram.dtype, device=gram.device))
-            return
-        if isinstance(agg, GramianAggregator):
-            assert gram is not None
-            w = agg.weights(gram)
-            info.grad_weights = w.detach()
-            info.weights = w.detach().to(info.loss_weights.dtype) * info.loss_weights
-            grads.apply_weights(w)
-        else:
-            direction = agg.aggregate_jacobian(grads.jacobian())
-            grads.apply_direction(direction)
-
-    def _cut_backward(self, objectives: Tensor, aux: Tensor | None, info: StepInfo) -> None:
-        assert self._cut is not None
-        captured = self._cut.take()
-        outs = [z for z, _ in captured]
-        leaves = [leaf for _, leaf in captured]
-        assert self._stacked is not None
-        per_task = split_task_grads(objectives, self._stacked, self._task_losses, leaves)
-        # ONE backward call runs the heads (gradient of Σ ℓ_t, plus learnable strategy
-        # parameters) and the trunk (the combined gradient at z) together, so DDP's reducer
-        # sees a single backward; the .grad it leaves on the detached leaves is discarded
-        grads = CutPerTaskGrads(outs, per_task, extra_roots=[self._total(objectives, aux)])
-        if _distributed_world_size() > 1:
-            # per-sample blocks of the representation are disjoint across ranks, so the global
-            # Gramian is the sum of the local ones: one [m, m] all-reduce makes every rank solve
-            # the same problem (exact for Gramian methods; their weights are scale-invariant)
-            if self.aggregator is not None and not isinstance(self.aggregator, GramianAggregator):
-                raise NotImplementedError(
-                    f"{type(self.aggregator).__name__} needs the full Jacobian at the cut point, "
-                    "which is not gathered across processes; use a Gramian-based method under DDP"
-                )
-            torch.distributed.all_reduce(grads.gramian())
-        self._aggregate(grads, info)
-        for leaf in leaves:
-            leaf.grad = None
-
-    def _per_task_transforms(self, p: Tensor, g: Tensor) -> Tensor:
-        for t in self.transforms:
-            if t.applies_to(p):
-                g = t.per_task(p, g)
-        return g
-
-    def _params_backward(self, objectives: Tensor, aux: Tensor | None, info: StepInfo) -> None:
-        world = _distributed_world_size()
-        leaves, _ = _reachable([objectives] + ([aux] if aux is not None else []), set())
-        reached = {id(q) for q in leaves}
-        shared = [p for p in self.shared_params if id(p) in reached]
-        others = [q for q in leaves if id(q) not in self._shared_ids]
-        if self._capture is not None and world == 1:
-            records, self._records = self._records, []
-            lw = layerwise_per_task_grads(
-                objectives,
-                records,
-                shared,
-                others,
-                chunk_size=self.chunk_size,
-                retain_graph=aux is not None,
-                force_fallback=[p for p in shared if self._transform_applies(p)],
-                per_task_transform=self._per_task_transforms if self.transforms else None,
-                task_losses=self._task_losses,
-            )
-            if aux is not None:
-                aux.backward()  # reaches the strategy's own parameters only
-            self._aggregate(lw, info)
-            return
-        per_task = batched_grads(
-            objectives, shared + others, chunk_size=self.chunk_size, retain_graph=aux is not None
-        )
-        if world > 1:
-            # exact data parallelism: the per-task gradients of the global (mean over ranks)
-            # losses are the rank average of the local ones. torch.autograd.grad fires no DDP
-            # hook, so the Jacobian is all-reduced here (m × n values), every rank then solves
-            # the same problem and writes the same .grad (the layer-wise engine keeps factors
-            # that do not average, so the dense path is used under a process group)
-            per_task = [g.contiguous() for g in per_task]
-            for g in per_task:
-                torch.distributed.all_reduce(g)
-                g.div_(world)
-        shared_grads = per_task[: len(shared)]
-        for j, p in enumerate(shared):
-            for t in self.transforms:
-                if t.applies_to(p):
-                    shared_grads[j] = t.per_task(p, shared_grads[j])
-        for q, g in zip(others, per_task[len(shared) :]):
-            accumulate_grad(q, g.sum(0))
-        if aux is not None:
-            aux.backward()  # reaches the strategy's own parameters only
-        grads = DensePerTaskGrads(
-            shared, shared_grads, combined_transform=self._combined if self.transforms else None
-        )
-        self._aggregate(grads, info)
-
-    def _combined(self, p: Tensor, g: Tensor) -> Tensor:
-        for t in self.transforms:
-            if t.applies_to(p):
-                g = t.combined(p, g)
-        return g

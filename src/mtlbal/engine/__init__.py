@@ -1,7 +1,8 @@
 """Gradient engines: how per-task gradients of the shared part are formed."""
 
-from mtlbal.engine.base import PerTaskGrads
-from mtlbal.engine.dense import CutPerTaskGrads, DensePerTaskGrads, batched_grads
+from mtlbal.engine.base import GradWrites, PerTaskGrads
+from mtlbal.engine.cut import CutPerTaskGrads, CutPoint
+from mtlbal.engine.dense import DensePerTaskGrads, batched_grads
 from mtlbal.engine.layerwise import (
     LayerwiseCapture,
     LayerwisePerTaskGrads,
@@ -10,7 +11,9 @@ from mtlbal.engine.layerwise import (
 
 __all__ = [
     "CutPerTaskGrads",
+    "CutPoint",
     "DensePerTaskGrads",
+    "GradWrites",
     "LayerwiseCapture",
     "LayerwisePerTaskGrads",
     "PerTaskGrads",

@@ -79,7 +79,7 @@ from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.utils.hooks import RemovableHandle
 
-from mtlbal.engine.base import PerTaskGrads, accumulate_grad
+from mtlbal.engine.base import GradWrites, PerTaskGrads, gramian_dtype, gramian_of
 
 __all__ = [
     "LayerRecord",
@@ -102,24 +102,46 @@ def _direct_param(module: nn.Module, name: str) -> Tensor | None:
     return p
 
 
+def _own_forward(module: nn.Module, base: type[nn.Module], *names: str) -> bool:
+    """Whether ``module`` computes with ``base``'s own ``forward`` (and helpers): a subclass that
+    overrides them may compute anything, so its parameters cannot be rebuilt from the layer's
+    input and output."""
+    cls = type(module)
+    if "forward" in module.__dict__:  # a forward patched onto the instance
+        return False
+    return all(getattr(cls, n, None) is getattr(base, n, None) for n in ("forward", *names))
+
+
 def supported_module(module: nn.Module) -> bool:
-    """Whether the layer-wise engine handles ``module``'s own parameters."""
+    """Whether the layer-wise engine handles ``module``'s own parameters: one of the supported
+    layer types, computing with that type's own ``forward`` (subclasses that override it fall
+    back to the exact dense path)."""
     if torch.nn.utils.parametrize.is_parametrized(module):
         return False
     if "weight" not in module._parameters:
         return False
     if isinstance(module, nn.Linear):
-        return True
+        return _own_forward(module, nn.Linear)
     if isinstance(module, (nn.Conv1d, nn.Conv2d)):
-        return module.groups == 1 and (
-            not isinstance(module.padding, str) or module.padding in ("valid", "same")
+        base = nn.Conv1d if isinstance(module, nn.Conv1d) else nn.Conv2d
+        return (
+            _own_forward(module, base, "_conv_forward")
+            and module.groups == 1
+            and (not isinstance(module.padding, str) or module.padding in ("valid", "same"))
         )
     if isinstance(module, nn.Embedding):
-        return not module.sparse and not module.scale_grad_by_freq
+        return (
+            _own_forward(module, nn.Embedding)
+            and not module.sparse
+            and not module.scale_grad_by_freq
+        )
     if isinstance(module, nn.LayerNorm):
-        return module.elementwise_affine
+        return _own_forward(module, nn.LayerNorm) and module.elementwise_affine
     if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
-        return module.affine
+        norm: type[nn.Module] = (
+            nn.BatchNorm1d if isinstance(module, nn.BatchNorm1d) else nn.BatchNorm2d
+        )
+        return _own_forward(module, norm) and module.affine
     return False
 
 
@@ -385,19 +407,23 @@ class _Term:
         """This parameter's share of ``G``; ``with_bias``: plus that of a bias fed by the same
         ``δ`` (identity path only: ``⟨(a aᵀ + 1 1ᵀ) δ_i, δ_j⟩``)."""
         m = self.delta.shape[0]
-        if self.uses_identity():
+        if not self.uses_identity():
+            return gramian_of([self.per_task()], m)
+        # in at least float32 and outside autocast (fp16 products overflow)
+        dt = gramian_dtype(self.delta.dtype)
+        delta = self.delta.to(dt)
+        with torch.autocast(delta.device.type, enabled=False):
             if self.kind == "mm":
                 assert self.a is not None
-                rows = self.a @ self.a.T
+                a = self.a.to(dt)
+                rows = a @ a.T
                 if with_bias:
                     rows = rows + 1
             else:
                 assert self.idx is not None
-                rows = (self.idx[:, None] == self.idx[None, :]).to(self.delta.dtype)
-            ad = torch.matmul(rows, self.delta).reshape(m, -1)
-            return ad @ self.delta.reshape(m, -1).T
-        g = self.per_task().reshape(m, -1)
-        return g @ g.T
+                rows = (self.idx[:, None] == self.idx[None, :]).to(dt)
+            ad = torch.matmul(rows, delta).reshape(m, -1)
+            return ad @ delta.reshape(m, -1).T
 
     def combined(self, w: Tensor, cache: dict[int, Tensor] | None = None) -> Tensor:
         key = id(self.delta)
@@ -479,8 +505,7 @@ class LayerwisePerTaskGrads(PerTaskGrads):
                     t0 = terms[0]
                     term = t0.gramian(with_bias=t0.kind == "mm" and id(t0.delta) in with_bias)
                 else:
-                    flat = self._per_task(p).reshape(self.m, -1)
-                    term = flat @ flat.T
+                    term = gramian_of([self._per_task(p)], self.m)
                 g = term if g is None else g + term
             assert g is not None
             self._gramian = g
@@ -489,24 +514,24 @@ class LayerwisePerTaskGrads(PerTaskGrads):
     def jacobian(self) -> Tensor:
         return torch.cat([self._per_task(p).reshape(self.m, -1) for p in self.params], dim=1)
 
-    def apply_weights(self, w: Tensor) -> None:
+    def write_weights(self, w: Tensor, writes: GradWrites) -> None:
         cache: dict[int, Tensor] = {}  # Σ_t w_t δ_t, shared by a layer's weight and bias
         for p in self.params:
             if id(p) in self.dense:
                 jp = self.dense[id(p)]
-                accumulate_grad(p, torch.tensordot(w.to(jp.dtype), jp, dims=1))
+                writes.add(p, torch.tensordot(w.to(jp.dtype), jp, dims=1))
             else:
                 terms = self.terms[id(p)]
                 g = terms[0].combined(w, cache)
                 for t in terms[1:]:
                     g = g + t.combined(w, cache)
-                accumulate_grad(p, g)
+                writes.add(p, g)
 
-    def apply_direction(self, g: Tensor) -> None:
+    def write_direction(self, g: Tensor, writes: GradWrites) -> None:
         offset = 0
         for p in self.params:
             n = p.numel()
-            accumulate_grad(p, g[offset : offset + n].view_as(p))
+            writes.add(p, g[offset : offset + n].view_as(p))
             offset += n
 
 
@@ -654,11 +679,12 @@ def _task_split_cotangents(
     task_losses: Sequence[Tensor],
     frontier: list[list[tuple[Any, int]]],
     owned: list[list[Tensor]],
+    writes: GradWrites,
 ) -> tuple[list[GradientEdge], list[Tensor]]:
     """Per-task backward through each task's own sub-graph (no batching), then the cotangents
     of the objectives ``ℓ`` at the frontier: ``[m, *shape]`` per frontier edge, row ``t`` being
     ``Σ_s (∂ℓ_t/∂L_s) ∂L_s/∂(edge)``. The parameters only task ``s`` reaches get
-    ``Σ_t (∂ℓ_t/∂L_s) ∂L_s/∂q`` added to ``.grad`` on the way."""
+    ``Σ_t (∂ℓ_t/∂L_s) ∂L_s/∂q`` staged in ``writes`` on the way."""
     m = objectives.shape[0]
     eye = torch.eye(m, dtype=objectives.dtype, device=objectives.device)
     dl = torch.autograd.grad(
@@ -696,7 +722,7 @@ def _task_split_cotangents(
         )
         for q, gq in zip(params, gs[len(uniq) :]):
             if gq is not None:
-                accumulate_grad(q, col_sums[s].to(gq.dtype) * gq)
+                writes.add(q, col_sums[s].to(gq.dtype) * gq)
         for (node, nr), g in zip(uniq, gs[: len(uniq)]):
             if g is None:
                 continue
@@ -725,6 +751,7 @@ def layerwise_per_task_grads(
     force_fallback: Iterable[Tensor] = (),
     per_task_transform: Callable[[Tensor, Tensor], Tensor] | None = None,
     task_losses: Sequence[Tensor] | None = None,
+    writes: GradWrites | None = None,
 ) -> LayerwisePerTaskGrads:
     """Per-task gradients of ``shared_params`` from the recorded layer calls.
 
@@ -732,8 +759,8 @@ def layerwise_per_task_grads(
         objectives: ``[m]`` per-task objectives.
         records: what :meth:`LayerwiseCapture.take` returned for this forward.
         shared_params: the shared parameters (layout of the Jacobian).
-        other_params: parameters outside the shared part; each gets ``Σ_t ∂ℓ_t/∂q`` added to
-            its ``.grad`` here (one ordinary backward restricted to them).
+        other_params: parameters outside the shared part; each gets ``Σ_t ∂ℓ_t/∂q`` staged in
+            ``writes`` (one ordinary backward restricted to them).
         chunk_size: tasks per batched backward.
         retain_graph: keep the graph after the last backward.
         force_fallback: shared parameters that must get dense per-task gradients (e.g. those a
@@ -746,7 +773,10 @@ def layerwise_per_task_grads(
             ``m`` times batched, where most cotangents are zero), and the batched backward
             starts where the heads join, with cotangents ``Σ_s (∂ℓ_t/∂L_s)·∂L_s/∂(join)``.
             Exact for any loss weighting; ignored when the split does not apply.
+        writes: where the gradients of ``other_params`` are staged (default: written to
+            ``.grad`` at once, for standalone use).
     """
+    staged = writes if writes is not None else GradWrites()
     m = objectives.shape[0]
     shared = list(shared_params)
     shared_ids = {id(p) for p in shared}
@@ -805,7 +835,9 @@ def layerwise_per_task_grads(
         if found is not None:
             other_ids = {id(q) for q in others}
             owned = [[q for q in qs if id(q) in other_ids] for qs in found[1]]
-            outputs, cotangents = _task_split_cotangents(objectives, task_losses, found[0], owned)
+            outputs, cotangents = _task_split_cotangents(
+                objectives, task_losses, found[0], owned, staged
+            )
             used_split = True
             done = {id(q) for qs in owned for q in qs}
             others = [q for q in others if id(q) not in done]
@@ -814,7 +846,7 @@ def layerwise_per_task_grads(
             objectives.sum(), others, retain_graph=True, allow_unused=True, materialize_grads=True
         )
         for q, g in zip(others, og):
-            accumulate_grad(q, g)
+            staged.add(q, g)
     if inputs and outputs:
         grads = _batched(outputs, cotangents, inputs, shapes, chunk_size, retain_after)
     else:  # nothing of the shared part is reached by any task
@@ -866,4 +898,6 @@ def layerwise_per_task_grads(
         terms[pid] = [_Term(p, kind, d, a=a, idx=idx)]
     out = LayerwisePerTaskGrads(shared, terms, dense, m)
     out.task_split = used_split
+    if writes is None:
+        staged.commit()
     return out

@@ -24,11 +24,15 @@ class WeightedLosses:
             (``∂ℓ_t/∂L_t``), reported in the step info.
         aux: optional scalar added once to the backward (e.g. the ``b·s_t`` terms of
             uncertainty weighting); it only reaches the strategy's own parameters.
+        param_grads: ``(parameter, gradient)`` pairs for the strategy's own parameters that
+            are not gradients of ``objectives`` (GradNorm's weights). The Balancer adds them
+            to ``.grad`` at its commit stage: a strategy never writes ``.grad`` itself.
     """
 
     objectives: Tensor
     weights: Tensor
     aux: Tensor | None = None
+    param_grads: list[tuple[Tensor, Tensor]] = field(default_factory=list)
 
 
 @dataclass

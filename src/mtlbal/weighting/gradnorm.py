@@ -123,9 +123,11 @@ class GradNorm(LossWeighting):
         return self._layer
 
     def _renormalize(self) -> None:
+        # replaced, not changed in place (the step is a transaction: a refused step restores
+        # the previous tensor)
         with torch.no_grad():
             w = self.weights.clamp_min(self.min_weight)
-            self.weights.copy_(w * (self._m / w.sum()))
+            self.weights.data = w * (self._m / w.sum())
 
     def objectives(self, losses: Tensor, ctx: LossContext) -> WeightedLosses:
         if ctx.layer_grad_norms is None:
@@ -142,12 +144,9 @@ class GradNorm(LossWeighting):
             self.alpha,
         )
         (grad_w,) = torch.autograd.grad(lg, w)
-        if w.grad is None:
-            w.grad = grad_w.detach()
-        else:
-            w.grad.add_(grad_w)
         wd = w.detach().to(losses.dtype, copy=True)
-        return WeightedLosses(wd * losses, wd)
+        # ∇_w of the GradNorm loss, written to w.grad by the Balancer's commit stage
+        return WeightedLosses(wd * losses, wd, param_grads=[(w, grad_w.detach())])
 
     def current_weights(self, losses: Tensor) -> Tensor:
         w = self.weights.detach().clamp_min(self.min_weight)

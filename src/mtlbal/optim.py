@@ -122,8 +122,10 @@ class BalancedOptimizer(Optimizer):
         self._optimizer_load_state_dict_post_hooks: OrderedDict[int, Callable[..., Any]] = (
             OrderedDict()
         )
-        # the scaler given to the last backward(), consumed by the next step()
-        self._scaler: Any | None = None
+        # the scaler given to the last backward(), consumed by the next step(); a holder, so
+        # that an object built from a shallow copy of our __dict__ (Lightning's optimizer
+        # wrapper) and this wrapper see the same pending scaler
+        self._pending: dict[str, Any] = {"scaler": None}
         # torch's own mechanism: wraps type(self).step (once per class) so that the global and
         # per-instance step pre/post hooks fire around it
         self._patch_step_function()
@@ -159,7 +161,7 @@ class BalancedOptimizer(Optimizer):
         With a ``scaler``, call ``scaler.step(opt)`` next (not ``opt.step()``): the scaler
         unscales the model's gradients, the wrapper those of the strategy parameters.
         """
-        self._scaler = scaler
+        self._pending["scaler"] = scaler
         return self.balancer.backward(losses, scaler=scaler)
 
     def epoch_end(self) -> None:
@@ -178,7 +180,7 @@ class BalancedOptimizer(Optimizer):
         unscaled here; if any is not finite the whole step is skipped (returns ``None``) and the
         scaler's next ``update()`` lowers the scale.
         """
-        scaler, self._scaler = self._scaler, None
+        scaler, self._pending["scaler"] = self._pending["scaler"], None
         if scaler is not None and not self._unscale_strategy_grads(scaler):
             return None
         loss = self.optimizer.step(closure) if closure is not None else self.optimizer.step()
@@ -245,7 +247,7 @@ class BalancedOptimizer(Optimizer):
             self.balancer.load_state_dict(ours["balancer"])
             if self.balancer_optimizer is not None and ours["balancer_optimizer"] is not None:
                 self.balancer_optimizer.load_state_dict(ours["balancer_optimizer"])
-            self._initial_lr = list(ours.get("initial_lr", self._initial_lr))
+            self._initial_lr[:] = list(ours.get("initial_lr", self._initial_lr))
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 

@@ -315,3 +315,49 @@ def test_deepcopy_and_pickle_keep_a_working_wrapper() -> None:
         assert calls == [clone]
         with pytest.raises(ValueError, match="already wrapped"):
             mtlbal.wrap(clone.optimizer, clone.balancer)
+
+
+class _TrainerSideWrapper:
+    """What a trainer hands to ``training_step`` (written after Lightning's LightningOptimizer):
+    an object whose ``__dict__`` is a shallow copy of the optimizer's and whose class derives
+    from a trainer class and the optimizer's class; its ``step`` goes to the real optimizer."""
+
+    @classmethod
+    def around(cls, optimizer: torch.optim.Optimizer) -> _TrainerSideWrapper:
+        obj = cls.__new__(cls)
+        obj.__dict__ = {k: v for k, v in optimizer.__dict__.items() if k != "step"}
+        obj._optimizer = optimizer
+        obj.__class__ = type("Trainer" + type(optimizer).__name__, (cls, type(optimizer)), {})
+        return obj
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self._optimizer
+
+    def step(self, closure: object = None) -> object:
+        return self._optimizer.step()
+
+
+def test_trainer_side_wrapper_sees_the_same_optimizer_and_scaler() -> None:
+    p, uw, opt = _uw_problem()
+    outer = _TrainerSideWrapper.around(opt)
+    assert isinstance(outer, torch.optim.Optimizer) and isinstance(outer, mtlbal.BalancedOptimizer)
+    assert outer.param_groups is opt.optimizer.param_groups
+    assert outer.balancer is opt.balancer
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    calls: list[str] = []
+    opt.register_step_post_hook(lambda o, a, k: calls.append("post"))
+    # manual optimization: backward through the trainer's object, the precision plugin steps
+    # the optimizer it was given
+    outer.zero_grad()
+    info = outer.backward(p.losses(), scaler=scaler)
+    expected = -0.1 * (1.0 - info.losses)
+    scaler.step(opt)
+    scaler.update()
+    torch.testing.assert_close(uw.log_vars.detach(), expected)
+    assert calls == ["post"]
+    # and through the trainer object's own step
+    outer.zero_grad()
+    outer.backward(p.losses())
+    outer.step()
+    assert calls == ["post", "post"]

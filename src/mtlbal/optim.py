@@ -1,14 +1,29 @@
 """``mtlbal.wrap(optimizer, balancer)``: a drop-in optimizer that also balances.
 
-The wrapper *is* a :class:`torch.optim.Optimizer` (so LR schedulers accept it) whose
-``param_groups``, ``state`` and ``defaults`` are those of the optimizer it wraps. It adds
-``backward(losses)``, steps the balancer's own learnable parameters (uncertainty weighting's
-log-variances, GradNorm's weights) with a separate optimizer unless you already put them in
-yours, and carries the balancer's state in its ``state_dict`` so one checkpoint restores both.
+The wrapper *is* a :class:`torch.optim.Optimizer` (so LR schedulers, Lightning and Hugging Face
+accept it) whose ``param_groups``, ``state`` and ``defaults`` are those of the optimizer it
+wraps. It adds ``backward(losses)``, steps the balancer's own learnable parameters (uncertainty
+weighting's log-variances, GradNorm's weights) with a separate optimizer unless you already put
+them in yours, and carries the balancer's state in its ``state_dict`` so one checkpoint restores
+both.
+
+Torch's optimizer hooks fire on the wrapper as on any optimizer: the step pre/post hooks (per
+instance and global) around :meth:`BalancedOptimizer.step`, the ``state_dict`` and
+``load_state_dict`` pre/post hooks around those methods. Hooks registered on the wrapped
+optimizer keep firing too, when the wrapper calls it (so a *global* step hook sees both the
+wrapper's step and, nested in it, the wrapped optimizer's).
+
+Mixed precision: ``opt.backward(losses, scaler=scaler)`` then ``scaler.step(opt)``. The scaler
+unscales and checks the wrapped optimizer's gradients and skips :meth:`~BalancedOptimizer.step`
+if they overflowed; inside ``step`` the wrapper unscales the strategy parameters' gradients with
+``scaler.unscale_(balancer_optimizer)`` (so ``scaler.update()`` sees their overflows too) and
+skips the whole step — model, strategy parameters, their optimizer state — if they are not
+finite.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -22,17 +37,49 @@ __all__ = ["BalancedOptimizer", "wrap"]
 
 _KEY = "mtlbal"
 
+# optimizer -> the BalancedOptimizer that wraps it (weak both ways: a wrapper that was dropped
+# frees its optimizer for a new one)
+_OWNERS: weakref.WeakKeyDictionary[Optimizer, weakref.ref[BalancedOptimizer]] = (
+    weakref.WeakKeyDictionary()
+)
+
+# attributes that make up a wrapper's pickled/deep-copied state; hooks, the pending scaler and
+# the step patch an LR scheduler installs are left out, as torch's Optimizer leaves them out
+_STATE_KEYS = ("optimizer", "balancer", "balancer_optimizer", "_initial_lr")
+
+
+def _claim(optimizer: Optimizer, wrapper: BalancedOptimizer) -> None:
+    if isinstance(optimizer, BalancedOptimizer):
+        raise TypeError(
+            "this optimizer is already a BalancedOptimizer: wrap the plain torch optimizer once "
+            "(one Balancer per optimizer)"
+        )
+    ref = _OWNERS.get(optimizer)
+    owner = None if ref is None else ref()
+    if owner is not None and owner is not wrapper:
+        raise ValueError(
+            f"this {type(optimizer).__name__} is already wrapped by another BalancedOptimizer: "
+            "use that one (its .balancer), or a new torch optimizer"
+        )
+    _OWNERS[optimizer] = weakref.ref(wrapper)
+
 
 class BalancedOptimizer(Optimizer):
     """An optimizer that forwards to ``optimizer`` and adds ``backward(losses)``.
 
     Args:
-        optimizer: the optimizer you already use (any ``torch.optim.Optimizer``).
+        optimizer: the optimizer you already use (any ``torch.optim.Optimizer``); it can be
+            wrapped only once.
         balancer: the :class:`~mtlbal.Balancer`.
         balancer_optimizer: optimizer for the balancer's learnable parameters that are not
             already in ``optimizer``; default ``Adam(lr=balancer_lr)``.
         balancer_lr: learning rate of that default (0.025, as the nash-mtl/FAMO trainers).
     """
+
+    # GradScaler takes a separate path for optimizers that unscale inside their own step
+    # (fused Adam/SGD/Adagrad); the wrapper does not, whatever it wraps: the scaler must unscale
+    # ``param_groups`` itself (``__getattr__`` would otherwise forward the wrapped one's flag)
+    _step_supports_amp_scaling = False
 
     def __init__(
         self,
@@ -46,19 +93,13 @@ class BalancedOptimizer(Optimizer):
             raise TypeError(f"expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if not isinstance(balancer, Balancer):
             raise TypeError(f"expected an mtlbal.Balancer, got {type(balancer).__name__}")
+        if isinstance(balancer_optimizer, BalancedOptimizer):
+            raise TypeError("balancer_optimizer must be a plain torch optimizer")
+        _claim(optimizer, self)
         # Optimizer.__init__ would rebuild param_groups; set up only what the base class uses.
         self.optimizer = optimizer
         self.balancer = balancer
-        self._optimizer_step_pre_hooks: OrderedDict[int, Callable[..., Any]] = OrderedDict()
-        self._optimizer_step_post_hooks: OrderedDict[int, Callable[..., Any]] = OrderedDict()
-        self._optimizer_state_dict_pre_hooks: OrderedDict[int, Callable[..., Any]] = OrderedDict()
-        self._optimizer_state_dict_post_hooks: OrderedDict[int, Callable[..., Any]] = OrderedDict()
-        self._optimizer_load_state_dict_pre_hooks: OrderedDict[int, Callable[..., Any]] = (
-            OrderedDict()
-        )
-        self._optimizer_load_state_dict_post_hooks: OrderedDict[int, Callable[..., Any]] = (
-            OrderedDict()
-        )
+        self._init_hooks()
         in_main = {id(p) for g in optimizer.param_groups for p in g["params"]}
         extra = [p for p in balancer.parameters() if id(p) not in in_main]
         if balancer_optimizer is not None:
@@ -69,6 +110,25 @@ class BalancedOptimizer(Optimizer):
             self.balancer_optimizer = None
         self._initial_lr = [float(g.get("lr", 1.0)) for g in optimizer.param_groups]
         balancer.lr_factor = self.lr_factor
+
+    def _init_hooks(self) -> None:
+        self._optimizer_step_pre_hooks: OrderedDict[int, Callable[..., Any]] = OrderedDict()
+        self._optimizer_step_post_hooks: OrderedDict[int, Callable[..., Any]] = OrderedDict()
+        self._optimizer_state_dict_pre_hooks: OrderedDict[int, Callable[..., Any]] = OrderedDict()
+        self._optimizer_state_dict_post_hooks: OrderedDict[int, Callable[..., Any]] = OrderedDict()
+        self._optimizer_load_state_dict_pre_hooks: OrderedDict[int, Callable[..., Any]] = (
+            OrderedDict()
+        )
+        self._optimizer_load_state_dict_post_hooks: OrderedDict[int, Callable[..., Any]] = (
+            OrderedDict()
+        )
+        # the scaler given to the last backward(), consumed by the next step(); a holder, so
+        # that an object built from a shallow copy of our __dict__ (Lightning's optimizer
+        # wrapper) and this wrapper see the same pending scaler
+        self._pending: dict[str, Any] = {"scaler": None}
+        # torch's own mechanism: wraps type(self).step (once per class) so that the global and
+        # per-instance step pre/post hooks fire around it
+        self._patch_step_function()
 
     # The wrapped optimizer's structures, shared (not copied): schedulers edit them in place.
     @property
@@ -96,7 +156,12 @@ class BalancedOptimizer(Optimizer):
         self.optimizer.defaults = value
 
     def backward(self, losses: Losses, *, scaler: Any | None = None) -> StepInfo:
-        """``balancer.backward(losses, scaler=scaler)``: fill ``.grad``, return the step info."""
+        """``balancer.backward(losses, scaler=scaler)``: fill ``.grad``, return the step info.
+
+        With a ``scaler``, call ``scaler.step(opt)`` next (not ``opt.step()``): the scaler
+        unscales the model's gradients, the wrapper those of the strategy parameters.
+        """
+        self._pending["scaler"] = scaler
         return self.balancer.backward(losses, scaler=scaler)
 
     def epoch_end(self) -> None:
@@ -109,11 +174,34 @@ class BalancedOptimizer(Optimizer):
         return self._initial_lr[0] / now if now > 0 else 1.0
 
     def step(self, closure: Callable[[], float] | None = None) -> Any:
+        """Step the wrapped optimizer, then the strategy parameters, then the balancer.
+
+        After ``backward(losses, scaler=scaler)`` the strategy parameters' gradients are
+        unscaled here; if any is not finite the whole step is skipped (returns ``None``) and the
+        scaler's next ``update()`` lowers the scale.
+        """
+        scaler, self._pending["scaler"] = self._pending["scaler"], None
+        if scaler is not None and not self._unscale_strategy_grads(scaler):
+            return None
         loss = self.optimizer.step(closure) if closure is not None else self.optimizer.step()
         if self.balancer_optimizer is not None:
             self.balancer_optimizer.step()
         self.balancer.after_step()
         return loss
+
+    def _unscale_strategy_grads(self, scaler: Any) -> bool:
+        """Unscale the separately stepped strategy parameters' gradients; True if all finite."""
+        bopt = self.balancer_optimizer
+        if bopt is None or not getattr(scaler, "is_enabled", lambda: False)():
+            return True
+        grads = [p.grad for g in bopt.param_groups for p in g["params"] if p.grad is not None]
+        if not grads:
+            return True
+        # records the overflow check for scaler.update(), as for any optimizer it steps
+        scaler.unscale_(bopt)
+        # the scaler already synchronized to decide on this step; these few tiny tensors add
+        # one more host sync per device
+        return all(bool(torch.isfinite(g).all()) for g in grads)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
@@ -131,6 +219,8 @@ class BalancedOptimizer(Optimizer):
         self._initial_lr.append(float(param_group.get("lr", self.optimizer.defaults.get("lr", 1))))
 
     def state_dict(self) -> dict[str, Any]:
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
         sd = self.optimizer.state_dict()
         sd[_KEY] = {
             "balancer": self.balancer.state_dict(),
@@ -139,17 +229,27 @@ class BalancedOptimizer(Optimizer):
             ),
             "initial_lr": list(self._initial_lr),
         }
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            result = post_hook(self, sd)
+            if result is not None:
+                sd = result
         return sd
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        sd = dict(state_dict)
+        sd: Any = dict(state_dict)
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, sd)
+            if result is not None:
+                sd = dict(result)
         ours = sd.pop(_KEY, None)
         self.optimizer.load_state_dict(sd)
         if ours is not None:
             self.balancer.load_state_dict(ours["balancer"])
             if self.balancer_optimizer is not None and ours["balancer_optimizer"] is not None:
                 self.balancer_optimizer.load_state_dict(ours["balancer_optimizer"])
-            self._initial_lr = list(ours.get("initial_lr", self._initial_lr))
+            self._initial_lr[:] = list(ours.get("initial_lr", self._initial_lr))
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
 
     def __getattr__(self, name: str) -> Any:
         # only reached for attributes not found normally: forward to the wrapped optimizer
@@ -161,10 +261,13 @@ class BalancedOptimizer(Optimizer):
         return f"BalancedOptimizer({self.optimizer!r}, {self.balancer!r})"
 
     def __getstate__(self) -> dict[str, Any]:
-        return self.__dict__
+        return {k: self.__dict__[k] for k in _STATE_KEYS}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+        self._init_hooks()
+        _claim(self.optimizer, self)
+        self.balancer.lr_factor = self.lr_factor
 
 
 def _default_strategy_optimizer(params: list[torch.nn.Parameter], lr: float) -> Optimizer:
@@ -183,6 +286,9 @@ def wrap(
     balancer_lr: float = 0.025,
 ) -> BalancedOptimizer:
     """Wrap ``optimizer`` so that it balances with ``balancer``.
+
+    An optimizer can be wrapped once: wrapping a :class:`BalancedOptimizer`, or an optimizer
+    that a live :class:`BalancedOptimizer` already wraps, raises.
 
     Example:
         >>> import torch, mtlbal

@@ -89,3 +89,24 @@ def test_run_returns_a_jsonable_report(tmp_path: Path) -> None:
     assert [r["strategy"] for r in solvers] == ["MGDA"]
     assert "| variant |" in res["markdown"] and "### Targets" in res["markdown"]
     assert Path(res["plots"]["scaling"]).stat().st_size > 0
+
+
+def test_torchjd_rows_need_the_quadprog_projector(monkeypatch: pytest.MonkeyPatch) -> None:
+    # TorchJD's UPGrad needs quadprog + qpsolvers (torchjd[quadprog_projector]): without them
+    # the cost suite leaves its TorchJD rows out instead of failing in the middle of a run
+    import sys
+
+    # imported first, unblocked: blocking must not leave a crippled module behind for later tests
+    import qpsolvers  # noqa: F401
+    import torchjd.aggregation  # noqa: F401
+
+    monkeypatch.setitem(sys.modules, "quadprog", None)
+    assert not cost._has_torchjd()
+    assert cost._torchjd_version() is None
+    problem = cost.make_problem(2, batch=4, in_dim=5, hidden=6, depth=1, out_dim=2)
+    names = [r.name for r in cost.build_variants(problem, strategies=["torchjd"])]
+    assert names == ["plain"]
+    monkeypatch.delitem(sys.modules, "quadprog")
+    assert cost._has_torchjd()  # this environment has them: the rows come back
+    names = [r.name for r in cost.build_variants(problem, strategies=["torchjd"])]
+    assert "TorchJD UPGrad" in names

@@ -498,7 +498,12 @@ def _maker(kind: str, s: Strategy, m: int) -> Callable[[], dict[str, Any]]:
 
 
 def _has_torchjd() -> bool:
+    # TorchJD's UPGrad solves its projection with quadprog through qpsolvers, optional
+    # dependencies of TorchJD (``torchjd[quadprog_projector]``, in the ``bench`` extra): without
+    # them the TorchJD rows are left out instead of failing mid-run
     try:
+        import qpsolvers  # noqa: F401
+        import quadprog  # noqa: F401
         import torchjd.aggregation
         import torchjd.autojac  # noqa: F401
     except ImportError:
@@ -1076,6 +1081,8 @@ def _device_name(dev: torch.device) -> str:
 
 
 def _torchjd_version() -> str | None:
+    if not _has_torchjd():
+        return None
     try:
         from importlib.metadata import version
 

@@ -26,7 +26,18 @@ __all__ = ["Stateful"]
 
 
 class Stateful(nn.Module):
-    """Base class of every strategy: weightings, aggregators and transforms."""
+    """Base class of every strategy: weightings, aggregators and transforms.
+
+    Attributes:
+        step_snapshot: how the Balancer makes a step all-or-nothing for this strategy.
+            ``"reference"`` (default, free): before the commit stage the strategy *replaces*
+            its state (``x = f(x)``), never mutates it in place, so the previous tensors can be
+            put back; the Balancer checks this on every step. ``"copy"``: the strategy updates
+            state in place during the step, so its ``state_dict`` is copied when a step starts
+            and loaded back if the step is refused.
+    """
+
+    step_snapshot: str = "reference"
 
     def __init__(self) -> None:
         super().__init__()

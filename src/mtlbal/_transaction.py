@@ -10,6 +10,10 @@ Two pieces make :meth:`mtlbal.Balancer.backward` all-or-nothing:
   ``.grad``, and the state of its random generator. If anything refuses the step before the
   commit, :meth:`StrategySnapshot.restore` puts all of it back, bitwise.
 
+A strategy whose step must update state in place (IGB v2 trains its SAC agent inside the step)
+declares ``step_snapshot = "copy"`` instead: its whole ``state_dict`` is copied when the step
+starts and loaded back on refusal (exact, since resume == uninterrupted holds for every strategy).
+
 The contract that makes a by-reference snapshot exact: **before the commit, a strategy replaces
 its state, it never mutates it in place** (``self.ema = b * self.ema + …``, not
 ``self.ema.mul_(b)``). :meth:`StrategySnapshot.verify` checks that contract on every step (tensor
@@ -18,6 +22,7 @@ version counters: no copy, no host sync) and names the strategy and the state th
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable
 from typing import Any
 
@@ -72,7 +77,12 @@ class StrategySnapshot:
     def __init__(self, strategies: Iterable[nn.Module]) -> None:
         seen: set[int] = set()
         self._records: list[_ModuleRecord] = []
+        self._copies: list[tuple[nn.Module, dict[str, Any]]] = []
         for s in strategies:
+            if getattr(s, "step_snapshot", "reference") == "copy":
+                seen.update(id(mod) for mod in s.modules())
+                self._copies.append((s, copy.deepcopy(s.state_dict())))
+                continue
             for mod in s.modules():
                 if id(mod) not in seen:
                     seen.add(id(mod))
@@ -95,6 +105,8 @@ class StrategySnapshot:
 
     def restore(self) -> None:
         """Put every recorded attribute, buffer, parameter, ``.grad`` and generator back."""
+        for module, state in self._copies:
+            module.load_state_dict(state)
         for rec in self._records:
             mod = rec.module
             for k in [k for k in mod.__dict__ if k not in _MODULE_SLOTS and k not in rec.attrs]:

@@ -68,6 +68,7 @@ class _Step:
     branch_caps: list[list[tuple[Tensor, Tensor]]] | None = None
     records: list[Any] = field(default_factory=list)
     scale: Tensor | None = None  # the GradScaler's scale (a tensor: no host sync)
+    given: list[Tensor] = field(default_factory=list)  # the user's loss tensors
 
 
 class _Refused(Exception):
@@ -228,6 +229,9 @@ class Balancer:
                 "not defined for every aggregator"
             )
         self.last_info: StepInfo | None = None
+        # the loss tensors of the last committed step (their graph is freed): passing one again
+        # is refused before anything runs
+        self._spent: list[weakref.ref[Tensor]] = []
         # ``lr_0 / lr_now`` of the optimizer, passed to the weighting as ``LossContext.lr_factor``
         # (IGB v2's reward scale); :func:`mtlbal.wrap` sets it, users of a bare Balancer may.
         self.lr_factor: Callable[[], float] | None = None
@@ -456,6 +460,7 @@ class Balancer:
 
     # ---- stage 1: validate
     def _validate(self, losses: Losses) -> _Step:
+        self._check_not_spent(losses)
         names, values = self._normalize(losses)
         captured = self._cut.take() if self._cut is not None else []
         branch_caps = self._branches.take() if self._branches is not None else None
@@ -478,6 +483,7 @@ class Balancer:
             captured=captured,
             branch_caps=branch_caps,
             records=records,
+            given=self._given(losses),
         )
         self._check_connected(step)
         if world > 1:
@@ -492,6 +498,25 @@ class Balancer:
                 self._refuse_losses(step, elsewhere=True)
             step.raw = dist_util.all_mean(step.raw)
         return step
+
+    @staticmethod
+    def _given(losses: Losses) -> list[Tensor]:
+        if isinstance(losses, Mapping):
+            items = list(losses.values())
+        elif isinstance(losses, Tensor):
+            items = [losses]
+        else:
+            items = list(losses)
+        return [v for v in items if isinstance(v, Tensor)]
+
+    def _check_not_spent(self, losses: Losses) -> None:
+        spent = [r() for r in self._spent]
+        for v in self._given(losses):
+            if isinstance(v, Tensor) and any(v is s for s in spent):
+                raise ValueError(
+                    "these losses were already backpropagated by a previous backward() (their "
+                    "graph is freed): run the forward pass again for a new step"
+                )
 
     def _agree_tasks(
         self, names: tuple[str, ...], values: list[Tensor]
@@ -803,6 +828,7 @@ class Balancer:
                 self._branches.backward(step.branch_caps, info.extras)
         for _, leaf in step.captured:
             leaf.grad = None
+        self._spent = [weakref.ref(v) for v in step.given]
         if not info.skipped:
             self.weighting.observe(step.raw)
             self.tasks = step.names

@@ -195,6 +195,8 @@ class IGB(LossWeighting):
     # ------------------------------------------------------------------ setup / state
     def _init_v2(self) -> None:
         self.agent: SACAgent | None = None
+        # v2 trains its agent inside the step: a refused step loads a copy of the state back
+        self.step_snapshot = "copy" if self.version == 2 else "reference"
         self.sac_step = 0
         self._slot = 0
         self._base_cpu: Tensor | None = None

@@ -495,22 +495,19 @@ class Balancer:
                 fn(stacked)
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "step": self.step_count,
-            "tasks": list(self.tasks) if self.tasks is not None else None,
-            "weighting": self.weighting.state_dict(),
-            "aggregator": None if self.aggregator is None else self.aggregator.state_dict(),
-            "transforms": [t.state_dict() for t in self.transforms],
-        }
+        """The step, the task names, the configuration and every strategy's state (the format
+        is described in :mod:`mtlbal._checkpoint`)."""
+        from mtlbal._checkpoint import balancer_state_dict
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.step_count = int(state["step"])
-        self.tasks = tuple(state["tasks"]) if state["tasks"] is not None else None
-        self.weighting.load_state_dict(state["weighting"])
-        if self.aggregator is not None and state.get("aggregator") is not None:
-            self.aggregator.load_state_dict(state["aggregator"])
-        for t, s in zip(self.transforms, state.get("transforms", [])):
-            t.load_state_dict(s)
+        return balancer_state_dict(self)
+
+    def load_state_dict(self, state: Mapping[str, Any], strict: bool = True) -> Any:
+        """Restore :meth:`state_dict`'s output, all of it checked before anything is assigned
+        (a refused state raises ``ValueError`` and changes nothing); ``strict`` as for
+        ``torch.nn.Module``. See :func:`mtlbal._checkpoint.load_balancer_state_dict`."""
+        from mtlbal._checkpoint import load_balancer_state_dict
+
+        return load_balancer_state_dict(self, state, strict)
 
     def __repr__(self) -> str:
         at = "params" if self.at == "params" else type(self.at).__name__

@@ -186,6 +186,11 @@ class _Cut:
         self.handle.remove()
         self.captured = []
 
+    def __getstate__(self) -> dict[str, Any]:
+        # the captured outputs are per-step tensors of a live graph (not copyable): a copy
+        # (deepcopy, pickle, torch.save) starts with none and captures at its next forward
+        return {**self.__dict__, "captured": []}
+
 
 class _Branches:
     """Modality branches (FULLER's modality level): each branch output is replaced by a detached

@@ -183,7 +183,10 @@ class Stateful(nn.Module):
                 and so is a configuration (:meth:`config`) other than the saved one. With
                 ``strict=False`` the keys present are loaded, the others are left as they are
                 and reported, and a different configuration is tolerated; the strategy class,
-                shapes, dtype categories and the generator state are checked either way.
+                shapes, dtype categories, the generator state and the completeness of the
+                extra state (a subclass's ``load_extra_state`` takes all of it) are checked
+                either way. The entries of :attr:`config_not_compared` (the seed) are never
+                compared: the saved generator state is what counts.
             assign: not supported (``True`` raises); present for signature compatibility.
 
         Returns:

@@ -11,18 +11,34 @@ state once with :meth:`Stateful.add_state`. Declared state is
 
 Non-tensor state (a random generator, a replay buffer, Python counters) is kept by overriding
 :meth:`Stateful.extra_state` / :meth:`Stateful.load_extra_state`; it travels in the same
-``state_dict`` under ``_extra_state``.
+``state_dict`` under ``_extra_state``, together with a record of which strategy saved it
+(``"_strategy"``: the class's qualified name) and its configuration (``"_config"``: the
+:meth:`Stateful.hparams` dict, plus ``num_tasks`` when the strategy has one, made of plain
+Python values).
+
+``load_state_dict`` checks the whole state before it assigns anything (see
+:meth:`Stateful.check_state_dict`): a refused state leaves the strategy bitwise unchanged.
 """
 
 from __future__ import annotations
 
+import copy
+import re
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.module import _IncompatibleKeys
 
 __all__ = ["Stateful"]
+
+# entries of ``_extra_state`` written by the base class (the rest is the subclass's extra_state)
+_STRATEGY = "_strategy"
+_CONFIG = "_config"
+_GENERATOR = "_generator"
+_RESERVED = (_STRATEGY, _CONFIG, _GENERATOR)
+_EXTRA = "_extra_state"
 
 
 class Stateful(nn.Module):
@@ -38,6 +54,10 @@ class Stateful(nn.Module):
     """
 
     step_snapshot: str = "reference"
+
+    #: entries of :meth:`config` that ``load_state_dict`` does not compare: a seed only says
+    #: where a fresh (or reset) random stream starts, the saved generator state says where it is
+    config_not_compared: tuple[str, ...] = ("seed",)
 
     def __init__(self) -> None:
         super().__init__()
@@ -96,12 +116,16 @@ class Stateful(nn.Module):
     def get_extra_state(self) -> Any:
         state = dict(self.extra_state())
         if self._generator is not None:
-            state["_generator"] = self._generator.get_state()
+            state[_GENERATOR] = self._generator.get_state()
+        state[_STRATEGY] = type(self).__qualname__
+        state[_CONFIG] = self.config()
         return state
 
     def set_extra_state(self, state: Any) -> None:
         state = dict(state)
-        gen_state = state.pop("_generator", None)
+        state.pop(_STRATEGY, None)
+        state.pop(_CONFIG, None)
+        gen_state = state.pop(_GENERATOR, None)
         if self._generator is not None and gen_state is not None:
             self._generator.set_state(gen_state)
         self.load_extra_state(state)
@@ -142,3 +166,326 @@ class Stateful(nn.Module):
     def hparams(self) -> dict[str, Any]:
         """Hyper-parameters shown in ``repr``; subclasses override."""
         return {}
+
+    def config(self) -> dict[str, Any]:
+        """The configuration recorded in ``state_dict`` and checked by ``load_state_dict``:
+        :meth:`hparams` (plus ``num_tasks`` when the strategy has that attribute), as plain
+        Python values (tuples as lists, tensors as nested lists, dtypes and other objects as
+        text)."""
+        out = {str(k): _plain(v) for k, v in self.hparams().items()}
+        if "num_tasks" not in out and hasattr(self, "num_tasks"):
+            out["num_tasks"] = _plain(self.num_tasks)
+        return out
+
+    # ------------------------------------------------------------------ loading, checked
+    def load_state_dict(
+        self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
+    ) -> _IncompatibleKeys:
+        """Restore a state saved by :meth:`state_dict`, after checking all of it.
+
+        Everything is checked before anything is assigned (:meth:`check_state_dict`); when a
+        check fails, a ``ValueError`` names the strategy, the key and the problem (all the
+        problems found, one a line) and the strategy is left bitwise unchanged (parameters,
+        buffers, declared state, generator, extra state).
+
+        Args:
+            state_dict: what :meth:`state_dict` returned (possibly through ``torch.save``).
+            strict: as for :class:`torch.nn.Module`: missing and unexpected keys are errors,
+                and so is a configuration (:meth:`config`) other than the saved one. With
+                ``strict=False`` the keys present are loaded, the others are left as they are
+                and reported, and a different configuration is tolerated; the strategy class,
+                shapes, dtype categories, the generator state and the completeness of the
+                extra state (a subclass's ``load_extra_state`` takes all of it) are checked
+                either way. The entries of :attr:`config_not_compared` (the seed) are never
+                compared: the saved generator state is what counts.
+            assign: not supported (``True`` raises); present for signature compatibility.
+
+        Returns:
+            ``(missing_keys, unexpected_keys)`` like :meth:`torch.nn.Module.load_state_dict`
+            (both empty under ``strict=True``). A missing or unexpected entry of the extra
+            state is reported as ``"_extra_state['name']"``.
+        """
+        if assign:
+            raise ValueError(
+                f"{type(self).__qualname__}: load_state_dict(assign=True) is not supported"
+            )
+        keys = self.check_state_dict(state_dict, strict)
+        snapshot = self._snapshot()
+        try:
+            self._assign_state(state_dict)
+        except BaseException:
+            self._restore(snapshot)
+            raise
+        return keys
+
+    def check_state_dict(self, state_dict: Any, strict: bool = True) -> _IncompatibleKeys:
+        """Check ``state_dict`` as :meth:`load_state_dict` would, without loading it.
+
+        Checked: it is a mapping; the saved strategy class is this one; the configuration is
+        the same (``strict``); the set of keys (``strict``); each tensor's shape (a declared
+        state whose value is set, a parameter or a buffer must keep its shape; a lazily-shaped
+        state that is still unset adopts the saved shape, which must have ``num_tasks`` entries
+        along its first dimension when the strategy knows its task count); each tensor's dtype
+        category (floating, complex, integer, bool: a float state cannot be loaded from an
+        integer one; within the category a parameter or buffer is cast by the copy, a declared
+        state adopts the saved tensor); the generator state (a valid state of the same size).
+        Top-level tensors of the extra state are checked for their dtype category only.
+
+        Raises:
+            ValueError: listing every problem found.
+        """
+        errors, missing, unexpected = self._check_state(state_dict, strict)
+        if errors:
+            raise ValueError(_join(errors))
+        return _IncompatibleKeys(missing, unexpected)
+
+    def _check_state(self, state: Any, strict: bool) -> tuple[list[str], list[str], list[str]]:
+        """The problems with ``state`` (errors, missing keys, unexpected keys); no side effect."""
+        top = type(self).__qualname__
+        if not isinstance(state, Mapping):
+            return (
+                [f"{top}: a state_dict must be a mapping, got {type(state).__name__}"],
+                [],
+                [],
+            )
+        errors: list[str] = []
+        missing: list[str] = []
+        unexpected: list[str] = []
+        expected: set[str] = set()
+        for prefix, mod in self.named_modules():
+            pre = prefix + "." if prefix else ""
+            who = top if not prefix else f"{top} ({prefix}: {type(mod).__qualname__})"
+            declared = mod._state_defaults if isinstance(mod, Stateful) else {}
+            num_tasks = getattr(mod, "num_tasks", None)
+            if isinstance(num_tasks, bool) or not isinstance(num_tasks, int):
+                num_tasks = None
+            for name, param in mod._parameters.items():
+                if param is None:
+                    continue
+                key = pre + name
+                expected.add(key)
+                if key not in state:
+                    missing.append(key)
+                    continue
+                errors += _check_tensor(who, "parameter", key, state[key], param)
+            for name, buf in mod._buffers.items():
+                if name in mod._non_persistent_buffers_set:
+                    continue
+                key = pre + name
+                if name in declared:
+                    expected.add(key)
+                    default = declared[name]
+                    ref = buf if buf is not None else default
+                    if key not in state:
+                        if default is not None:  # absent means "unset" only for lazy state
+                            missing.append(key)
+                        continue
+                    value = state[key]
+                    if value is None and default is None:
+                        continue
+                    if ref is not None:
+                        errors += _check_tensor(who, "state", key, value, ref)
+                        continue
+                    errors += _check_tensor(who, "state", key, value, None)
+                    if (
+                        isinstance(value, Tensor)
+                        and num_tasks is not None
+                        and (value.dim() == 0 or value.shape[0] != num_tasks)
+                    ):
+                        errors.append(
+                            f"{who}: state {key!r} has shape {_shape(value)}, expected "
+                            f"{num_tasks} entries (num_tasks) along its first dimension"
+                        )
+                    continue
+                if buf is None:
+                    continue  # torch does not save a None buffer
+                expected.add(key)
+                if key not in state:
+                    missing.append(key)
+                    continue
+                errors += _check_tensor(who, "buffer", key, state[key], buf)
+            if type(mod).get_extra_state is not nn.Module.get_extra_state:
+                key = pre + _EXTRA
+                expected.add(key)
+                if key not in state:
+                    missing.append(key)
+                elif isinstance(mod, Stateful):
+                    e, mi, un = mod._check_extra(who, key, state[key], strict)
+                    errors += e
+                    missing += mi
+                    unexpected += un
+        unexpected += [str(k) for k in state if k not in expected]
+        if strict:
+            errors += [f"{top}: missing state {k!r}" for k in missing]
+            errors += [f"{top}: unexpected state {k!r}" for k in unexpected]
+        return errors, missing, unexpected
+
+    def _check_extra(
+        self, who: str, key: str, saved: Any, strict: bool
+    ) -> tuple[list[str], list[str], list[str]]:
+        if not isinstance(saved, Mapping):
+            return [f"{who}: state {key!r} must be a mapping, got {type(saved).__name__}"], [], []
+        errors: list[str] = []
+        missing: list[str] = []
+        unexpected: list[str] = []
+        cls = saved.get(_STRATEGY)
+        mine = type(self).__qualname__
+        if cls is None:
+            if strict:
+                errors.append(
+                    f"{who}: state {key!r} does not record which strategy saved it "
+                    f"(no {_STRATEGY!r} entry): not a state_dict of this strategy"
+                )
+        elif cls != mine:
+            errors.append(f"{who}: the state was saved by {cls}, not by {mine}")
+            return errors, missing, unexpected  # the rest would only repeat it
+        config = saved.get(_CONFIG)
+        if config is None:
+            if strict:
+                errors.append(
+                    f"{who}: state {key!r} does not record the configuration ({_CONFIG!r})"
+                )
+        elif not isinstance(config, Mapping):
+            errors.append(f"{who}: the saved configuration is a {type(config).__name__}")
+        elif strict:
+            skip = type(self).config_not_compared
+            a = {k: v for k, v in config.items() if k not in skip}
+            b = {k: v for k, v in self.config().items() if k not in skip}
+            if a != b:
+                errors.append(f"{who}: the configuration differs: {_config_diff(a, b)}")
+        gen = saved.get(_GENERATOR)
+        if self._generator is not None:
+            if gen is None:
+                if strict:
+                    errors.append(f"{who}: state {key!r} has no generator state ({_GENERATOR!r})")
+                missing.append(f"{key}[{_GENERATOR!r}]")
+            else:
+                problem = _generator_problem(gen, self._generator)
+                if problem:
+                    errors.append(f"{who}: state {key!r} has an invalid generator state: {problem}")
+        elif gen is not None:
+            if strict:
+                errors.append(
+                    f"{who}: state {key!r} has a generator state, this strategy has no generator"
+                )
+            unexpected.append(f"{key}[{_GENERATOR!r}]")
+        current = self.extra_state()
+        entries = {k: v for k, v in saved.items() if k not in _RESERVED}
+        for name in current:
+            if name not in entries:
+                # a subclass's load_extra_state cannot load a part of its extra state
+                errors.append(f"{who}: state {key!r} lacks the entry {name!r}")
+        for name, value in entries.items():
+            if name not in current:
+                unexpected.append(f"{key}[{name!r}]")
+                if strict:
+                    errors.append(f"{who}: state {key!r} has an unexpected entry {name!r}")
+                continue
+            ref = current[name]
+            if isinstance(ref, Tensor):
+                if not isinstance(value, Tensor):
+                    errors.append(
+                        f"{who}: state {key!r} entry {name!r} is a {type(value).__name__}, "
+                        "expected a tensor"
+                    )
+                elif _category(value.dtype) != _category(ref.dtype):
+                    errors.append(
+                        f"{who}: state {key!r} entry {name!r} has dtype {value.dtype} "
+                        f"({_category(value.dtype)}), expected a {_category(ref.dtype)} tensor "
+                        f"({ref.dtype})"
+                    )
+        return errors, missing, unexpected
+
+    def _assign_state(self, state: Mapping[str, Any]) -> None:
+        """Load an already checked state (no check: call :meth:`check_state_dict` first)."""
+        nn.Module.load_state_dict(self, state, strict=False)
+
+    def _snapshot(self) -> dict[str, Any]:
+        """A deep copy of the whole state, for :meth:`_restore` after a failed assignment."""
+        return copy.deepcopy(dict(self.state_dict()))
+
+    def _restore(self, snapshot: Mapping[str, Any]) -> None:
+        # an unset lazy state is absent from the snapshot: loading it sets it back to None
+        nn.Module.load_state_dict(self, snapshot, strict=False)
+
+
+# ---------------------------------------------------------------------------- helpers
+def _category(dtype: torch.dtype) -> str:
+    if dtype == torch.bool:
+        return "bool"
+    if dtype.is_complex:
+        return "complex"
+    if dtype.is_floating_point:
+        return "floating"
+    return "integer"
+
+
+def _shape(t: Tensor) -> tuple[int, ...]:
+    return tuple(int(n) for n in t.shape)
+
+
+def _check_tensor(who: str, kind: str, key: str, value: Any, ref: Tensor | None) -> list[str]:
+    """Problems of a saved ``value`` for a tensor like ``ref`` (``None``: any shape/dtype)."""
+    if not isinstance(value, Tensor):
+        return [f"{who}: {kind} {key!r} is a {type(value).__name__}, expected a tensor"]
+    if ref is None:
+        return []
+    out = []
+    if value.shape != ref.shape:
+        out.append(f"{who}: {kind} {key!r} has shape {_shape(value)}, expected {_shape(ref)}")
+    if _category(value.dtype) != _category(ref.dtype):
+        out.append(
+            f"{who}: {kind} {key!r} has dtype {value.dtype} ({_category(value.dtype)}), "
+            f"expected a {_category(ref.dtype)} tensor ({ref.dtype})"
+        )
+    return out
+
+
+def _generator_problem(saved: Any, gen: torch.Generator) -> str | None:
+    if not isinstance(saved, Tensor):
+        return f"a {type(saved).__name__}, expected a uint8 tensor"
+    current = gen.get_state()
+    if saved.dtype != current.dtype or saved.shape != current.shape:
+        return (
+            f"a {saved.dtype} tensor of shape {_shape(saved)}, expected {current.dtype} "
+            f"of shape {_shape(current)}"
+        )
+    try:
+        torch.Generator().set_state(saved.cpu())  # a scratch generator: nothing is changed
+    except (RuntimeError, ValueError, TypeError) as exc:
+        return str(exc)
+    return None
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as plain Python data (what ``config`` records and compares)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, Tensor):
+        return value.detach().cpu().tolist()
+    if isinstance(value, (torch.dtype, torch.device)):
+        return str(value)
+    name = getattr(value, "__qualname__", None)
+    if isinstance(name, str):  # a function or a class: its name (an address is no config)
+        return f"{getattr(value, '__module__', '')}.{name}"
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", repr(value))
+
+
+def _config_diff(saved: Mapping[str, Any], mine: Mapping[str, Any]) -> str:
+    parts = []
+    for k in list(mine) + [k for k in saved if k not in mine]:
+        a = saved.get(k, "<absent>")
+        b = mine.get(k, "<absent>")
+        if a != b:
+            parts.append(f"{k}={a!r} saved, {b!r} here")
+    return "; ".join(parts) if parts else f"{dict(saved)!r} saved, {dict(mine)!r} here"
+
+
+def _join(errors: list[str]) -> str:
+    if len(errors) == 1:
+        return errors[0]
+    return f"{len(errors)} problems with the state:\n" + "\n".join(f"  - {e}" for e in errors)

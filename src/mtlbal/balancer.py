@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from mtlbal import _distributed as dist_util
+from mtlbal._checkpoint import balancer_state_dict, load_balancer_state_dict
 from mtlbal._graph import reachable
 from mtlbal._transaction import StrategySnapshot
 from mtlbal.aggregation.base import Aggregator, GramianAggregator
@@ -365,22 +366,15 @@ class Balancer:
             raise
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "step": self.step_count,
-            "tasks": list(self.tasks) if self.tasks is not None else None,
-            "weighting": self.weighting.state_dict(),
-            "aggregator": None if self.aggregator is None else self.aggregator.state_dict(),
-            "transforms": [t.state_dict() for t in self.transforms],
-        }
+        """The step, the task names, the configuration and every strategy's state (the format
+        is described in :mod:`mtlbal._checkpoint`)."""
+        return balancer_state_dict(self)
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.step_count = int(state["step"])
-        self.tasks = tuple(state["tasks"]) if state["tasks"] is not None else None
-        self.weighting.load_state_dict(state["weighting"])
-        if self.aggregator is not None and state.get("aggregator") is not None:
-            self.aggregator.load_state_dict(state["aggregator"])
-        for t, s in zip(self.transforms, state.get("transforms", [])):
-            t.load_state_dict(s)
+    def load_state_dict(self, state: Mapping[str, Any], strict: bool = True) -> Any:
+        """Restore :meth:`state_dict`'s output, all of it checked before anything is assigned
+        (a refused state raises ``ValueError`` and changes nothing); ``strict`` as for
+        ``torch.nn.Module``. See :func:`mtlbal._checkpoint.load_balancer_state_dict`."""
+        return load_balancer_state_dict(self, state, strict)
 
     def __repr__(self) -> str:
         at = "params" if self.at == "params" else type(self.at).__name__
@@ -408,10 +402,14 @@ class Balancer:
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state.pop("_finalizer", None)
+        state["_spent"] = []  # weak references to per-step tensors
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+        # identities are per object: a copy's parameters are new tensors
+        self._shared_ids = {id(p) for p in self.shared_params}
+        self._spent = []
         self._finalizer = weakref.finalize(self, _remove_all, self._handles())
 
     # ------------------------------------------------------------------ the step
@@ -505,8 +503,10 @@ class Balancer:
             items = list(losses.values())
         elif isinstance(losses, Tensor):
             items = [losses]
-        else:
+        elif isinstance(losses, Sequence) and not isinstance(losses, (str, bytes)):
             items = list(losses)
+        else:
+            items = []  # refused with a clear error by _normalize
         return [v for v in items if isinstance(v, Tensor)]
 
     def _check_not_spent(self, losses: Losses) -> None:

@@ -232,6 +232,11 @@ class LayerwiseCapture:
         self.handles = []
         self.records = []
 
+    def __getstate__(self) -> dict[str, Any]:
+        # the records are per-step data holding autograd nodes (not copyable): a copy
+        # (deepcopy, pickle, torch.save) starts with none and records at its next forward
+        return {**self.__dict__, "records": []}
+
 
 # ---------------------------------------------------------------------------- graph walks
 def _walk_counts(roots: Sequence[Any], param_ids: set[int]) -> tuple[set[int], dict[int, int]]:

@@ -399,6 +399,22 @@ class SparseMask(GradientTransform):
     def extra_state(self) -> dict[str, Any]:
         return {"shapes": [tuple(p.shape) for p in self.params]}
 
+    # ------------------------------------------------------------------ copy / pickle
+    def __getstate__(self) -> dict[str, Any]:
+        # the lookups keyed by id(param) do not survive a copy (deepcopy, pickle): the frozen
+        # references travel by position in ``params``, and the index is rebuilt on arrival
+        state = dict(super().__getstate__())
+        pos = {id(p): i for i, p in enumerate(self.params)}
+        state["_index"] = {}
+        state["_frozen"] = {pos[k]: v for k, v in self._frozen.items() if k in pos}
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        frozen = state.pop("_frozen", {})
+        super().__setstate__(state)
+        self._index = {id(p): i for i, p in enumerate(self.params)}
+        self._frozen = {id(self.params[i]): v for i, v in frozen.items()}
+
     def load_extra_state(self, state: Mapping[str, Any]) -> None:
         shapes = [tuple(s) for s in state.get("shapes", [])]
         mine = [tuple(p.shape) for p in self.params]

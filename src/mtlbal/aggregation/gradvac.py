@@ -126,7 +126,7 @@ class GradVac(GramianAggregator):
             rows.append(others[torch.randperm(m - 1, generator=self._gen)])
         return torch.stack(rows) if m > 1 else torch.zeros(1, 0, dtype=torch.int64)
 
-    def weights(self, gramian: Tensor) -> Tensor:
+    def _weights(self, gramian: Tensor) -> Tensor:
         m = gramian.shape[0]
         if self.targets is None:
             self.targets = torch.zeros(m, m, dtype=torch.float64, device=gramian.device)

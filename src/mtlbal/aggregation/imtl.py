@@ -74,6 +74,6 @@ class IMTLG(GramianAggregator):
     def hparams(self) -> dict[str, object]:
         return {"reduction": self.reduction}
 
-    def weights(self, gramian: Tensor) -> Tensor:
+    def _weights(self, gramian: Tensor) -> Tensor:
         m = gramian.shape[0]
         return imtlg_weights(gramian, self.eps) * (m * self._scale(m))

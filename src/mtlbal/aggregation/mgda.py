@@ -160,7 +160,7 @@ class MGDA(GramianAggregator):
         """Losses of the current step (needed by the ``"loss"``/``"loss+"`` normalisations)."""
         self._losses = losses.detach()
 
-    def weights(self, gramian: Tensor) -> Tensor:
+    def _weights(self, gramian: Tensor) -> Tensor:
         m = gramian.shape[0]
         norms: Tensor | None = None
         if self.normalization != "none":

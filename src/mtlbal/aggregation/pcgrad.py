@@ -75,7 +75,7 @@ class PCGrad(GramianAggregator):
     def _orders(self, m: int) -> Tensor:
         return torch.stack([torch.randperm(m, generator=self._gen) for _ in range(m)])
 
-    def weights(self, gramian: Tensor) -> Tensor:
+    def _weights(self, gramian: Tensor) -> Tensor:
         m = gramian.shape[0]
         orders = self._orders(m).to(gramian.device)
         return pcgrad_weights(gramian, orders, self.eps) * self._scale(m)

@@ -146,10 +146,10 @@ def test_small_gradients_scale_exactly(scale: float) -> None:
     # three steps against the reference, with the orders drawn explicitly
     phi = torch.zeros(m, m, dtype=torch.float64)
     for _ in range(3):
-        jac = scale * (base + 0.7 * rng.normal(size=(m, n)))
+        jac_np = scale * (base + 0.7 * rng.normal(size=(m, n)))
         orders = _orders(rng, m)
-        d_ref, phi_ref = _reference_no_eps(jac, phi_ref, orders, 0.5)
-        jt = torch.as_tensor(jac)
+        d_ref, phi_ref = _reference_no_eps(jac_np, phi_ref, orders, 0.5)
+        jt = torch.as_tensor(jac_np)
         w, phi = gradvac_weights(jt @ jt.T, phi, torch.as_tensor(orders), 0.5, eps=0.0)
         np.testing.assert_allclose((w @ jt).numpy(), d_ref, rtol=1e-9, atol=0)
         np.testing.assert_allclose(phi.numpy(), phi_ref, rtol=1e-9, atol=1e-12)

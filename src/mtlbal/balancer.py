@@ -806,8 +806,10 @@ class Balancer:
             return
         agg.set_losses(step.raw)
         if isinstance(agg, GramianAggregator):
-            # the m × m solve in float64, whatever the gradients' dtype
-            w = agg.weights(gram.to(torch.float64))
+            # the m × m solve in float64, whatever the gradients' dtype, on an exactly
+            # symmetric G (checked finite above; the kernel skips the standalone validation)
+            g64 = gram.to(torch.float64)
+            w = agg._weights((g64 + g64.T) / 2)
             info.grad_weights = w.detach()
             info.weights = w.detach().to(info.loss_weights.dtype) * info.loss_weights
             grads.write_weights(w, step.writes)

@@ -3,48 +3,62 @@ parameter space) and a 1-D bounded search for two tasks; scales, rescale modes, 
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from scipy.optimize import minimize, minimize_scalar
+from scipy.optimize import minimize_scalar
 
 from mtlbal.aggregation import CAGrad
 from mtlbal.functional import cagrad_weights
 
 
 def primal_direction(jac: np.ndarray, c: float) -> np.ndarray:
-    """max_d min_t ⟨g_t, d⟩ s.t. ‖d − g_0‖ ≤ c‖g_0‖, as max s over (d, s) with g_tᵀd ≥ s."""
+    """max_d min_t ⟨g_t, d⟩ s.t. ‖d − g_0‖ ≤ r = c‖g_0‖, solved exactly from its KKT conditions.
+
+    For an active set A (rows J_A, linearly independent) the optimum is d = g_0 + r J_Aᵀν with
+    ν ≥ 0, ‖J_Aᵀν‖ = 1 and ⟨g_t, d⟩ = s on A: with K = J_A J_Aᵀ and v = J_A g_0 that is
+    ν = K⁻¹(s1 − v)/r and a quadratic in s from νᵀKν = 1. Every A is enumerated and the point
+    kept only if it satisfies the (sufficient, the problem being convex) KKT conditions: ν ≥ 0
+    and ⟨g_t, d⟩ ≥ s for the other tasks. Independent of the code's dual solve on the simplex
+    (and better converged than an iterative primal solve, which missed its own feasibility
+    tolerance under OMP_NUM_THREADS=1)."""
     m, n = jac.shape
     g0 = jac.mean(0)
-    r2 = (c * np.linalg.norm(g0)) ** 2
-    cons = [
-        {
-            "type": "ineq",
-            "fun": lambda x: jac @ x[:n] - x[n],
-            "jac": lambda x: np.hstack([jac, -np.ones((m, 1))]),
-        },
-        {
-            "type": "ineq",
-            "fun": lambda x: r2 - np.sum((x[:n] - g0) ** 2),
-            "jac": lambda x: np.hstack([-2 * (x[:n] - g0), [0.0]]),
-        },
-    ]
-    x0 = np.hstack([g0, (jac @ g0).min()])
-    res = minimize(
-        lambda x: -x[n],
-        x0,
-        jac=lambda x: np.hstack([np.zeros(n), [-1.0]]),
-        constraints=cons,
-        method="SLSQP",
-        options={"ftol": 1e-12, "maxiter": 1000},
-    )
-    # status 8 ("positive directional derivative") is SLSQP at its precision limit: accept it
-    # when the point is feasible
-    assert res.success or res.status == 8, res.message
-    d = res.x[:n]
-    assert np.sum((d - g0) ** 2) <= r2 * (1 + 1e-8)
+    r = c * float(np.linalg.norm(g0))
+    scale = float(np.abs(jac @ g0).max()) + r * float(np.linalg.norm(jac, axis=1).max())
+    found: list[tuple[float, np.ndarray]] = []
+    for k in range(1, min(m, n) + 1):
+        for sup in itertools.combinations(range(m), k):
+            ja = jac[list(sup)]
+            kk = ja @ ja.T
+            if np.linalg.cond(kk) > 1e10:
+                continue
+            v = ja @ g0
+            k1 = np.linalg.solve(kk, np.ones(k))
+            kv = np.linalg.solve(kk, v)
+            a, b, cc = float(k1.sum()), float(kv.sum()), float(v @ kv)
+            disc = b * b - a * (cc - r * r)
+            if disc < 0:
+                continue
+            for s in ((b + np.sqrt(disc)) / a, (b - np.sqrt(disc)) / a):
+                nu = (s * k1 - kv) / r
+                if (nu < 0).any():
+                    continue
+                d = g0 + r * (ja.T @ nu)
+                if (jac @ d).min() < s - 1e-12 * scale:
+                    continue
+                found.append((float(s), d))
+    assert found, "no KKT point"
+    s_best, d = max(found, key=lambda x: x[0])
+    # the optimum is unique: every KKT point found is the same one
+    for s_other, d_other in found:
+        assert abs(s_other - s_best) <= 1e-10 * scale
+        np.testing.assert_allclose(d_other, d, rtol=0, atol=1e-9 * float(np.linalg.norm(d)))
+    np.testing.assert_allclose(np.linalg.norm(d - g0), r, rtol=1e-12)
     return d
 
 

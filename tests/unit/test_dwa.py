@@ -84,3 +84,16 @@ def test_bad_input() -> None:
 
 def test_resume() -> None:
     check_resume(lambda: {"weighting": DWA(3)}, steps=10, k=5, epoch_every=2)
+
+
+def test_zero_epoch_mean_gives_a_neutral_rate_not_nan() -> None:
+    """Documented policy: a task whose epoch mean L̄(e−2) is 0 has rate 1 (no NaN)."""
+    dwa = DWA()
+    for epoch in ([0.0, 2.0], [0.0, 1.0]):
+        dwa.observe(torch.tensor(epoch))
+        dwa.epoch_end()
+    w = dwa(torch.tensor([1.0, 1.0]))
+    rates = [1.0, 0.5]
+    e = [math.exp(r / 2.0) for r in rates]
+    ref = torch.tensor([2 * x / sum(e) for x in e])
+    torch.testing.assert_close(w, ref, rtol=1e-6, atol=0)

@@ -133,3 +133,37 @@ def test_update_before_backward_and_bad_input() -> None:
         famo.update(torch.ones(3))
     with pytest.raises(ValueError, match="num_tasks"):
         FAMO(0)
+
+
+# ---- issue 8: dtype of the state, and losses at or below their minimum ----
+
+
+def test_state_follows_the_module_dtype_and_min_losses_keep_their_precision() -> None:
+    mins = torch.tensor([0.1, 1.0 / 3.0], dtype=torch.float64)
+    famo = FAMO(2, min_losses=mins).double()
+    for name in ("logits", "exp_avg", "exp_avg_sq", "min_losses"):
+        assert getattr(famo, name).dtype == torch.float64, name
+    assert torch.equal(famo.min_losses, mins)  # not rounded through float32
+    # losses 1e-9 above their minimum: D = L − L* + 1e-8, all in float64 (reference by hand)
+    losses = mins + 1e-9
+    out = famo.objectives(losses, LossContext())
+    d = [float(losses[t]) - float(mins[t]) + 1e-8 for t in range(2)]
+    c = 1.0 / sum(0.5 / x for x in d)
+    ref = [2 * c * 0.5 / x for x in d]
+    torch.testing.assert_close(
+        out.weights, torch.tensor(ref, dtype=torch.float64), rtol=1e-12, atol=0
+    )
+    famo = famo.float()
+    for name in ("logits", "exp_avg", "exp_avg_sq", "min_losses"):
+        assert getattr(famo, name).dtype == torch.float32, name
+
+
+@pytest.mark.parametrize("bad", [0.5, 0.2])
+def test_loss_at_or_below_its_minimum_raises_naming_the_task(bad: float) -> None:
+    famo = FAMO(2, min_losses=torch.tensor([0.0, 0.5]))
+    with pytest.raises(ValueError, match=r"task 'depth'.*min_losses"):
+        famo.objectives(torch.tensor([1.0, bad]), LossContext(tasks=("seg", "depth")))
+    famo.objectives(torch.tensor([1.0, 0.9]), LossContext())
+    with pytest.raises(ValueError, match=r"task 1.*min_losses"):
+        famo.update(torch.tensor([0.8, bad]))
+    assert torch.isfinite(famo.logits).all() and famo.logits.abs().sum() == 0  # no step taken

@@ -50,7 +50,7 @@ def test_matches_naive_loop_over_steps(m: int, n: int, beta: float) -> None:
     for _ in range(6):
         jac = base + 0.7 * rng.normal(size=(m, n))
         orders = _orders(rng, m)
-        d_ref, phi_ref = reference_step(jac, phi_ref, orders, beta)
+        d_ref, phi_ref = reference_step(jac, phi_ref, orders, beta, eps=0.0)
         jt = torch.as_tensor(jac)
         w, phi = gradvac_weights(jt @ jt.T, phi, torch.as_tensor(orders), beta)
         np.testing.assert_allclose((w @ jt).numpy(), d_ref, rtol=1e-9, atol=1e-10)
@@ -83,7 +83,8 @@ def test_torchjd_parity_same_orders() -> None:
         for i in range(m):
             others = [j for j in range(m) if j != i]
             rows.append(torch.tensor([others[k] for k in torch.randperm(m - 1).tolist()]))
-        w, targets = gradvac_weights(jac @ jac.T, targets, torch.stack(rows))
+        # TorchJD keeps LibMTL's ε = 1e-8 (ours defaults to 0)
+        w, targets = gradvac_weights(jac @ jac.T, targets, torch.stack(rows), eps=1e-8)
         torch.testing.assert_close(w @ jac, theirs, rtol=1e-8, atol=1e-10)
 
 
@@ -103,3 +104,53 @@ def test_reduction_and_state() -> None:
 
 def test_resume() -> None:
     check_resume(lambda: {"aggregator": GradVac(seed=1)})
+
+
+def _reference_no_eps(
+    jac: np.ndarray, phi_hat: np.ndarray, orders: np.ndarray, beta: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """GradVac's loop in float64 without any epsilon (the form that is scale-free)."""
+    m = jac.shape[0]
+    phi_hat = phi_hat.copy()
+    pc = jac.copy()
+    for i in range(m):
+        for j in orders[i]:
+            gi, gj = pc[i], jac[j]
+            ni, nj = np.linalg.norm(gi), np.linalg.norm(gj)
+            phi = float(gi @ gj / (ni * nj))
+            t = phi_hat[i, j]
+            if phi < t:
+                w = ni * (t * math.sqrt(1 - phi**2) - phi * math.sqrt(1 - t**2))
+                w /= nj * math.sqrt(1 - t**2)
+                pc[i] = gi + w * gj
+            phi_hat[i, j] = (1 - beta) * t + beta * phi
+    return pc.sum(0), phi_hat
+
+
+@pytest.mark.parametrize("scale", [1e-4, 1e-6])
+def test_small_gradients_scale_exactly(scale: float) -> None:
+    """No absolute epsilon: over several steps (targets carried) d(sJ) = s·d(J), and it matches
+    the epsilon-free reference (1e-8 in the denominators broke this at ‖g‖ ~ 1e-4)."""
+    rng = np.random.default_rng(3)
+    m, n = 4, 6
+    base = rng.normal(size=(m, n))
+    phi_ref = np.zeros((m, m))
+    a1, a_s = GradVac(seed=0), GradVac(seed=0)
+    for _ in range(4):
+        jac = torch.as_tensor(base + 0.7 * rng.normal(size=(m, n)))
+        d1 = a1(jac)
+        ds = a_s(scale * jac)
+        torch.testing.assert_close(ds, scale * d1, rtol=1e-10, atol=0)
+        assert a_s.targets is not None and a1.targets is not None
+        # the targets are scale-free as well
+        torch.testing.assert_close(a_s.targets, a1.targets, rtol=1e-10, atol=1e-13)
+    # three steps against the reference, with the orders drawn explicitly
+    phi = torch.zeros(m, m, dtype=torch.float64)
+    for _ in range(3):
+        jac_np = scale * (base + 0.7 * rng.normal(size=(m, n)))
+        orders = _orders(rng, m)
+        d_ref, phi_ref = _reference_no_eps(jac_np, phi_ref, orders, 0.5)
+        jt = torch.as_tensor(jac_np)
+        w, phi = gradvac_weights(jt @ jt.T, phi, torch.as_tensor(orders), 0.5, eps=0.0)
+        np.testing.assert_allclose((w @ jt).numpy(), d_ref, rtol=1e-9, atol=0)
+        np.testing.assert_allclose(phi.numpy(), phi_ref, rtol=1e-9, atol=1e-12)

@@ -477,3 +477,13 @@ def test_registry_entries_run_and_resume(at: str) -> None:
         for p, g in zip(net.trunk.parameters(), g1):
             assert torch.equal(p.grad, g), e.name  # type: ignore[arg-type]
         b2.remove()
+
+
+def test_non_positive_base_loss_raises_naming_the_task() -> None:
+    """With eps > 0 a loss may be ≤ 0; its epoch mean can then not be the base loss L̄ that
+    the weights divide by: a ValueError naming the task (it gave inf/NaN or flipped weights)."""
+    igb = IGB(2, base_epoch=0, eps=1.0)
+    igb.objectives(torch.tensor([0.5, -0.2]), LossContext())
+    igb.observe(torch.tensor([0.5, -0.2]))
+    with pytest.raises(ValueError, match=r"task 1.*base loss"):
+        igb.epoch_end()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -11,6 +14,7 @@ from scipy.optimize import minimize
 
 import mtlbal
 from mtlbal.aggregation import MGDA
+from mtlbal.aggregation.mgda import MGDASolverWarning
 from mtlbal.functional import mgda_weights
 
 
@@ -179,3 +183,95 @@ def test_descent_for_every_task_when_tasks_agree_somewhere(seed: int, m: int) ->
     d = w @ J
     dots = J @ d
     assert (dots >= d.dot(d) * (1 - 1e-3) - 1e-9).all()
+
+
+# ---- issue 8: a certified solver (duality-gap stopping rule) against an exact reference ----
+
+
+def _exact_min_norm(G: np.ndarray) -> float:
+    """min_{w ∈ Δ} wᵀGw by enumerating supports S: on S solve the KKT system
+    [G_SS 1; 1ᵀ 0][w; μ] = [0; 1] and keep the w ≥ 0 with (Gw)_i ≥ wᵀGw for every i (the
+    optimality conditions of this convex QP). Exact up to rounding, independent of the code."""
+    m = G.shape[0]
+    scale = float(np.abs(G).max())
+    best = np.inf
+    for k in range(1, m + 1):
+        for sup in itertools.combinations(range(m), k):
+            idx = list(sup)
+            a = np.zeros((k + 1, k + 1))
+            a[:k, :k] = G[np.ix_(idx, idx)]
+            a[:k, k] = 1.0
+            a[k, :k] = 1.0
+            rhs = np.zeros(k + 1)
+            rhs[k] = 1.0
+            if np.linalg.cond(a) > 1e12:
+                continue
+            sol = np.linalg.solve(a, rhs)
+            w = np.zeros(m)
+            w[idx] = sol[:k]
+            if (w < -1e-12).any():
+                continue
+            f = float(w @ G @ w)
+            if ((G @ w) >= f - 1e-12 * scale).all():
+                best = min(best, f)
+    assert np.isfinite(best)
+    return best
+
+
+def _cases() -> list[tuple[str, int]]:
+    return [
+        (kind, seed) for kind in ("4x5", "10x23", "9x21", "rank3", "collinear") for seed in range(4)
+    ]
+
+
+def _case_jacobian(kind: str, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    if kind == "rank3":  # 7 tasks in a 3-D subspace of R^12, hull away from the origin
+        q, _ = np.linalg.qr(rng.normal(size=(12, 3)))
+        return (rng.normal(size=(7, 3)) + np.array([2.5, 0.0, 0.0])) @ q.T
+    if kind == "collinear":  # positive multiples of one gradient, plus one other task
+        g = rng.normal(size=9)
+        jac = np.outer(rng.uniform(0.2, 3.0, size=5), g)
+        return np.vstack([jac, rng.normal(size=9) + 0.5 * g])
+    m, n = (int(x) for x in kind.split("x"))
+    return rng.normal(size=(m, n))
+
+
+@pytest.mark.parametrize(("kind", "seed"), _cases())
+def test_default_returns_min_norm_point_to_1e6(kind: str, seed: int) -> None:
+    jac = _case_jacobian(kind, seed)
+    G = jac @ jac.T
+    f_star = _exact_min_norm(G)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the default certifies, it must not warn
+        w = MGDA(reduction="mean").weights(torch.as_tensor(G))
+    assert abs(float(w.sum()) - 1) < 1e-12 and (w >= 0).all()
+    f = float(w.numpy() @ G @ w.numpy())
+    assert f_star > 0
+    assert f_star * (1 - 1e-12) <= f <= f_star * (1 + 1e-6)
+
+
+def test_origin_in_hull_gives_zero_direction() -> None:
+    jac = torch.tensor([[1.0, 0.5], [-1.0, 0.2], [0.0, -1.0]], dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        d = MGDA(reduction="mean")(jac)
+    assert float(d.norm()) <= 1e-6 * float(jac.norm(dim=1).max())
+
+
+def test_max_iter_without_certificate_warns() -> None:
+    jac = _case_jacobian("10x23", 0)
+    G = torch.as_tensor(jac @ jac.T)
+    with pytest.warns(MGDASolverWarning, match="duality gap"):
+        MGDA(max_iter=2).weights(G)
+
+
+@pytest.mark.parametrize("normalization", ["loss", "loss+"])
+@pytest.mark.parametrize("bad", [0.0, -0.5])
+def test_loss_normalisation_refuses_non_positive_losses(normalization: str, bad: float) -> None:
+    jac = _case_jacobian("4x5", 0)
+    G = torch.as_tensor(jac @ jac.T)
+    agg = MGDA(normalization=normalization)  # type: ignore[arg-type]
+    agg.set_losses(torch.tensor([1.0, 2.0, bad, 0.5]))
+    with pytest.raises(ValueError, match=r"task 2.*loss"):
+        agg.weights(G)

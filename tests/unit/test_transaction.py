@@ -179,11 +179,11 @@ def test_refused_step_does_not_double_head_gradients() -> None:
     def failing(g: torch.Tensor) -> torch.Tensor:
         raise RuntimeError("solver failed")
 
-    orig = agg.weights
-    agg.weights = failing  # type: ignore[method-assign]
+    orig = agg._weights
+    agg._weights = failing  # type: ignore[method-assign]
     with pytest.raises(RuntimeError, match="solver failed"):
         bal.backward(p.losses())
-    agg.weights = orig  # type: ignore[method-assign]
+    agg._weights = orig  # type: ignore[method-assign]
     assert all(x.grad is None for x in p.params())
     bal.backward(p.losses())
     ref.backward(q.losses())

@@ -1,12 +1,12 @@
 """Gradient-level strategies: ``J [m, n] → g [n]``; Gramian ones give ``weights(G) → [m]``."""
 
 from mtlbal.aggregation.aligned_mtl import AlignedMTL
-from mtlbal.aggregation.base import Aggregator, GramianAggregator
+from mtlbal.aggregation.base import Aggregator, GramianAggregator, check_gramian, check_jacobian
 from mtlbal.aggregation.cagrad import CAGrad
 from mtlbal.aggregation.dualproj import DualProj
 from mtlbal.aggregation.gradvac import GradVac
 from mtlbal.aggregation.imtl import IMTLG
-from mtlbal.aggregation.mgda import MGDA
+from mtlbal.aggregation.mgda import MGDA, MGDASolverWarning
 from mtlbal.aggregation.nash_mtl import NashMTL
 from mtlbal.aggregation.pcgrad import PCGrad
 from mtlbal.aggregation.upgrad import UPGrad
@@ -20,7 +20,10 @@ __all__ = [
     "DualProj",
     "GradVac",
     "GramianAggregator",
+    "MGDASolverWarning",
     "NashMTL",
     "PCGrad",
     "UPGrad",
+    "check_gramian",
+    "check_jacobian",
 ]

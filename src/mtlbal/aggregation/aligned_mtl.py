@@ -166,7 +166,7 @@ class AlignedMTL(GramianAggregator):
             out["weights"] = self.task_weights.tolist()
         return out
 
-    def weights(self, gramian: Tensor) -> Tensor:
+    def _weights(self, gramian: Tensor) -> Tensor:
         m = gramian.shape[0]
         w = self.task_weights
         if w is not None and w.numel() != m:

@@ -2,16 +2,71 @@
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from mtlbal._stateful import Stateful
 
-__all__ = ["Aggregator", "GramianAggregator", "Reduction"]
+__all__ = ["Aggregator", "GramianAggregator", "Reduction", "check_gramian", "check_jacobian"]
 
 Reduction = Literal["sum", "mean"]
+
+
+def _symmetry_tol(dtype: torch.dtype) -> float:
+    """Relative tolerance of the symmetry check: ``max(1e-6, √eps)`` of the dtype (1e-6 in
+    float64, ≈3.5e-4 in float32), room for a ``J Jᵀ`` whose two triangles were rounded apart."""
+    return max(1e-6, math.sqrt(torch.finfo(dtype).eps))
+
+
+def _check_floating(x: Tensor, what: str, who: str) -> None:
+    if not (x.is_floating_point() and not x.is_complex()):
+        raise TypeError(f"{who}: the {what} must be a real floating-point tensor, got {x.dtype}")
+
+
+def check_jacobian(jacobian: Tensor, who: str) -> None:
+    """Refuse a Jacobian that is not a finite, real floating-point ``[m, n]`` tensor.
+
+    ``who`` names the caller in the message. One host read (the finiteness check).
+    """
+    _check_floating(jacobian, "Jacobian", who)
+    if jacobian.dim() != 2:
+        raise ValueError(f"{who}: expected a Jacobian of shape [m, n], got {tuple(jacobian.shape)}")
+    if jacobian.shape[0] == 0:
+        raise ValueError(f"{who}: the Jacobian has no task rows")
+    if not bool(torch.isfinite(jacobian).all()):
+        raise ValueError(f"{who}: the Jacobian has non-finite (nan/inf) entries")
+
+
+def check_gramian(gramian: Tensor, who: str, *, values: bool = True) -> None:
+    """Refuse what is not a Gramian: non-floating, not ``[m, m]``, non-finite or not symmetric.
+
+    Symmetry is relative to the scale of ``G``: ``max|G − Gᵀ| ≤ tol · max|G|`` with
+    ``tol = max(1e-6, √eps(dtype))``. With ``values=False`` only the dtype and the shape are
+    checked (no copy to the host). ``who`` names the caller in the message.
+    """
+    _check_floating(gramian, "Gramian", who)
+    if gramian.dim() != 2 or gramian.shape[0] != gramian.shape[1]:
+        raise ValueError(f"{who}: expected a square Gramian [m, m], got {tuple(gramian.shape)}")
+    if gramian.shape[0] == 0:
+        raise ValueError(f"{who}: the Gramian is empty (no tasks)")
+    if not values:
+        return
+    # one copy to the host (free on the CPU), then NumPy: no torch scalar reads
+    g = gramian.detach().to(device="cpu", dtype=torch.float64).numpy()
+    if not np.isfinite(g).all():
+        raise ValueError(f"{who}: the Gramian has non-finite (nan/inf) entries")
+    asym = float(np.abs(g - g.T).max())
+    scale = float(np.abs(g).max())
+    tol = _symmetry_tol(gramian.dtype)
+    if asym > tol * scale:
+        raise ValueError(
+            f"{who}: the Gramian is not symmetric (max|G − Gᵀ| = {asym:.3e} > "
+            f"{tol:.1e} · max|G| = {tol * scale:.3e})"
+        )
 
 
 class Aggregator(Stateful):
@@ -38,9 +93,12 @@ class Aggregator(Stateful):
         self.reduction: Reduction = reduction
 
     def forward(self, jacobian: Tensor) -> Tensor:
-        """Aggregate a Jacobian ``[m, n]`` into a direction ``[n]`` (standalone use)."""
-        if jacobian.dim() != 2:
-            raise ValueError(f"expected a Jacobian of shape [m, n], got {tuple(jacobian.shape)}")
+        """Aggregate a Jacobian ``[m, n]`` into a direction ``[n]`` (standalone use).
+
+        Raises ``TypeError``/``ValueError`` unless ``jacobian`` is a finite, real
+        floating-point ``[m, n]`` tensor (see :func:`check_jacobian`).
+        """
+        check_jacobian(jacobian, type(self).__name__)
         return self.aggregate_jacobian(jacobian)
 
     def aggregate_jacobian(self, jacobian: Tensor) -> Tensor:
@@ -54,15 +112,32 @@ class Aggregator(Stateful):
 
 
 class GramianAggregator(Aggregator):
-    """An aggregator of the form ``g = Jᵀ w(G)``: only the Gramian is needed."""
+    """An aggregator of the form ``g = Jᵀ w(G)``: only the Gramian is needed.
+
+    Subclasses implement the kernel :meth:`_weights`; the public :meth:`weights` (standalone
+    use) validates its input first (:func:`check_gramian`: one read of the ``m × m`` Gramian on
+    the host). Inside a :class:`~mtlbal.Balancer` the kernel is called directly: the Balancer
+    forms the Gramian itself (symmetric by construction), checks it finite in its one host sync
+    and hands it over in float64.
+    """
 
     requires: Literal["gramian", "jacobian"] = "gramian"
 
     def weights(self, gramian: Tensor) -> Tensor:
-        """Weights ``[m]`` from the Gramian ``[m, m]``, in the configured ``reduction`` scale."""
+        """Weights ``[m]`` from the Gramian ``[m, m]``, in the configured ``reduction`` scale.
+
+        Raises ``TypeError`` for a non-floating Gramian and ``ValueError`` for one that is not
+        ``[m, m]``, not finite, or not symmetric (relative to its scale).
+        """
+        check_gramian(gramian, type(self).__name__)
+        return self._weights(gramian)
+
+    def _weights(self, gramian: Tensor) -> Tensor:
+        """The method's kernel: weights from a validated Gramian."""
         raise NotImplementedError
 
     def aggregate_jacobian(self, jacobian: Tensor) -> Tensor:
         g64 = jacobian.to(torch.float64)
-        w = self.weights(g64 @ g64.T)
+        gram = g64 @ g64.T
+        w = self._weights((gram + gram.T) / 2)
         return w.to(jacobian.dtype) @ jacobian

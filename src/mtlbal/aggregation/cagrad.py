@@ -170,7 +170,7 @@ class CAGrad(GramianAggregator):
     def hparams(self) -> dict[str, object]:
         return {"c": self.c, "rescale": self.rescale, "reduction": self.reduction}
 
-    def weights(self, gramian: Tensor) -> Tensor:
+    def _weights(self, gramian: Tensor) -> Tensor:
         m = gramian.shape[0]
         w = cagrad_weights(
             gramian,

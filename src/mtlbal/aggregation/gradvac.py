@@ -10,7 +10,10 @@ current (already modified) ``g_i`` and the *original* ``g_j``:
     φ̂_ij ← (1 − β) φ̂_ij + β φ          (always)
 
 and the update is ``Σ_i g_i`` (the paper's sum; ``reduction="mean"`` divides by ``m``).
-PCGrad is the case ``φ̂ ≡ 0``. ``ε = 1e-8`` as LibMTL.
+PCGrad is the case ``φ̂ ≡ 0``. LibMTL uses ``ε = 1e-8``, which makes the update depend on the
+gradients' scale (it is far off when ``‖g‖ ~ 1e-4``); here ``ε = 0`` by default and only exact
+zeros are guarded: ``φ = 0`` when ``‖g_i‖‖g_j‖ = 0``, and no step when ``‖g_j‖√(1−φ̂²) = 0``.
+Then the update is exactly positively homogeneous, ``d(sJ) = s·d(J)``.
 
 As for PCGrad, every ``g_i = Σ_k C_ik g_k`` (``C = I`` at the start), so all norms and inner
 products come from the Gramian: ``‖g_i‖² = C_i G C_iᵀ``, ``⟨g_i, g_j⟩ = (C G)_ij``. The rows are
@@ -46,7 +49,7 @@ def gradvac_weights(
     targets: Tensor,
     orders: Tensor,
     beta: float = 0.5,
-    eps: float = 1e-8,
+    eps: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
     """GradVac weights (``[m]``, sum scale) and the updated targets ``φ̂`` (``[m, m]``).
 
@@ -56,7 +59,7 @@ def gradvac_weights(
         orders: ``[m, m−1]`` integer tensor; row ``i`` lists the other tasks in the order
             task ``i`` visits them.
         beta: EMA rate of the targets.
-        eps: denominator guard.
+        eps: added to both denominators (default 0: exact zeros are guarded instead).
     """
     g = gramian.detach().to(torch.float64)
     m = g.shape[0]
@@ -73,12 +76,14 @@ def gradvac_weights(
         dot = cg[rows, j]
         norm_i = sq.clamp_min(0).sqrt()
         norm_j = norms[j]
-        phi = dot / (norm_i * norm_j + eps)
+        den_phi = norm_i * norm_j + eps
+        phi = torch.where(den_phi > 0, dot / torch.where(den_phi > 0, den_phi, 1.0), 0.0)
         target = phi_t[rows, j]
         s_phi = (1 - phi * phi).clamp_min(0).sqrt()
         s_tgt = (1 - target * target).clamp_min(0).sqrt()
-        w = norm_i * (target * s_phi - phi * s_tgt) / (norm_j * s_tgt + eps)
-        w = torch.where(phi < target, w, torch.zeros_like(w))
+        den_w = norm_j * s_tgt + eps
+        w = norm_i * (target * s_phi - phi * s_tgt) / torch.where(den_w > 0, den_w, 1.0)
+        w = torch.where((phi < target) & (den_w > 0), w, torch.zeros_like(w))
         coef = coef.index_put((rows, j), coef[rows, j] + w)
         # g_i += w_i g_j: ⟨g_i, g_l⟩ gains w_i G[j, l]; ‖g_i‖² gains 2 w_i ⟨g_i, g_j⟩ + w_i² ‖g_j‖²
         sq = sq + 2 * w * dot + w * w * g[j, j]
@@ -92,7 +97,7 @@ class GradVac(GramianAggregator):
 
     Args:
         beta: EMA rate of the targets (0.5, LibMTL).
-        eps: denominator guard (1e-8).
+        eps: added to the denominators (0 by default; LibMTL's 1e-8 breaks scale invariance).
         seed: seed of the visiting orders (``None``: nondeterministic).
         reduction: ``"sum"`` (default, the paper's) or ``"mean"``.
     """
@@ -103,7 +108,7 @@ class GradVac(GramianAggregator):
         self,
         *,
         beta: float = 0.5,
-        eps: float = 1e-8,
+        eps: float = 0.0,
         seed: int | None = 0,
         reduction: Reduction = "sum",
     ) -> None:
@@ -126,7 +131,7 @@ class GradVac(GramianAggregator):
             rows.append(others[torch.randperm(m - 1, generator=self._gen)])
         return torch.stack(rows) if m > 1 else torch.zeros(1, 0, dtype=torch.int64)
 
-    def weights(self, gramian: Tensor) -> Tensor:
+    def _weights(self, gramian: Tensor) -> Tensor:
         m = gramian.shape[0]
         if self.targets is None:
             self.targets = torch.zeros(m, m, dtype=torch.float64, device=gramian.device)

@@ -4,18 +4,30 @@ The min-norm point of the convex hull of the task gradients:
 
     w* = argmin_{w ∈ Δ_m} ‖Jᵀ w‖² = argmin_{w ∈ Δ_m} wᵀ G w
 
-solved on the Gramian ``G`` (``[m, m]``) by Frank–Wolfe (the paper's Algorithm 2): start from
-the best pair (the exact two-task solution), then move toward the vertex ``argmin_t (G w)_t``
-with the exact line search, until the step changes ``w`` by less than ``tol`` (L1) or
-``max_iter`` is reached. The reference code clips every line search to ``[0.001, 0.999]``;
-``line_search="reference"`` reproduces that (its weights never reach 0 or 1 exactly and it stops
-slightly above the optimum), the default follows the paper.
+solved on the Gramian ``G`` (``[m, m]``) by Frank–Wolfe (the paper's Algorithm 2) with the exact
+line search, started from the best pair (the exact two-task solution). The default solver adds
+*away steps* (move weight off the worst vertex in use, ``argmax_{t: w_t>0} (G w)_t``, when that
+direction is better), which converges linearly on the simplex where the paper's plain
+Frank–Wolfe zig-zags at an O(1/k) rate, and stops on a certificate: with ``f = wᵀGw`` the
+Frank–Wolfe duality gap ``gap = 2(f − min_t (G w)_t)`` bounds ``f − f*`` from above, and the
+solver stops when ``gap ≤ tol · (f − gap)``, i.e. ``f ≤ (1 + tol) f*`` (default ``tol = 1e-6``:
+the min-norm value to 1e-6 relative), or when ``f`` is zero to rounding
+(``f ≤ 4·m·eps·max_t G_tt``: the origin is in the hull). If ``max_iter`` (1000) is reached
+without the certificate it warns (:class:`MGDASolverWarning`) and returns the last iterate.
+
+The reference code (and LibMTL, nash-mtl) runs plain Frank–Wolfe, clips every line search to
+``[0.001, 0.999]`` and stops when an iteration changes ``w`` by less than 1e-5 (L1), after at
+most 250 iterations; that rule stops far from the optimum (1–10% above ``f*`` on random
+Jacobians). ``line_search="reference"`` reproduces it exactly (its constants, no certificate,
+no warning).
 At a cut point (``Balancer(at=module)``) the same
 solver on the representation's Gramian is MGDA-UB.
 
 Optional gradient normalisation before solving (``"l2"``: ``‖g_t‖``, ``"loss"``: ``L_t``,
 ``"loss+"``: ``L_t·‖g_t‖``) follows the original code: the weights are then applied to the
-*raw* gradients, ``w_t / n_t``.
+*raw* gradients, ``w_t / n_t``. Policy: the loss normalisations need ``L_t > 0`` for every task
+(a non-positive loss has no meaning as a scale) and raise ``ValueError`` naming the task
+otherwise; a zero gradient under ``"l2"``/``"loss+"`` is left unscaled (it is zero anyway).
 
 Scale: the solution is a convex combination; with ``reduction="sum"`` (default) it is
 multiplied by ``m`` so that MGDA on identical gradients returns ``Σ_t g_t``.
@@ -31,6 +43,7 @@ Example:
 
 from __future__ import annotations
 
+import warnings
 from typing import Literal
 
 import numpy as np
@@ -39,9 +52,17 @@ from torch import Tensor
 
 from mtlbal.aggregation.base import GramianAggregator, Reduction
 
-__all__ = ["MGDA", "mgda_weights", "min_norm_2"]
+__all__ = ["MGDA", "MGDASolverWarning", "mgda_weights", "min_norm_2"]
 
 Normalization = Literal["none", "l2", "loss", "loss+"]
+
+# the reference code's Frank–Wolfe constants (line_search="reference")
+REFERENCE_MAX_ITER = 250
+REFERENCE_TOL = 1e-5
+
+
+class MGDASolverWarning(UserWarning):
+    """The certified solver reached ``max_iter`` before its duality-gap certificate."""
 
 
 def min_norm_2(v11: float, v12: float, v22: float, *, clip: float = 0.0) -> tuple[float, float]:
@@ -58,10 +79,8 @@ def min_norm_2(v11: float, v12: float, v22: float, *, clip: float = 0.0) -> tupl
     return gamma, v22 + gamma * (v12 - v22)
 
 
-def _mgda_numpy(g: np.ndarray, max_iter: int, tol: float, clip: float) -> np.ndarray:
+def _best_pair(g: np.ndarray, clip: float) -> np.ndarray:
     m = g.shape[0]
-    if m == 1:
-        return np.ones(1)
     # the best pair, all pairs at once (the same rule as min_norm_2, first minimum in (i, j)
     # order as the reference's double loop)
     ii, jj = np.triu_indices(m, k=1)
@@ -73,6 +92,15 @@ def _mgda_numpy(g: np.ndarray, max_iter: int, tol: float, clip: float) -> np.nda
     k = int(np.argmin(cost))
     sol = np.zeros(m)
     sol[ii[k]], sol[jj[k]] = gam[k], 1.0 - gam[k]
+    return sol
+
+
+def _mgda_reference(g: np.ndarray, max_iter: int, tol: float, clip: float) -> np.ndarray:
+    """The reference code's plain Frank–Wolfe: stops when the L1 change of ``w`` is < tol."""
+    m = g.shape[0]
+    if m == 1:
+        return np.ones(1)
+    sol = _best_pair(g, clip)
     if m == 2:
         return sol
     for _ in range(max_iter):
@@ -91,30 +119,144 @@ def _mgda_numpy(g: np.ndarray, max_iter: int, tol: float, clip: float) -> np.nda
     return sol
 
 
+def _affine_min(g: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """The minimiser of ``xᵀ G_SS x`` subject to ``Σx = 1`` on the index set ``S``: the KKT
+    system ``[G_SS 1; 1ᵀ 0][x; μ] = [0; 1]`` (least squares when it is singular)."""
+    k = idx.size
+    a = np.zeros((k + 1, k + 1))
+    a[:k, :k] = g[np.ix_(idx, idx)]
+    a[:k, k] = 1.0
+    a[k, :k] = 1.0
+    rhs = np.zeros(k + 1)
+    rhs[k] = 1.0
+    try:
+        x = np.linalg.solve(a, rhs)
+        if np.isfinite(x).all() and np.allclose(a @ x, rhs, rtol=0, atol=1e-10):
+            return x[:k]
+    except np.linalg.LinAlgError:
+        pass
+    return np.linalg.lstsq(a, rhs, rcond=None)[0][:k]
+
+
+def _minor_cycle(g: np.ndarray, sol: np.ndarray) -> np.ndarray:
+    """Wolfe's minor cycle: move to the affine minimiser on the support; while it leaves the
+    simplex, step to the boundary toward it and drop the vertices that reach 0. Never raises
+    ``wᵀGw`` (the segment toward the affine minimiser descends)."""
+    f0 = float(sol @ g @ sol)
+    cur = sol.copy()
+    for _ in range(g.shape[0]):
+        idx = np.flatnonzero(cur > 0)
+        x = _affine_min(g, idx)
+        if not np.isfinite(x).all():
+            return sol
+        if (x >= 0).all():
+            cur = np.zeros_like(cur)
+            cur[idx] = x
+            break
+        w = cur[idx]
+        neg = x < 0
+        ratio = np.full(idx.size, np.inf)
+        ratio[neg] = w[neg] / (w[neg] - x[neg])
+        j = int(np.argmin(ratio))
+        new = w + ratio[j] * (x - w)
+        new[j] = 0.0  # the vertex that reaches the boundary first leaves the support
+        new = np.clip(new, 0.0, None)
+        cur = np.zeros_like(cur)
+        cur[idx] = new / new.sum()
+    return cur if float(cur @ g @ cur) <= f0 else sol
+
+
+def _mgda_certified(g: np.ndarray, max_iter: int, tol: float) -> tuple[np.ndarray, float, bool]:
+    """Away-step Frank–Wolfe with the exact line search; returns ``(w, gap, certified)``.
+
+    After each step, Wolfe's minor cycle moves to the exact minimiser on the current support
+    (dropping the vertices that leave it), which ends the zig-zag once the support is found
+    (then it is Wolfe's min-norm-point algorithm with away steps). Stops when
+    ``gap ≤ tol·(f − gap)`` (so ``f ≤ (1 + tol) f*``) or ``f`` is zero to rounding.
+    """
+    m = g.shape[0]
+    if m == 1:
+        return np.ones(1), 0.0, True
+    sol = _best_pair(g, 0.0)
+    floor = 4.0 * m * np.finfo(np.float64).eps * max(float(np.max(np.diag(g))), 0.0)
+    gap = np.inf
+    for it in range(max_iter + 1):
+        grad = g @ sol
+        f = float(sol @ grad)
+        if it > 0 and it % max(1, int(np.count_nonzero(sol)) // 8) == 0:
+            sol = _minor_cycle(g, sol)
+            grad = g @ sol
+            f = float(sol @ grad)
+        t = int(np.argmin(grad))
+        gap = 2.0 * (f - float(grad[t]))
+        if gap <= tol * (f - gap) or f <= floor:
+            return sol, gap, True
+        if it == max_iter:
+            break
+        in_use = sol > 0
+        a = int(np.argmax(np.where(in_use, grad, -np.inf)))
+        if f - float(grad[t]) >= float(grad[a]) - f or sol[a] >= 1.0:
+            d = -sol.copy()
+            d[t] += 1.0
+            step_max, away = 1.0, False
+        else:
+            d = sol.copy()
+            d[a] -= 1.0
+            step_max, away = float(sol[a] / (1.0 - sol[a])), True
+        curv = float(d @ g @ d)
+        slope = -float(d @ grad)  # > 0: a descent direction
+        step = min(step_max, slope / curv) if curv > 0 else step_max
+        sol = sol + step * d
+        if away and step == step_max:
+            sol[a] = 0.0  # the vertex leaves the active set exactly
+        np.clip(sol, 0.0, None, out=sol)
+        sol /= sol.sum()
+    return sol, gap, False
+
+
 def mgda_weights(
     gramian: Tensor,
     *,
-    max_iter: int = 250,
-    tol: float = 1e-5,
+    max_iter: int = 1000,
+    tol: float = 1e-6,
     norms: Tensor | None = None,
     clip: float = 0.0,
 ) -> Tensor:
     """Convex MGDA weights ``[m]`` (on the simplex) for the Gramian ``[m, m]``.
 
-    ``clip``: 0 for the paper's exact line search, 0.001 for the reference code's
-    (which never lets a weight reach exactly 0 or 1, and so stops ~0.1–2% above the optimum).
+    ``clip = 0`` (default): the certified away-step Frank–Wolfe; ``tol`` is the relative
+    duality gap (the result has ``f ≤ (1 + tol) f*``) and reaching ``max_iter`` without it
+    warns (:class:`MGDASolverWarning`). ``clip > 0`` (the reference code's 0.001): plain
+    Frank–Wolfe with the line search clipped to ``[clip, 1 − clip]``, stopping when the L1
+    change of ``w`` is below ``tol`` (the reference: ``tol = 1e-5``, ``max_iter = 250``).
 
-    With ``norms`` (``[m]``, positive) the problem is solved for the normalised gradients
-    ``g_t / n_t`` and the returned weights are ``w_t / n_t`` (apply them to the raw gradients).
+    With ``norms`` (``[m]``, ``≥ 0``) the problem is solved for the normalised gradients
+    ``g_t / n_t`` and the returned weights are ``w_t / n_t`` (apply them to the raw gradients);
+    a zero norm leaves its task unscaled.
     """
     g = gramian.detach().to(torch.float64)
+    n: Tensor | None = None
     if norms is not None:
-        n = norms.detach().to(torch.float64).clamp_min(1e-12)
+        n = norms.detach().to(device=g.device, dtype=torch.float64)
+        n = torch.where(n > 0, n, torch.ones_like(n))
         g = g / (n[:, None] * n[None, :])
-    sol = _mgda_numpy(g.cpu().numpy(), max_iter, tol, clip)
+    g_np = g.cpu().numpy()
+    if clip > 0:
+        sol = _mgda_reference(g_np, max_iter, tol, clip)
+    else:
+        sol, gap, ok = _mgda_certified(g_np, max_iter, tol)
+        if not ok:
+            f = float(sol @ g_np @ sol)
+            warnings.warn(
+                f"MGDA: no duality-gap certificate after max_iter={max_iter} iterations "
+                f"(‖d‖² = {f:.3e}, duality gap {gap:.3e}; needed gap ≤ tol·(‖d‖² − gap) with "
+                f"tol={tol:.1e}); using the last iterate",
+                MGDASolverWarning,
+                stacklevel=3,
+            )
     w = torch.as_tensor(sol, dtype=torch.float64, device=gramian.device)
-    if norms is not None:
-        w = w / norms.detach().to(torch.float64).clamp_min(1e-12)
+    if n is not None:
+        w = w / n
     return w
 
 
@@ -124,10 +266,14 @@ class MGDA(GramianAggregator):
     Args:
         normalization: ``"none"`` (default, as LibMTL and nash-mtl), ``"l2"``, ``"loss"`` or
             ``"loss+"``; see the module docstring.
-        max_iter: Frank–Wolfe iterations (250 as LibMTL).
-        tol: stop when the L1 change of ``w`` is below this (1e-5 as the reference).
-        line_search: ``"paper"`` (default): the exact two-point step, ``γ ∈ [0, 1]``;
-            ``"reference"``: the reference code's step clipped to ``[0.001, 0.999]``.
+        max_iter: iteration budget of the certified solver (1000); reaching it without the
+            certificate warns.
+        tol: relative duality gap of the certified solver (1e-6: ``‖d‖²`` within 1e-6
+            relative of the minimum).
+        line_search: ``"paper"`` (default): exact line search, away steps, the duality-gap
+            certificate; ``"reference"``: the reference code's solver with its own constants
+            (steps clipped to ``[0.001, 0.999]``, L1 change < 1e-5, 250 iterations;
+            ``max_iter`` and ``tol`` are then not used).
         reduction: ``"sum"`` (× m, default) or ``"mean"`` (the convex combination).
     """
 
@@ -137,8 +283,8 @@ class MGDA(GramianAggregator):
         self,
         *,
         normalization: Normalization = "none",
-        max_iter: int = 250,
-        tol: float = 1e-5,
+        max_iter: int = 1000,
+        tol: float = 1e-6,
         line_search: Literal["paper", "reference"] = "paper",
         reduction: Reduction = "sum",
     ) -> None:
@@ -160,7 +306,7 @@ class MGDA(GramianAggregator):
         """Losses of the current step (needed by the ``"loss"``/``"loss+"`` normalisations)."""
         self._losses = losses.detach()
 
-    def weights(self, gramian: Tensor) -> Tensor:
+    def _weights(self, gramian: Tensor) -> Tensor:
         m = gramian.shape[0]
         norms: Tensor | None = None
         if self.normalization != "none":
@@ -173,8 +319,22 @@ class MGDA(GramianAggregator):
                         f"MGDA(normalization={self.normalization!r}) needs the losses: "
                         "use it through a Balancer, or call set_losses() first"
                     )
-                loss = self._losses.to(torch.float64)
+                loss = self._losses.detach().to(device=gnorm.device, dtype=torch.float64)
+                loss = loss.reshape(-1)
+                if loss.shape[0] != m:
+                    raise ValueError(f"MGDA: {loss.shape[0]} losses for {m} tasks")
+                bad = [(i, float(v)) for i, v in enumerate(loss.tolist()) if not v > 0]
+                if bad:
+                    i, v = bad[0]
+                    raise ValueError(
+                        f"MGDA(normalization={self.normalization!r}) divides by the losses and "
+                        f"needs them > 0: task {i} has loss {v!r}"
+                    )
                 norms = loss if self.normalization == "loss" else loss * gnorm
-        clip = 0.0 if self.line_search == "paper" else 0.001
-        w = mgda_weights(gramian, max_iter=self.max_iter, tol=self.tol, norms=norms, clip=clip)
+        if self.line_search == "paper":
+            w = mgda_weights(gramian, max_iter=self.max_iter, tol=self.tol, norms=norms)
+        else:
+            w = mgda_weights(
+                gramian, max_iter=REFERENCE_MAX_ITER, tol=REFERENCE_TOL, norms=norms, clip=0.001
+            )
         return w * (m * self._scale(m))

@@ -192,7 +192,7 @@ class NashMTL(GramianAggregator):
             "reduction": self.reduction,
         }
 
-    def weights(self, gramian: Tensor) -> Tensor:
+    def _weights(self, gramian: Tensor) -> Tensor:
         m = gramian.shape[0]
         prev = self.alpha
         if prev is not None and prev.shape[0] != m:

@@ -13,7 +13,12 @@ So PCGrad needs only the Gramian: the update is ``Jᵀ w`` with ``w = Σ_i C_i``
 instead of O(m² n), and branch-free (``min(⟨·,·⟩, 0)`` replaces the ``if``), so no host sync.
 
 Randomness: a ``torch.Generator`` seeded by ``seed``; its state is part of ``state_dict``, so a
-resumed run draws the same orders. ``eps`` (1e-8, as LibMTL) guards ``‖g_j‖² = 0``.
+resumed run draws the same orders.
+
+Zero gradients: a task with ``‖g_j‖² = 0`` is skipped as a projection target (nothing to
+project on). There is no absolute epsilon by default, so the update is exactly positively
+homogeneous, ``d(sJ) = s·d(J)``; LibMTL adds 1e-8 to ``‖g_j‖²``, which is off by ~25% when
+``‖g‖ ~ 1e-4`` (``eps=1e-8`` reproduces it).
 
 Example:
     >>> import torch
@@ -32,24 +37,26 @@ from mtlbal.aggregation.base import GramianAggregator, Reduction
 __all__ = ["PCGrad", "pcgrad_weights"]
 
 
-def pcgrad_weights(gramian: Tensor, orders: Tensor, eps: float = 1e-8) -> Tensor:
+def pcgrad_weights(gramian: Tensor, orders: Tensor, eps: float = 0.0) -> Tensor:
     """PCGrad weights ``w`` (``[m]``, sum scale) such that the update is ``Jᵀ w``.
 
     Args:
         gramian: ``G`` ``[m, m]``.
         orders: ``[m, m]`` integer tensor; row ``i`` is the order in which task ``i`` visits
             the tasks (a permutation of ``0..m-1``).
-        eps: added to ``‖g_j‖²``.
+        eps: added to ``‖g_j‖²`` (default 0: none; a zero ``g_j`` is skipped).
     """
     g = gramian.to(torch.float64)
     m = g.shape[0]
     coef = torch.eye(m, dtype=g.dtype, device=g.device)
     diag = g.diagonal() + eps
+    nonzero = diag > 0
+    safe = torch.where(nonzero, diag, torch.ones_like(diag))
     rows = torch.arange(m, device=g.device)
     for k in range(m):
         j = orders[:, k]  # the task each row visits at position k, [m]
         dots = (coef * g[:, j].T).sum(1)  # ⟨g_i^PC, g_{j_i}⟩ = (C G)[i, j_i]
-        step = torch.clamp(dots, max=0.0) / diag[j]
+        step = torch.where(nonzero[j], torch.clamp(dots, max=0.0) / safe[j], 0.0)
         coef = coef.index_put((rows, j), coef[rows, j] - step)
     return coef.sum(0)
 
@@ -59,11 +66,11 @@ class PCGrad(GramianAggregator):
 
     Args:
         seed: seed of the generator that draws the visiting orders (``None``: nondeterministic).
-        eps: guard on ``‖g_j‖²``.
+        eps: added to ``‖g_j‖²`` (default 0; LibMTL's 1e-8 breaks scale invariance).
         reduction: ``"sum"`` (default, the paper's ``Σ_i g_i^PC``) or ``"mean"``.
     """
 
-    def __init__(self, *, seed: int | None = 0, eps: float = 1e-8, reduction: Reduction = "sum"):
+    def __init__(self, *, seed: int | None = 0, eps: float = 0.0, reduction: Reduction = "sum"):
         super().__init__(reduction)
         self.seed = seed
         self.eps = float(eps)
@@ -75,7 +82,7 @@ class PCGrad(GramianAggregator):
     def _orders(self, m: int) -> Tensor:
         return torch.stack([torch.randperm(m, generator=self._gen) for _ in range(m)])
 
-    def weights(self, gramian: Tensor) -> Tensor:
+    def _weights(self, gramian: Tensor) -> Tensor:
         m = gramian.shape[0]
         orders = self._orders(m).to(gramian.device)
         return pcgrad_weights(gramian, orders, self.eps) * self._scale(m)

@@ -227,7 +227,7 @@ class DualConeAggregator(GramianAggregator):
     def _kernel(self, gramian: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def weights(self, gramian: Tensor) -> Tensor:
+    def _weights(self, gramian: Tensor) -> Tensor:
         return self._kernel(gramian) * self._scale(gramian.shape[0])
 
 

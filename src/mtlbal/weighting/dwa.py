@@ -6,7 +6,9 @@ over epoch ``e`` and ``r_k = L̄_k(e−1) / L̄_k(e−2)`` the relative descent 
 
     w_k(e) = m · exp(r_k / τ) / Σ_i exp(r_i / τ),        ℓ_k = w_k · L_k,
 
-with ``w = 1`` during the first two epochs (no two completed epochs to compare). Default
+with ``w = 1`` during the first two epochs (no two completed epochs to compare). Policy for an
+epoch mean of zero: ``r_k = 1`` (neutral) when ``L̄_k(e−2) = 0``, where the ratio is undefined
+(``0/0`` or ``x/0``), so the weights are never NaN. Default
 ``τ = 2``. The weights sum to ``m``: equal rates give ``w = 1``, i.e. ``Σ_k L_k`` — the library's
 "sum" scale is the paper's own.
 
@@ -37,8 +39,10 @@ __all__ = ["DWA", "dwa_weights"]
 
 
 def dwa_weights(prev: Tensor, prev2: Tensor, temperature: float = 2.0) -> Tensor:
-    """``m · softmax((L̄(e−1) / L̄(e−2)) / τ)`` for the last two epoch means (``[m]`` each)."""
-    rate = prev / prev2
+    """``m · softmax((L̄(e−1) / L̄(e−2)) / τ)`` for the last two epoch means (``[m]`` each);
+    the rate of a task with ``L̄(e−2) = 0`` is 1."""
+    zero = prev2 == 0
+    rate = torch.where(zero, torch.ones_like(prev), prev / torch.where(zero, 1.0, prev2))
     return prev.shape[0] * torch.softmax(rate / temperature, dim=0)
 
 

@@ -23,7 +23,15 @@ lowering the weight of the tasks that improved most. The training loop::
 
 ``ξ`` is state, not a parameter: your optimizer (and :func:`mtlbal.wrap`) never see it. Its
 Adam moments, step count, and the losses of the last backward are state too, so
-``state_dict`` resumes a run exactly. Requires ``L_t > L*_t``. No host sync.
+``state_dict`` resumes a run exactly. All state follows the module's dtype (``.double()``,
+``.to(dtype)``); a floating ``min_losses`` tensor is stored at its own precision or the default
+dtype, whichever is wider, so ``FAMO(m, min_losses=x64).double()`` keeps ``L*`` exact.
+
+Policy for ``L_t ≤ L*_t``: FAMO takes ``log(L_t − L*_t + 1e-8)``; at or below the minimum that
+is ``log`` of (almost) nothing or of a negative number, which puts all the weight on that task
+or gives NaN, and drives the logits the wrong way. So a loss with ``L_t ≤ L*_t`` (in
+:meth:`objectives` or :meth:`update`) is a ``ValueError`` naming the task: set ``min_losses``
+below what the loss can reach. The check is one host sync per call.
 
 Scale: the paper's weights ``c z_t / D_t`` sum to 1 (``reduction="mean"``). ``reduction="sum"``
 (default) multiplies the objectives by ``m``: at the start (``z`` uniform) and with equal
@@ -122,7 +130,11 @@ class FAMO(LossWeighting):
         self.betas = (float(betas[0]), float(betas[1]))
         self.adam_eps = float(adam_eps)
         self.reduction: Literal["sum", "mean"] = reduction
-        mins = torch.as_tensor(min_losses, dtype=torch.float32).expand(num_tasks).clone()
+        given = torch.as_tensor(min_losses)
+        dtype = torch.get_default_dtype()
+        if given.is_floating_point():
+            dtype = torch.promote_types(given.dtype, dtype)
+        mins = given.detach().to(dtype=dtype, device="cpu").expand(num_tasks).clone()
         self.register_buffer("min_losses", mins, persistent=False)
         self.add_state("logits", torch.zeros(num_tasks))
         self.add_state("exp_avg", torch.zeros(num_tasks))
@@ -145,9 +157,21 @@ class FAMO(LossWeighting):
         """``z = softmax(ξ)`` (``[m]``)."""
         return torch.softmax(self.logits, dim=0)
 
+    def _check(self, losses: Tensor, mins: Tensor, tasks: tuple[str, ...] | None) -> None:
+        above = losses.detach() > mins
+        if bool(above.all()):
+            return
+        i = int((~above).nonzero()[0, 0])
+        name = repr(tasks[i]) if tasks is not None and i < len(tasks) else str(i)
+        raise ValueError(
+            f"FAMO takes log(L − L*) and needs every loss above its min_losses L*: task {name} "
+            f"has L = {float(losses[i])!r} ≤ L* = {float(mins[i])!r}; set min_losses lower"
+        )
+
     def objectives(self, losses: Tensor, ctx: LossContext) -> WeightedLosses:
         logits = self.logits.to(device=losses.device, dtype=losses.dtype)
         mins = self.min_losses.to(device=losses.device, dtype=losses.dtype)
+        self._check(losses, mins, ctx.tasks)
         obj, w = famo_objectives(losses, logits, mins)
         self.prev_losses = losses.detach().clone()
         k = self._mult()
@@ -170,7 +194,8 @@ class FAMO(LossWeighting):
         if after.shape != self.logits.shape:
             raise ValueError(f"FAMO has {self.num_tasks} tasks, got {after.shape[0]} losses")
         before = self.prev_losses.to(device=self.logits.device, dtype=self.logits.dtype)
-        mins = self.min_losses.to(self.logits.device)
+        mins = self.min_losses.to(device=self.logits.device, dtype=self.logits.dtype)
+        self._check(after, mins, None)
         grad = famo_logit_grad(self.logits, before, after, mins)
         self._adam(grad)
 

@@ -42,7 +42,9 @@ not is a ``ValueError`` naming the task; this check is one host sync per step (t
 own finiteness check is another unless ``nonfinite="off"``). With ``check_positive=False`` there
 is no check and a non-positive loss gives a non-finite objective (which the Balancer's
 ``nonfinite`` policy does not see: it checks the raw losses). ``eps=1e-8`` reproduces the
-``log(L + 1e-8)`` of LibMTL/FAMO recipes.
+``log(L + 1e-8)`` of LibMTL/FAMO recipes. The base losses ``L̄`` (epoch means) must be ``> 0``
+as well, since the v1 weights and the v2 reward divide by them: :meth:`IGB.epoch_end` raises
+``ValueError`` naming the task otherwise (possible only with ``eps > 0``; one host read per run).
 
 Host syncs (:attr:`IGB.host_sync`): v1 none besides the optional positivity check; v2 runs its
 agent on the CPU, so the loss vector (``m`` floats) is copied to the host every step and the
@@ -282,7 +284,15 @@ class IGB(LossWeighting):
                     f"IGB: epoch {self.epoch} (base_epoch) ended without any step; the base "
                     "losses are the mean training loss of that epoch"
                 )
-            self.base_losses = self.epoch_sum / self.epoch_count
+            base = self.epoch_sum / self.epoch_count
+            positive = (base > 0).tolist()  # once per run: the weights divide by L̄
+            if not all(positive):
+                i = positive.index(False)
+                raise ValueError(
+                    f"IGB: the base loss L̄ (mean loss of epoch {self.epoch}) must be > 0, the "
+                    f"weights divide by it; task {i} has base loss {float(base[i])!r}"
+                )
+            self.base_losses = base
             self._base_cpu = None
         self.epoch_sum = None
         self.epoch_count = 0

@@ -1,0 +1,88 @@
+"""Every aggregator of the package refuses what is not a Jacobian / Gramian, with a message
+that says what is wrong (issue 8, item 1)."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+
+from mtlbal import aggregation as A
+
+CLASSES = sorted(
+    (
+        c
+        for c in vars(A).values()
+        if inspect.isclass(c)
+        and issubclass(c, A.Aggregator)
+        and c not in (A.Aggregator, A.GramianAggregator)
+    ),
+    key=lambda c: c.__name__,
+)
+GRAMIAN_CLASSES = [c for c in CLASSES if issubclass(c, A.GramianAggregator)]
+
+
+def _jac() -> torch.Tensor:
+    gen = torch.Generator().manual_seed(0)
+    return torch.randn(3, 5, generator=gen, dtype=torch.float64)
+
+
+def test_every_aggregator_is_covered() -> None:
+    names = {c.__name__ for c in CLASSES}
+    assert {"MGDA", "PCGrad", "IMTLG", "CAGrad", "UPGrad", "DualProj", "GradVac"} <= names
+    assert {"NashMTL", "AlignedMTL"} <= names
+
+
+@pytest.mark.parametrize("cls", GRAMIAN_CLASSES, ids=lambda c: c.__name__)
+def test_gramian_refusals(cls: type[A.GramianAggregator]) -> None:
+    j = _jac()
+    g = j @ j.T
+    cls().weights(g)  # a valid Gramian is accepted
+    with pytest.raises(TypeError, match="floating"):
+        cls().weights(torch.ones(3, 3, dtype=torch.int64))
+    with pytest.raises(ValueError, match="square"):
+        cls().weights(g[:, :2])
+    with pytest.raises(ValueError, match="square"):
+        cls().weights(g.reshape(-1))
+    with pytest.raises(ValueError, match="square"):
+        cls().weights(g[None])
+    bad = g.clone()
+    bad[0, 1] += 1e-3 * float(g.abs().max())
+    with pytest.raises(ValueError, match="not symmetric"):
+        cls().weights(bad)
+    for v in (float("nan"), float("inf")):
+        bad = g.clone()
+        bad[1, 1] = v
+        with pytest.raises(ValueError, match="non-finite"):
+            cls().weights(bad)
+
+
+@pytest.mark.parametrize("cls", GRAMIAN_CLASSES, ids=lambda c: c.__name__)
+def test_symmetry_is_relative_to_scale(cls: type[A.GramianAggregator]) -> None:
+    j = _jac() * 1e-6
+    g = j @ j.T
+    ok = g.clone()
+    ok[0, 1] += 1e-9 * float(g.abs().max())  # rounding-level asymmetry is accepted
+    cls().weights(ok)
+    bad = g.clone()
+    bad[0, 1] += 1e-3 * float(g.abs().max())  # tiny in absolute terms, large relatively
+    with pytest.raises(ValueError, match="not symmetric"):
+        cls().weights(bad)
+
+
+@pytest.mark.parametrize("cls", CLASSES, ids=lambda c: c.__name__)
+def test_jacobian_refusals(cls: type[A.Aggregator]) -> None:
+    j = _jac()
+    cls()(j)
+    with pytest.raises(TypeError, match="floating"):
+        cls()(torch.ones(3, 5, dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"\[m, n\]"):
+        cls()(j.reshape(-1))
+    with pytest.raises(ValueError, match=r"\[m, n\]"):
+        cls()(j[None])
+    for v in (float("nan"), float("-inf")):
+        bad = j.clone()
+        bad[2, 3] = v
+        with pytest.raises(ValueError, match="non-finite"):
+            cls()(bad)

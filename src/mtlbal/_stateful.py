@@ -45,6 +45,9 @@ class Stateful(nn.Module):
     """Base class of every strategy: weightings, aggregators and transforms.
 
     Attributes:
+        needs: what the strategy needs from the step (a frozenset of
+            :class:`mtlbal.step.Need`): the Balancer computes what its strategies declared and
+            hands it over in one :class:`mtlbal.step.StepContext`.
         step_snapshot: how the Balancer makes a step all-or-nothing for this strategy.
             ``"reference"`` (default, free): before the commit stage the strategy *replaces*
             its state (``x = f(x)``), never mutates it in place, so the previous tensors can be
@@ -54,6 +57,9 @@ class Stateful(nn.Module):
     """
 
     step_snapshot: str = "reference"
+    #: what the strategy needs from the step (:class:`mtlbal.step.Need`); the Balancer computes
+    #: exactly the union of its strategies' needs
+    needs: frozenset[Any] = frozenset()
 
     #: entries of :meth:`config` that ``load_state_dict`` does not compare: a seed only says
     #: where a fresh (or reset) random stream starts, the saved generator state says where it is

@@ -44,10 +44,10 @@ from mtlbal.engine.branches import BranchStage
 from mtlbal.engine.cut import CutPerTaskGrads, CutPoint, split_task_grads
 from mtlbal.engine.dense import DensePerTaskGrads, batched_grads, task_grad_norms
 from mtlbal.engine.layerwise import LayerwiseCapture, layerwise_per_task_grads
-from mtlbal.step import StepInfo, gramian_stats
+from mtlbal.step import Need, StepContext, StepInfo, gramian_stats
 from mtlbal.transforms.base import GradientTransform
 from mtlbal.transforms.branch_calibration import BranchCalibration
-from mtlbal.weighting.base import Equal, LossContext, LossWeighting
+from mtlbal.weighting.base import Equal, LossWeighting
 
 __all__ = ["Balancer", "StepInfo", "gramian_stats"]
 
@@ -70,6 +70,7 @@ class _Step:
     records: list[Any] = field(default_factory=list)
     scale: Tensor | None = None  # the GradScaler's scale (a tensor: no host sync)
     given: list[Tensor] = field(default_factory=list)  # the user's loss tensors
+    lr_factor: float = 1.0
 
 
 class _Refused(Exception):
@@ -229,13 +230,15 @@ class Balancer:
                 "the fusion (at=module): at 'params' the gradient entering the branches is "
                 "not defined for every aggregator"
             )
+        # what the strategies declared they need: exactly this is computed per step
+        needs: set[Need] = set()
+        for st in self.strategies:
+            needs.update(getattr(st, "needs", frozenset()))
+        self.needs: frozenset[Need] = frozenset(needs)
         self.last_info: StepInfo | None = None
         # the loss tensors of the last committed step (their graph is freed): passing one again
         # is refused before anything runs
         self._spent: list[weakref.ref[Tensor]] = []
-        # ``lr_0 / lr_now`` of the optimizer, passed to the weighting as ``LossContext.lr_factor``
-        # (IGB v2's reward scale); :func:`mtlbal.wrap` sets it, users of a bare Balancer may.
-        self.lr_factor: Callable[[], float] | None = None
 
         # ---- hooks last; all removed if any registration fails, and when the Balancer is
         # garbage-collected without remove()
@@ -413,7 +416,9 @@ class Balancer:
         self._finalizer = weakref.finalize(self, _remove_all, self._handles())
 
     # ------------------------------------------------------------------ the step
-    def backward(self, losses: Losses, *, scaler: Any | None = None) -> StepInfo:
+    def backward(
+        self, losses: Losses, *, scaler: Any | None = None, lr_factor: float | None = None
+    ) -> StepInfo:
         """Fill ``.grad`` of every parameter the losses reach; return what was done.
 
         All or nothing: if any stage refuses the step (bad input, a non-finite loss or
@@ -433,8 +438,12 @@ class Balancer:
                 strategies' state is left unchanged and ``info.skipped`` is set, so
                 ``scaler.step`` skips the step and ``scaler.update`` lowers the scale exactly
                 as for a plain step.
+            lr_factor: ``lr_0 / lr_now`` of the optimizer, for strategies that declare
+                ``Need.LR_FACTOR`` (IGB v2's reward scale); :func:`mtlbal.wrap` passes it.
+                Default 1.0 (a constant learning rate).
         """
         step = self._validate(losses)
+        step.lr_factor = 1.0 if lr_factor is None else float(lr_factor)
         snapshot = StrategySnapshot(self.strategies)
         try:
             info = self._solve(step, scaler)
@@ -636,12 +645,10 @@ class Balancer:
         stacked = step.stacked
         if world > 1:
             stacked = stacked + (step.raw - step.stacked.detach())
-        ctx = LossContext(
-            step=self.step_count,
-            lr_factor=1.0 if self.lr_factor is None else float(self.lr_factor()),
-            tasks=step.names,
+        ctx = StepContext(
+            step=self.step_count, tasks=step.names, losses=step.raw, lr_factor=step.lr_factor
         )
-        if self.weighting.needs_layer_grad_norms:
+        if Need.LAYER_NORMS in self.weighting.needs:
             ctx.layer_grad_norms = self._layer_grad_norms(step)
         weighted = self.weighting.objectives(stacked, ctx)
         for q, g in weighted.param_grads:
@@ -675,7 +682,7 @@ class Balancer:
                 return self._nonfinite_grads(step, grads, gram, info, scaler)
         unscaled = gram if step.scale is None else gram / (step.scale.to(gram.dtype) ** 2)
         info.gramian = unscaled.detach()
-        self._aggregate(step, grads, unscaled, info)
+        self._aggregate(step, grads, unscaled, info, ctx)
         return info
 
     def _nonfinite_grads(
@@ -718,11 +725,12 @@ class Balancer:
         return task_grad_norms(step.values, params, reduce=reduce).detach()
 
     def _needs_per_task_grads(self) -> bool:
+        # an aggregator or diagnostics; a transform only where it applies to a shared parameter
         return (
-            self.aggregator is not None
+            (self.aggregator is not None and Need.GRAMIAN in self.aggregator.needs)
             or self.diagnostics
             or any(
-                t.needs_per_task and t.applies_to(p)
+                Need.GRAMIAN in t.needs and t.applies_to(p)
                 for t in self.transforms
                 for p in self.shared_params
             )
@@ -797,19 +805,20 @@ class Balancer:
             step.writes.add(q, g.sum(0))
         return DensePerTaskGrads(shared, shared_grads)
 
-    def _aggregate(self, step: _Step, grads: PerTaskGrads, gram: Tensor, info: StepInfo) -> None:
+    def _aggregate(
+        self, step: _Step, grads: PerTaskGrads, gram: Tensor, info: StepInfo, ctx: StepContext
+    ) -> None:
         agg = self.aggregator
         if agg is None:
             grads.write_weights(
                 torch.ones(grads.m, dtype=gram.dtype, device=gram.device), step.writes
             )
             return
-        agg.set_losses(step.raw)
         if isinstance(agg, GramianAggregator):
             # the m × m solve in float64, whatever the gradients' dtype, on an exactly
             # symmetric G (checked finite above; the kernel skips the standalone validation)
             g64 = gram.to(torch.float64)
-            w = agg._weights((g64 + g64.T) / 2)
+            w = agg.solve((g64 + g64.T) / 2, ctx)
             info.grad_weights = w.detach()
             info.weights = w.detach().to(info.loss_weights.dtype) * info.loss_weights
             grads.write_weights(w, step.writes)

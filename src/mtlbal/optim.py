@@ -109,7 +109,6 @@ class BalancedOptimizer(Optimizer):
         else:
             self.balancer_optimizer = None
         self._initial_lr = [float(g.get("lr", 1.0)) for g in optimizer.param_groups]
-        balancer.lr_factor = self.lr_factor
 
     def _init_hooks(self) -> None:
         self._optimizer_step_pre_hooks: OrderedDict[int, Callable[..., Any]] = OrderedDict()
@@ -156,13 +155,14 @@ class BalancedOptimizer(Optimizer):
         self.optimizer.defaults = value
 
     def backward(self, losses: Losses, *, scaler: Any | None = None) -> StepInfo:
-        """``balancer.backward(losses, scaler=scaler)``: fill ``.grad``, return the step info.
+        """``balancer.backward(losses, scaler=scaler, lr_factor=...)``: fill ``.grad``, return
+        the step info (the learning-rate factor of the wrapped optimizer is passed along).
 
         With a ``scaler``, call ``scaler.step(opt)`` next (not ``opt.step()``): the scaler
         unscales the model's gradients, the wrapper those of the strategy parameters.
         """
         self._pending["scaler"] = scaler
-        return self.balancer.backward(losses, scaler=scaler)
+        return self.balancer.backward(losses, scaler=scaler, lr_factor=self.lr_factor())
 
     def epoch_end(self) -> None:
         """``balancer.epoch_end()``: mark the end of a training epoch (IGB, DWA)."""
@@ -267,7 +267,6 @@ class BalancedOptimizer(Optimizer):
         self.__dict__.update(state)
         self._init_hooks()
         _claim(self.optimizer, self)
-        self.balancer.lr_factor = self.lr_factor
 
 
 def _default_strategy_optimizer(params: list[torch.nn.Parameter], lr: float) -> Optimizer:

@@ -1,14 +1,63 @@
-"""What one step did: :class:`StepInfo`, returned by :meth:`mtlbal.Balancer.backward`."""
+"""What a step gives the strategies and what it reports.
+
+* :class:`Need` — what a strategy declares it needs (its ``needs`` attribute); the Balancer
+  computes exactly the union of what its strategies declared.
+* :class:`StepContext` — the one object a strategy receives with the step's facts.
+* :class:`StepInfo` — what one :meth:`mtlbal.Balancer.backward` did.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["StepInfo", "gramian_stats"]
+__all__ = ["Need", "StepContext", "StepInfo", "gramian_stats"]
+
+
+class Need(str, Enum):
+    """What a strategy needs from the step, declared in its ``needs`` (a frozenset).
+
+    ``GRAMIAN``: per-task gradients of the shared part and their Gramian (every gradient-level
+    method; transforms whose effect is per task). ``LOSSES``: the step's raw losses in the
+    solver (MGDA's loss normalisation). ``LAYER_NORMS``: ``‖∇_W L_t‖`` over the strategy's
+    ``grad_norm_params`` (GradNorm). ``LR_FACTOR``: ``lr_0 / lr_now`` of the optimizer (IGB
+    v2). ``EPOCHS``: epoch boundaries (``epoch_end``: DWA, IGB). ``LOSSES_AFTER_STEP``: the
+    losses re-evaluated on the same batch after the optimizer step (``Balancer.update``: FAMO).
+    """
+
+    GRAMIAN = "gramian"
+    LOSSES = "losses"
+    LAYER_NORMS = "layer_norms"
+    LR_FACTOR = "lr_factor"
+    EPOCHS = "epochs"
+    LOSSES_AFTER_STEP = "losses_after_step"
+
+
+@dataclass
+class StepContext:
+    """The facts of one step, handed to every strategy (a loss weighting's ``objectives``, a
+    Gramian aggregator's ``solve``). Fields a strategy did not declare a need for may be unset.
+
+    Attributes:
+        step: index of the step being taken (0 for the first one).
+        tasks: the task names of this step, in the canonical order.
+        losses: ``[m]`` detached raw losses (under DDP: the rank mean, the loss of the
+            concatenated batch).
+        layer_grad_norms: ``[m]`` detached norms ``‖∇_W L_t‖`` (``Need.LAYER_NORMS``).
+        lr_factor: ``lr_0 / lr_now`` of the optimizer (``Need.LR_FACTOR``; 1.0 when unknown).
+        extras: free-form per-step values for user strategies.
+    """
+
+    step: int = 0
+    tasks: tuple[str, ...] | None = None
+    losses: Any = None
+    layer_grad_norms: Any = None
+    lr_factor: float = 1.0
+    extras: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

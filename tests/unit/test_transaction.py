@@ -176,14 +176,14 @@ def test_refused_step_does_not_double_head_gradients() -> None:
     bal = mtlbal.Balancer(p.trunk, aggregator=agg)
     ref = mtlbal.Balancer(q.trunk, aggregator=mtlbal.aggregation.MGDA())
 
-    def failing(g: torch.Tensor) -> torch.Tensor:
+    def failing(g: torch.Tensor, ctx: Any) -> torch.Tensor:
         raise RuntimeError("solver failed")
 
-    orig = agg._weights
-    agg._weights = failing  # type: ignore[method-assign]
+    orig = agg.solve
+    agg.solve = failing  # type: ignore[method-assign]
     with pytest.raises(RuntimeError, match="solver failed"):
         bal.backward(p.losses())
-    agg._weights = orig  # type: ignore[method-assign]
+    agg.solve = orig  # type: ignore[method-assign]
     assert all(x.grad is None for x in p.params())
     bal.backward(p.losses())
     ref.backward(q.losses())

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from mtlbal._stateful import Stateful
+from mtlbal.step import Need, StepContext
 
 __all__ = ["Aggregator", "GramianAggregator", "Reduction", "check_gramian", "check_jacobian"]
 
@@ -85,6 +86,7 @@ class Aggregator(Stateful):
 
     requires: Literal["gramian", "jacobian"] = "jacobian"
     host_sync: bool = False
+    needs: frozenset[Need] = frozenset({Need.GRAMIAN})
 
     def __init__(self, reduction: Reduction = "sum") -> None:
         super().__init__()
@@ -104,9 +106,6 @@ class Aggregator(Stateful):
     def aggregate_jacobian(self, jacobian: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def set_losses(self, losses: Tensor) -> None:
-        """Told the current raw losses ``[m]`` before aggregating (for loss-aware methods)."""
-
     def _scale(self, m: int) -> float:
         return 1.0 if self.reduction == "sum" else 1.0 / m
 
@@ -123,13 +122,24 @@ class GramianAggregator(Aggregator):
 
     requires: Literal["gramian", "jacobian"] = "gramian"
 
-    def weights(self, gramian: Tensor) -> Tensor:
-        """Weights ``[m]`` from the Gramian ``[m, m]``, in the configured ``reduction`` scale.
+    def weights(self, gramian: Tensor, *, losses: Tensor | None = None) -> Tensor:
+        """Weights ``[m]`` from the Gramian ``[m, m]``, in the configured ``reduction`` scale
+        (standalone use). ``losses`` (``[m]``) for a method that declares ``Need.LOSSES``.
 
         Raises ``TypeError`` for a non-floating Gramian and ``ValueError`` for one that is not
         ``[m, m]``, not finite, or not symmetric (relative to its scale).
         """
         check_gramian(gramian, type(self).__name__)
+        if losses is not None and tuple(losses.shape) != (gramian.shape[0],):
+            raise ValueError(
+                f"{type(self).__name__}: losses of shape {tuple(losses.shape)} for "
+                f"{gramian.shape[0]} tasks"
+            )
+        return self.solve(gramian, StepContext(losses=losses))
+
+    def solve(self, gramian: Tensor, ctx: StepContext) -> Tensor:
+        """Weights from a Gramian the caller has checked, with the step's context (what the
+        :class:`~mtlbal.Balancer` calls). Methods that need more than ``G`` override it."""
         return self._weights(gramian)
 
     def _weights(self, gramian: Tensor) -> Tensor:

@@ -51,6 +51,7 @@ import torch
 from torch import Tensor
 
 from mtlbal.aggregation.base import GramianAggregator, Reduction
+from mtlbal.step import Need, StepContext
 
 __all__ = ["MGDA", "MGDASolverWarning", "mgda_weights", "min_norm_2"]
 
@@ -297,16 +298,21 @@ class MGDA(GramianAggregator):
         self.normalization: Normalization = normalization
         self.max_iter = int(max_iter)
         self.tol = float(tol)
-        self._losses: Tensor | None = None
+        if normalization in ("loss", "loss+"):
+            self.needs = frozenset({Need.GRAMIAN, Need.LOSSES})
 
     def hparams(self) -> dict[str, object]:
         return {"normalization": self.normalization, "reduction": self.reduction}
 
-    def set_losses(self, losses: Tensor) -> None:
-        """Losses of the current step (needed by the ``"loss"``/``"loss+"`` normalisations)."""
-        self._losses = losses.detach()
+    def solve(self, gramian: Tensor, ctx: StepContext) -> Tensor:
+        """Weights from a checked Gramian and the step's losses (``ctx.losses``, needed by the
+        ``"loss"``/``"loss+"`` normalisations: declared as ``Need.LOSSES``)."""
+        return self._solve(gramian, ctx.losses)
 
     def _weights(self, gramian: Tensor) -> Tensor:
+        return self._solve(gramian, None)
+
+    def _solve(self, gramian: Tensor, losses: Tensor | None) -> Tensor:
         m = gramian.shape[0]
         norms: Tensor | None = None
         if self.normalization != "none":
@@ -314,12 +320,12 @@ class MGDA(GramianAggregator):
             if self.normalization == "l2":
                 norms = gnorm
             else:
-                if self._losses is None:
+                if losses is None:
                     raise ValueError(
                         f"MGDA(normalization={self.normalization!r}) needs the losses: "
-                        "use it through a Balancer, or call set_losses() first"
+                        "use it through a Balancer, or call weights(G, losses=L)"
                     )
-                loss = self._losses.detach().to(device=gnorm.device, dtype=torch.float64)
+                loss = losses.detach().to(device=gnorm.device, dtype=torch.float64)
                 loss = loss.reshape(-1)
                 if loss.shape[0] != m:
                     raise ValueError(f"MGDA: {loss.shape[0]} losses for {m} tasks")

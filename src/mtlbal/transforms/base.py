@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from mtlbal._stateful import Stateful
+from mtlbal.step import Need
 
 __all__ = ["GradientTransform"]
 
@@ -26,6 +27,11 @@ class GradientTransform(Stateful):
     """
 
     needs_per_task: bool = False
+
+    @property
+    def needs(self) -> frozenset[Need]:  # type: ignore[override]
+        """``Need.GRAMIAN`` (per-task gradients) when :attr:`needs_per_task` is set."""
+        return frozenset({Need.GRAMIAN}) if self.needs_per_task else frozenset()
 
     def bind(self, shared_params: list[Tensor], shared_modules: list[nn.Module]) -> None:
         """Told the Balancer's shared parameters and modules once, at construction."""

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from mtlbal._stateful import Stateful
+from mtlbal.step import Need, StepContext
 
 __all__ = ["Equal", "LossContext", "LossWeighting", "WeightedLosses"]
 
@@ -35,23 +36,8 @@ class WeightedLosses:
     param_grads: list[tuple[Tensor, Tensor]] = field(default_factory=list)
 
 
-@dataclass
-class LossContext:
-    """Per-step facts the Balancer gives a loss weighting.
-
-    Attributes:
-        step: index of the step being taken (0 for the first one).
-        layer_grad_norms: ``[m]`` detached norms ``‖∇_W L_t‖`` over the strategy's
-            ``grad_norm_params`` (GradNorm), when the strategy asked for them.
-        lr_factor: ``lr_0 / lr_now`` of the wrapped optimizer (1.0 when unknown).
-        tasks: the task names of this step (for error messages), when known.
-    """
-
-    step: int = 0
-    layer_grad_norms: Tensor | None = None
-    lr_factor: float = 1.0
-    tasks: tuple[str, ...] | None = None
-    extras: dict[str, Tensor] = field(default_factory=dict)
+# the one context object of a step (kept under its first name for loss weightings)
+LossContext = StepContext
 
 
 class LossWeighting(Stateful):
@@ -59,12 +45,16 @@ class LossWeighting(Stateful):
 
     Subclasses implement :meth:`objectives`. ``weighting(L)`` returns the current weights
     ``[m]`` (standalone use, as in TorchJD). A strategy that needs ``‖∇_W L_t‖`` for some
-    parameters ``W`` sets :attr:`needs_layer_grad_norms` and returns them from
+    parameters ``W`` declares ``Need.LAYER_NORMS`` in :attr:`needs` and returns them from
     :meth:`grad_norm_params`.
     """
 
-    needs_layer_grad_norms: bool = False
     num_tasks: int | None = None
+
+    @property
+    def needs_layer_grad_norms(self) -> bool:
+        """Whether the strategy declared ``Need.LAYER_NORMS``."""
+        return Need.LAYER_NORMS in self.needs
 
     def objectives(self, losses: Tensor, ctx: LossContext) -> WeightedLosses:
         raise NotImplementedError

@@ -33,6 +33,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from mtlbal.step import Need
 from mtlbal.weighting.base import LossContext, LossWeighting, WeightedLosses
 
 __all__ = ["DWA", "dwa_weights"]
@@ -53,6 +54,8 @@ class DWA(LossWeighting):
         num_tasks: optional; checked against the number of losses when given.
         temperature: ``τ`` (2, as the paper).
     """
+
+    needs = frozenset({Need.EPOCHS})
 
     epoch_sum: Tensor | None
     epoch_count: Tensor

@@ -58,6 +58,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from mtlbal.step import Need
 from mtlbal.weighting.base import LossContext, LossWeighting, WeightedLosses
 
 __all__ = ["FAMO", "famo_logit_grad", "famo_objectives"]
@@ -97,6 +98,8 @@ class FAMO(LossWeighting):
         betas, adam_eps: Adam's (0.9, 0.999) and 1e-8.
         reduction: ``"sum"`` (``m×`` the paper's objective, default) or ``"mean"``.
     """
+
+    needs = frozenset({Need.LOSSES_AFTER_STEP})
 
     logits: Tensor
     exp_avg: Tensor

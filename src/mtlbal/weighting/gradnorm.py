@@ -29,6 +29,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from mtlbal.step import Need
 from mtlbal.weighting.base import LossContext, LossWeighting, WeightedLosses
 
 __all__ = ["GradNorm", "gradnorm_loss"]
@@ -70,7 +71,7 @@ class GradNorm(LossWeighting):
     or let :func:`mtlbal.wrap` step them.
     """
 
-    needs_layer_grad_norms = True
+    needs = frozenset({Need.LAYER_NORMS})
     initial_losses: Tensor | None
 
     def __init__(

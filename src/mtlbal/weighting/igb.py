@@ -87,6 +87,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from mtlbal.step import Need
 from mtlbal.weighting._sac import SACAgent
 from mtlbal.weighting.base import LossContext, LossWeighting, WeightedLosses
 
@@ -199,6 +200,9 @@ class IGB(LossWeighting):
         self.agent: SACAgent | None = None
         # v2 trains its agent inside the step: a refused step loads a copy of the state back
         self.step_snapshot = "copy" if self.version == 2 else "reference"
+        self.needs = frozenset(
+            {Need.EPOCHS, Need.LR_FACTOR} if self.version == 2 else {Need.EPOCHS}
+        )
         self.sac_step = 0
         self._slot = 0
         self._base_cpu: Tensor | None = None

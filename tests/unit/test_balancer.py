@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import mtlbal
-from conftest import make_problem
+from conftest import Problem, make_problem
 from mtlbal.aggregation import MGDA, PCGrad
 from mtlbal.weighting import GradNorm, UncertaintyWeighting
 
@@ -314,3 +314,68 @@ def test_chunked_engine_equals_unchunked() -> None:
     mtlbal.Balancer(p.trunk, aggregator=MGDA(), chunk_size=2).backward(p.losses())
     for a, b in zip(ref, p.grads()):
         torch.testing.assert_close(a, b)
+
+
+# ---------------------------------------------------------------------------- hooks' lifetime
+def _trunk_trains(p: Problem) -> bool:
+    """Whether a plain backward through the trunk's output reaches the trunk's parameters."""
+    for q in p.params():
+        q.grad = None
+    sum(p.losses().values()).backward()  # type: ignore[union-attr]
+    return all(q.grad is not None for q in p.trunk.parameters())
+
+
+def test_failed_construction_leaves_no_hook() -> None:
+    p = make_problem(2)
+    branch = p.trunk[0]
+    taken = mtlbal.Balancer(p.trunk, at=p.trunk[2], aggregator=mtlbal.aggregation.MGDA())
+    # the second capture (a modality branch on a module already used as a cut point) fails
+    # after the cut point's hook was registered: every hook it registered is removed again
+    with pytest.raises(ValueError, match="already the cut point"):
+        mtlbal.Balancer(
+            p.trunk, at=p.trunk, aggregator=mtlbal.aggregation.MGDA(), branches=[branch, p.trunk[2]]
+        )
+    taken.remove()
+    assert _trunk_trains(p)
+    with pytest.raises(ValueError, match="cannot also be the cut point"):
+        mtlbal.Balancer(
+            p.trunk, at=p.trunk, aggregator=mtlbal.aggregation.MGDA(), branches=[p.trunk, branch]
+        )
+    assert _trunk_trains(p)
+
+
+def test_second_balancer_on_the_same_cut_point_is_refused() -> None:
+    p = make_problem(2)
+    first = mtlbal.Balancer(p.trunk, at=p.trunk, aggregator=mtlbal.aggregation.MGDA())
+    with pytest.raises(ValueError, match="already the cut point of another Balancer"):
+        mtlbal.Balancer(p.trunk, at=p.trunk, aggregator=mtlbal.aggregation.UPGrad())
+    first.remove()
+    second = mtlbal.Balancer(p.trunk, at=p.trunk, aggregator=mtlbal.aggregation.UPGrad())
+    second.backward(p.losses())
+    assert all(q.grad is not None for q in p.trunk.parameters())
+
+
+def test_a_collected_balancer_removes_its_hooks() -> None:
+    import gc
+
+    p = make_problem(2)
+    b = mtlbal.Balancer(p.trunk, at=p.trunk, aggregator=mtlbal.aggregation.MGDA())
+    del b
+    gc.collect()
+    # the detaching forward hook is gone: a plain backward trains the trunk again
+    assert _trunk_trains(p)
+    mtlbal.Balancer(p.trunk, at=p.trunk, aggregator=mtlbal.aggregation.MGDA())  # not refused
+
+
+def test_dict_order_does_not_matter_after_the_first_step() -> None:
+    p, q = make_problem(3), make_problem(3)
+    a = mtlbal.Balancer(p.trunk, weighting=mtlbal.weighting.UncertaintyWeighting(3))
+    b = mtlbal.Balancer(q.trunk, weighting=mtlbal.weighting.UncertaintyWeighting(3))
+    a.backward(p.losses())
+    b.backward(q.losses())
+    info_a = a.backward(p.losses())
+    info_b = b.backward(dict(reversed(list(q.losses().items()))))
+    assert info_a.tasks == info_b.tasks == ("task0", "task1", "task2")
+    torch.testing.assert_close(info_a.weights, info_b.weights, rtol=0, atol=0)
+    for x, y in zip(p.params(), q.params()):
+        torch.testing.assert_close(x.grad, y.grad, rtol=0, atol=0)

@@ -138,6 +138,9 @@ class AlignedMTL(GramianAggregator):
     """
 
     host_sync = True
+    # B = σ V Λ^{-1/2} Vᵀ has degree 0 (σ ∝ c, Λ^{-1/2} ∝ 1/c; the rank threshold is relative),
+    # so d = Jᵀ B w has degree 1
+    homogeneity = 1
 
     def __init__(
         self,

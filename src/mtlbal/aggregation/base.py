@@ -81,10 +81,17 @@ class Aggregator(Stateful):
         requires: ``"gramian"`` if the method needs only ``G = J Jᵀ`` (then the engine may never
             build ``J``), ``"jacobian"`` otherwise.
         host_sync: whether the solver copies to the host (documented per method).
+        homogeneity: the degree ``d`` of positive homogeneity of the update, when it has one:
+            scaling every task gradient (and, for loss-aware methods, every loss) by ``c > 0``
+            scales the update by ``c**d`` (up to round-off). ``1`` for most methods; ``0`` for
+            a direction that does not depend on the gradients' scale (Nash-MTL, normalised
+            MGDA); ``None`` when no degree holds (an absolute epsilon or threshold in the
+            method). Set per instance where it depends on the configuration.
     """
 
     requires: Literal["gramian", "jacobian"] = "jacobian"
     host_sync: bool = False
+    homogeneity: int | None = None
 
     def __init__(self, reduction: Reduction = "sum") -> None:
         super().__init__()

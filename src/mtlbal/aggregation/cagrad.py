@@ -143,6 +143,8 @@ class CAGrad(GramianAggregator):
     """
 
     host_sync = True
+    # the dual is solved on G/(trace(G)/m) and every guard acts on that scale: d has degree 1
+    homogeneity = 1
 
     def __init__(
         self,

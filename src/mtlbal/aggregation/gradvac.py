@@ -117,6 +117,8 @@ class GradVac(GramianAggregator):
             raise ValueError(f"beta must be in [0, 1], got {beta}")
         self.beta = float(beta)
         self.eps = float(eps)
+        # φ and the coefficients are scale-free ratios: degree 1 unless eps > 0
+        self.homogeneity = 1 if self.eps == 0 else None
         self.seed = seed
         self._gen = self.add_generator(seed)
         self.add_state("targets", None)

@@ -295,6 +295,10 @@ class MGDA(GramianAggregator):
         if normalization not in ("none", "l2", "loss", "loss+"):
             raise ValueError(f"unknown normalization {normalization!r}")
         self.normalization: Normalization = normalization
+        # the min-norm weights of c·G are those of G (the solver's stopping rules are relative):
+        # d has degree 1; normalising by n_t and applying w_t/n_t lowers it by the degree of n_t
+        # in the scale (‖g_t‖ and L_t: 1; L_t·‖g_t‖: 2)
+        self.homogeneity = {"none": 1, "l2": 0, "loss": 0, "loss+": -1}[normalization]
         self.max_iter = int(max_iter)
         self.tol = float(tol)
         self._losses: Tensor | None = None

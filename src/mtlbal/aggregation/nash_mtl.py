@@ -153,6 +153,9 @@ class NashMTL(GramianAggregator):
     """
 
     host_sync = True
+    # α has degree −1 (Gα = 1/α), so d = Jᵀα has degree 0; the max_norm clip is on ‖d‖, which
+    # is scale-free as well
+    homogeneity = 0
     alpha: Tensor | None
     num_failures: Tensor
     calls: Tensor

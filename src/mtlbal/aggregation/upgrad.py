@@ -220,6 +220,9 @@ class DualConeAggregator(GramianAggregator):
         self.pref = None if pref is None else pref.detach().clone()
         self.norm_eps = float(norm_eps)
         self.reg_eps = float(reg_eps)
+        # the QP sees G/trace(G): its weights do not depend on the scale, so d = Jᵀv has degree
+        # 1, unless a Gramian below the absolute norm_eps is treated as zero
+        self.homogeneity = 1 if self.norm_eps == 0 else None
 
     def hparams(self) -> dict[str, object]:
         return {"reg_eps": self.reg_eps, "reduction": self.reduction}

@@ -1,0 +1,377 @@
+"""Properties every registered strategy must have, asserted on what the user sees (``.grad``,
+``info.weights``, ``repr``), not on how it is computed. What holds for which strategy is declared
+once: in the registry (``Entry.identical``, ``Entry.permutation``) and on the aggregator classes
+(``Aggregator.homogeneity``); the tests read the declarations, they never guess.
+
+1. identical tasks give the sum (or mean, or a common multiple) of the task gradients;
+2. permuting the tasks permutes the weights and leaves the shared update unchanged;
+3. scaling every task gradient by ``c > 0`` scales the update by ``c**homogeneity``;
+4. the dense and layer-wise engines give the same ``.grad`` (and a cut point the same as
+   ``"params"`` where the weights do not depend on the gradients);
+5. ``repr`` lists exactly the non-default constructor arguments and rebuilds the strategy.
+
+Everything runs in float64 on a tiny model.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+import mtlbal
+from mtlbal import aggregation as A
+from mtlbal import transforms as T
+from mtlbal import weighting as W
+from registry import REGISTRY, Entry
+
+M = 3
+F64 = torch.float64
+STEPS = 3
+CASES = [(e, at) for e in REGISTRY for at in e.at]
+IDS = [f"{e.name}@{at}" for e, at in CASES]
+
+
+# ---------------------------------------------------------------- a small model, task by task
+class Tasks:
+    """A trunk and ``m`` heads with their targets and loss scales; ``order`` lists which task
+    is put in which position of the loss dict (the permutation test reorders it)."""
+
+    # seed 2: task 1 conflicts with tasks 0 and 2 (negative cosines at the trunk), so the
+    # order in which PCGrad/GradVac visit the tasks matters
+    def __init__(self, m: int, *, identical: bool = False, seed: int = 2) -> None:
+        g = torch.Generator().manual_seed(seed)
+        torch.manual_seed(seed)
+        self.trunk = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 6), nn.Tanh()).to(F64)
+        head = nn.Linear(6, 2).to(F64)
+        self.heads = [
+            copy.deepcopy(head) if identical else nn.Linear(6, 2).to(F64) for _ in range(m)
+        ]
+        self.x = torch.randn(12, 5, generator=g, dtype=F64)
+        y = torch.randn(12, 2, generator=g, dtype=F64)
+        self.ys = [
+            y if identical else 3 * torch.randn(12, 2, generator=g, dtype=F64) for _ in range(m)
+        ]
+        self.scales = [1.0 if identical else 1.0 + 0.7 * t for t in range(m)]
+        self.order = list(range(m))
+        self.factor = 1.0  # multiplies every loss (the homogeneity test)
+
+    def params(self) -> list[nn.Parameter]:
+        return [
+            *self.trunk.parameters(),
+            *(p for t in self.order for p in self.heads[t].parameters()),
+        ]
+
+    def loss_list(self) -> list[Tensor]:
+        z = self.trunk(self.x)
+        return [
+            self.factor * (self.scales[t] * (self.heads[t](z) - self.ys[t]).pow(2).mean() + 0.1)
+            for t in range(len(self.heads))
+        ]
+
+    def losses(self) -> dict[str, Tensor]:
+        ls = self.loss_list()
+        return {f"task{t}": ls[t] for t in self.order}
+
+
+def _run(
+    entry: Entry,
+    tasks: Tasks,
+    at: str,
+    *,
+    steps: int = STEPS,
+    engine: str = "auto",
+    kwargs: dict[str, Any] | None = None,
+    check: Any = None,
+) -> list[tuple[list[Tensor], Tensor]]:
+    """``steps`` optimizer steps; per step the ``.grad`` of every parameter and the weights."""
+    kw = entry.make(M) if kwargs is None else kwargs
+    for v in kw.values():
+        if isinstance(v, nn.Module):
+            v.to(F64)
+    where = "params" if at == "params" else tasks.trunk
+    bal = mtlbal.Balancer(tasks.trunk, at=where, engine=engine, **kw)  # type: ignore[arg-type]
+    opt = mtlbal.wrap(torch.optim.SGD(tasks.params(), lr=0.05, momentum=0.9), bal)
+    out = []
+    for k in range(steps):
+        opt.zero_grad()
+        if check is not None:
+            check.before(tasks)
+        info = opt.backward(tasks.losses())
+        grads = [
+            p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
+            for p in tasks.params()
+        ]
+        if check is not None:
+            check.after(tasks, grads, info, kw)
+        out.append((grads, info.weights.detach().to(F64).clone()))
+        opt.step()
+        if entry.extras.get("update_after_step"):
+            with torch.no_grad():
+                bal.update(tasks.losses())
+        if entry.epoch_every and (k + 1) % entry.epoch_every == 0:
+            bal.epoch_end()
+    return out
+
+
+def _close(a: Tensor, b: Tensor, rtol: float, what: str) -> None:
+    scale = float(b.abs().max()) if b.numel() else 0.0
+    torch.testing.assert_close(a, b, rtol=rtol, atol=rtol * max(scale, 1e-300), msg=what)
+
+
+def _masks(kw: dict[str, Any], params: list[Tensor]) -> list[Tensor | None]:
+    tr = kw.get("transforms")
+    trs = [] if tr is None else ([tr] if isinstance(tr, nn.Module) else list(tr))
+    out: list[Tensor | None] = []
+    for p in params:
+        mask = None
+        for t in trs:
+            if isinstance(t, T.SparseMask):
+                mk = t.mask_for(p)
+                if mk is not None:
+                    mask = mk if mask is None else mask & mk
+        out.append(mask)
+    return out
+
+
+# ---------------------------------------------------------------- 1. identical tasks
+class _IdenticalCheck:
+    def __init__(self, entry: Entry) -> None:
+        self.entry = entry
+        self.ref: list[Tensor] = []
+
+    def before(self, tasks: Tasks) -> None:
+        # the gradient of Σ_t L_t at the current parameters, on a clean copy of the model (the
+        # Balancer's hooks stay on the original)
+        c = Tasks(M, identical=True)
+        with torch.no_grad():
+            for q, p in zip(c.params(), tasks.params()):
+                q.copy_(p)
+        total = torch.stack(c.loss_list()).sum()
+        self.ref = list(torch.autograd.grad(total, list(c.trunk.parameters())))
+
+    def after(self, tasks: Tasks, grads: list[Tensor], info: Any, kw: dict[str, Any]) -> None:
+        shared = list(tasks.trunk.parameters())
+        got = grads[: len(shared)]
+        w = info.weights.detach().to(F64)
+        if self.entry.identical == "sum":
+            factor = 1.0
+        elif self.entry.identical == "mean":
+            factor = 1.0 / M
+        else:  # "scaled": a positive multiple of the sum, the mean reported weight
+            factor = float(w.mean())
+            assert factor > 0, f"weights {w.tolist()}"
+        for p, g, r, mask in zip(shared, got, self.ref, _masks(kw, shared)):
+            expected = factor * r
+            if mask is not None:  # a sparse mask: the update is the masked one
+                expected = torch.where(mask, expected, torch.zeros_like(expected))
+            _close(g, expected, 1e-10, f"shared .grad of {tuple(p.shape)}")
+
+
+IDENTICAL = [(e, at) for e, at in CASES if e.identical is not None]
+
+
+@pytest.mark.parametrize(("entry", "at"), IDENTICAL, ids=[f"{e.name}@{at}" for e, at in IDENTICAL])
+def test_identical_tasks_give_the_sum(entry: Entry, at: str) -> None:
+    tasks = Tasks(M, identical=True)
+    _run(entry, tasks, at, check=_IdenticalCheck(entry))
+
+
+def test_identical_declarations_are_explained() -> None:
+    # a strategy that declares nothing must be one that draws per-task randomness
+    for e in REGISTRY:
+        assert e.identical in ("sum", "mean", "scaled", None), e.name
+        if e.identical is None:
+            assert "RLW" in e.name or "IGBv2" in e.name, e.name
+
+
+@pytest.mark.parametrize(
+    "agg",
+    [
+        A.MGDA(reduction="mean"),
+        A.PCGrad(reduction="mean"),
+        A.UPGrad(reduction="mean"),
+        A.DualProj(reduction="mean"),
+        A.IMTLG(reduction="mean"),
+        A.AlignedMTL(reduction="mean"),
+        A.GradVac(reduction="mean"),
+        A.CAGrad(c=0.0, reduction="mean"),
+    ],
+    ids=lambda a: type(a).__name__,
+)
+def test_identical_rows_give_the_mean_under_reduction_mean(agg: A.Aggregator) -> None:
+    g = torch.randn(7, dtype=F64, generator=torch.Generator().manual_seed(1))
+    jac = g.expand(4, 7).clone()
+    _close(agg(jac), g, 1e-10, type(agg).__name__)
+    agg2 = copy.deepcopy(agg)
+    agg2.reduction = "sum"
+    _close(agg2(jac), 4 * g, 1e-10, type(agg).__name__)
+
+
+def test_nash_mtl_identical_rows_closed_form() -> None:
+    # the paper's bargaining solution for m identical g: α_i = 1/(√m‖g‖), d = √m g/‖g‖
+    g = torch.randn(7, dtype=F64, generator=torch.Generator().manual_seed(2))
+    d = A.NashMTL()(g.expand(4, 7).clone())
+    _close(d, 2.0 * g / g.norm(), 1e-8, "Nash-MTL")
+
+
+# ---------------------------------------------------------------- 2. permutation
+PERM = [2, 0, 1]
+PERM_TOL: dict[str, float] = {}
+
+
+@pytest.mark.parametrize(("entry", "at"), CASES, ids=IDS)
+def test_permuting_tasks_permutes_weights(entry: Entry, at: str) -> None:
+    if not entry.permutation:
+        # the declaration is exact: the property does fail for these
+        with pytest.raises(AssertionError):
+            _check_permutation(entry, at)
+        return
+    _check_permutation(entry, at)
+
+
+def _check_permutation(entry: Entry, at: str) -> None:
+    base = Tasks(M)
+    a, b = copy.deepcopy(base), copy.deepcopy(base)
+    b.order = PERM
+    ra = _run(entry, a, at)
+    rb = _run(entry, b, at)
+    tol = PERM_TOL.get(entry.name, 1e-9)
+    n_shared = len(list(base.trunk.parameters()))
+    for k, ((ga, wa), (gb, wb)) in enumerate(zip(ra, rb)):
+        _close(wb, wa[PERM], tol, f"step {k}: weights")
+        for i in range(n_shared):
+            _close(gb[i], ga[i], tol, f"step {k}: shared .grad[{i}]")
+
+
+# ---------------------------------------------------------------- 3. positive scaling
+def _aggregator_instances() -> list[A.Aggregator]:
+    out = []
+    for e in REGISTRY:
+        agg = e.make(M).get("aggregator")
+        if agg is not None:
+            out.append(agg)
+    out += [
+        A.MGDA(normalization="loss"),
+        A.MGDA(normalization="loss+"),
+        A.MGDA(line_search="reference"),
+        A.PCGrad(eps=1e-8),
+        A.UPGrad(norm_eps=1e-4),
+        A.DualProj(reduction="mean"),
+        A.CAGrad(c=0.5, rescale=2),
+        A.IMTLG(reduction="mean"),
+        A.NashMTL(max_norm=1.0),
+        A.GradVac(beta=0.1),
+    ]
+    return out
+
+
+AGGS = _aggregator_instances()
+
+
+def test_every_aggregator_class_declares_homogeneity() -> None:
+    for name in A.__all__:
+        cls = getattr(A, name)
+        if (
+            isinstance(cls, type)
+            and issubclass(cls, A.Aggregator)
+            and not cls.__name__.endswith("Aggregator")
+        ):
+            assert any(type(a) is cls for a in AGGS), name
+
+
+@pytest.mark.parametrize("agg", AGGS, ids=lambda a: repr(a))
+@pytest.mark.parametrize("c", [1e-3, 1e3])
+def test_positive_scaling(agg: A.Aggregator, c: float) -> None:
+    gen = torch.Generator().manual_seed(3)
+    jac = torch.randn(M, 11, dtype=F64, generator=gen)
+    losses = torch.rand(M, dtype=F64, generator=gen) + 0.5
+    a1, a2 = copy.deepcopy(agg), copy.deepcopy(agg)
+    a1.set_losses(losses)
+    a2.set_losses(c * losses)
+    d1, d2 = a1(jac), a2(c * jac)
+    if agg.homogeneity is None:
+        # declared without a degree: an absolute epsilon decides. Far above it the method is
+        # still degree 1 to within the epsilon's weight; near it, degree 1 fails
+        if c > 1:
+            _close(d2, c * d1, 1e-6, "degree 1 above the epsilon")
+        else:
+            with pytest.raises(AssertionError):
+                _close(d2, c * d1, 1e-6, "degree 1 near the epsilon")
+        return
+    _close(d2, c**agg.homogeneity * d1, 1e-9, f"degree {agg.homogeneity}")
+
+
+SCALING = [(e, at) for e, at in CASES if "aggregator" in e.make(M) and "weighting" not in e.make(M)]
+
+
+@pytest.mark.parametrize(("entry", "at"), SCALING, ids=[f"{e.name}@{at}" for e, at in SCALING])
+@pytest.mark.parametrize("c", [1e-3, 1e3])
+def test_positive_scaling_through_the_balancer(entry: Entry, at: str, c: float) -> None:
+    kw = entry.make(M)
+    d = kw["aggregator"].homogeneity
+    assert d is not None
+    base = Tasks(M)
+    a, b = copy.deepcopy(base), copy.deepcopy(base)
+    b.factor = c
+    ((ga, _),) = _run(entry, a, at, steps=1, kwargs=kw)
+    ((gb, _),) = _run(entry, b, at, steps=1)
+    for i in range(len(list(base.trunk.parameters()))):
+        _close(gb[i], c**d * ga[i], 1e-9, f"shared .grad[{i}] at c={c}")
+
+
+# ---------------------------------------------------------------- 4. engines and cut points
+PARAMS = [e for e in REGISTRY if "params" in e.at]
+
+
+@pytest.mark.parametrize("entry", PARAMS, ids=[e.name for e in PARAMS])
+def test_dense_and_layerwise_engines_agree(entry: Entry) -> None:
+    base = Tasks(M)
+    a, b = copy.deepcopy(base), copy.deepcopy(base)
+    ra = _run(entry, a, "params", engine="dense")
+    rb = _run(entry, b, "params", engine="layerwise")
+    for k, ((ga, wa), (gb, wb)) in enumerate(zip(ra, rb)):
+        _close(wb, wa, 1e-10, f"step {k}: weights")
+        for i, (x, y) in enumerate(zip(ga, gb)):
+            _close(y, x, 1e-10, f"step {k}: .grad[{i}]")
+
+
+# without an aggregator and with weights that do not depend on gradients, the combination at
+# the representation is the same linear combination as at the parameters
+CUT_EQ = [
+    e
+    for e in REGISTRY
+    if {"params", "cut"} <= set(e.at)
+    and "aggregator" not in e.make(M)
+    and "transforms" not in e.make(M)
+    and not isinstance(e.make(M).get("weighting"), W.GradNorm)
+]
+
+
+@pytest.mark.parametrize("entry", CUT_EQ, ids=[e.name for e in CUT_EQ])
+def test_cut_point_equals_params_for_fixed_weights(entry: Entry) -> None:
+    base = Tasks(M)
+    a, b = copy.deepcopy(base), copy.deepcopy(base)
+    ra = _run(entry, a, "params")
+    rb = _run(entry, b, "cut")
+    for k, ((ga, wa), (gb, wb)) in enumerate(zip(ra, rb)):
+        _close(wb, wa, 1e-10, f"step {k}: weights")
+        for i, (x, y) in enumerate(zip(ga, gb)):
+            _close(y, x, 1e-10, f"step {k}: .grad[{i}]")
+
+
+@pytest.mark.parametrize("cls", [A.MGDA, A.UPGrad, A.IMTLG])
+def test_cut_point_equals_params_for_a_linear_trunk_top(cls: type) -> None:
+    # with equal task gradients any Gramian method gives Σg at both places: the weights are
+    # fixed (1 each), so the combination commutes with the backward through the trunk
+    entry = Entry(cls.__name__, lambda m: {"aggregator": cls()})
+    base = Tasks(M, identical=True)
+    a, b = copy.deepcopy(base), copy.deepcopy(base)
+    ra = _run(entry, a, "params")
+    rb = _run(entry, b, "cut")
+    for (ga, _), (gb, _) in zip(ra, rb):
+        for x, y in zip(ga[:4], gb[:4]):
+            _close(y, x, 1e-10, "shared .grad")

@@ -164,10 +164,11 @@ class AlignedMTL(GramianAggregator):
             self.task_weights = w
 
     def hparams(self) -> dict[str, object]:
-        out: dict[str, object] = {"scale_mode": self.scale_mode, "reduction": self.reduction}
-        if self.task_weights is not None:
-            out["weights"] = self.task_weights.tolist()
-        return out
+        return {
+            "weights": None if self.task_weights is None else self.task_weights.tolist(),
+            "scale_mode": self.scale_mode,
+            "reduction": self.reduction,
+        }
 
     def _weights(self, gramian: Tensor) -> Tensor:
         m = gramian.shape[0]

@@ -170,7 +170,14 @@ class CAGrad(GramianAggregator):
         self.on_failure: OnFailure = on_failure
 
     def hparams(self) -> dict[str, object]:
-        return {"c": self.c, "rescale": self.rescale, "reduction": self.reduction}
+        return {
+            "c": self.c,
+            "rescale": self.rescale,
+            "ftol": self.ftol,
+            "max_iter": self.max_iter,
+            "on_failure": self.on_failure,
+            "reduction": self.reduction,
+        }
 
     def _weights(self, gramian: Tensor) -> Tensor:
         m = gramian.shape[0]

@@ -124,7 +124,7 @@ class GradVac(GramianAggregator):
         self.add_state("targets", None)
 
     def hparams(self) -> dict[str, object]:
-        return {"beta": self.beta, "seed": self.seed, "reduction": self.reduction}
+        return {"beta": self.beta, "eps": self.eps, "seed": self.seed, "reduction": self.reduction}
 
     def _orders(self, m: int) -> Tensor:
         rows = []

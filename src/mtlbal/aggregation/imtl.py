@@ -104,7 +104,7 @@ class IMTLG(GramianAggregator):
         self.homogeneity = 1 if self.eps == 0 else None
 
     def hparams(self) -> dict[str, object]:
-        return {"reduction": self.reduction}
+        return {"eps": self.eps, "rtol": self.rtol, "reduction": self.reduction}
 
     def _weights(self, gramian: Tensor) -> Tensor:
         m = gramian.shape[0]

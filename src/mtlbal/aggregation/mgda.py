@@ -304,7 +304,13 @@ class MGDA(GramianAggregator):
         self._losses: Tensor | None = None
 
     def hparams(self) -> dict[str, object]:
-        return {"normalization": self.normalization, "reduction": self.reduction}
+        return {
+            "normalization": self.normalization,
+            "max_iter": self.max_iter,
+            "tol": self.tol,
+            "line_search": self.line_search,
+            "reduction": self.reduction,
+        }
 
     def set_losses(self, losses: Tensor) -> None:
         """Losses of the current step (needed by the ``"loss"``/``"loss+"`` normalisations)."""

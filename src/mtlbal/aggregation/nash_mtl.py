@@ -190,7 +190,10 @@ class NashMTL(GramianAggregator):
 
     def hparams(self) -> dict[str, object]:
         return {
+            "tol": self.tol,
+            "max_iter": self.max_iter,
             "update_every": self.update_every,
+            "max_norm": self.max_norm,
             "on_failure": self.on_failure,
             "reduction": self.reduction,
         }

@@ -80,7 +80,7 @@ class PCGrad(GramianAggregator):
         self.homogeneity = 1 if self.eps == 0 else None
 
     def hparams(self) -> dict[str, object]:
-        return {"seed": self.seed, "reduction": self.reduction}
+        return {"seed": self.seed, "eps": self.eps, "reduction": self.reduction}
 
     def _orders(self, m: int) -> Tensor:
         return torch.stack([torch.randperm(m, generator=self._gen) for _ in range(m)])

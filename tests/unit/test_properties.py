@@ -166,13 +166,17 @@ class _IdenticalCheck:
         shared = list(tasks.trunk.parameters())
         got = grads[: len(shared)]
         w = info.weights.detach().to(F64)
+        # identical tasks are treated alike: one weight for all of them
+        _close(w, torch.full_like(w, float(w.mean())), 1e-9, "weights of identical tasks")
         if self.entry.identical == "sum":
             factor = 1.0
         elif self.entry.identical == "mean":
             factor = 1.0 / M
-        else:  # "scaled": a positive multiple of the sum, the mean reported weight
+        else:  # "scaled": a positive multiple of the sum, the common weight
             factor = float(w.mean())
             assert factor > 0, f"weights {w.tolist()}"
+        if self.entry.identical in ("sum", "mean"):
+            _close(w, torch.full_like(w, factor), 1e-9, "the weight of each identical task")
         for p, g, r, mask in zip(shared, got, self.ref, _masks(kw, shared)):
             expected = factor * r
             if mask is not None:  # a sparse mask: the update is the masked one
@@ -593,3 +597,39 @@ def test_weighting_reduction_mean_is_sum_over_m(name: str) -> None:
         a, b = total.objectives(losses, ctx), mean.objectives(losses, ctx)
         _close(b.weights, a.weights / M, 1e-12, f"step {k}: weights")
         _close(b.objectives, a.objectives / M, 1e-12, f"step {k}: objectives")
+
+
+# ---------------------------------------------------------------- degenerate Jacobians
+# identical rows, and rows that are positive multiples of each other (identical after MGDA's
+# "l2" normalisation): where the weights solve a problem with many optima, the method must still
+# pick them symmetrically
+DEGENERATE = {
+    "identical": torch.tensor([[1.0, -2.0, 0.5, 3.0]], dtype=F64).expand(M, 4).clone(),
+    "collinear": torch.tensor([[1.0, -2.0, 0.5, 3.0]], dtype=F64)
+    * torch.tensor([[1.0], [2.5], [0.25]], dtype=F64),
+}
+
+
+@pytest.mark.parametrize("kind", list(DEGENERATE))
+@pytest.mark.parametrize("agg", AGGS, ids=lambda a: repr(a))
+def test_degenerate_jacobians_permute(agg: A.GramianAggregator, kind: str) -> None:
+    jac = DEGENERATE[kind]
+    losses = torch.tensor([0.5, 1.0, 2.0], dtype=F64)
+    a1, a2 = copy.deepcopy(agg), copy.deepcopy(agg)
+    a1.set_losses(losses)
+    a2.set_losses(losses[PERM])
+    if getattr(agg, "line_search", "paper") == "reference":
+        pytest.skip("MGDA's reference solver reproduces the reference code's pair choice")
+    w1, w2 = a1.weights(jac @ jac.T), a2.weights(jac[PERM] @ jac[PERM].T)
+    _close(w2, w1[PERM], 1e-9, "weights")
+    _close(w2 @ jac[PERM], w1 @ jac, 1e-9, "update")
+
+
+def test_mgda_identical_tasks_get_equal_weights() -> None:
+    # every point of the simplex is optimal; the uniform one is returned (it was the first
+    # vertex of the best pair: all the weight on task 0)
+    jac = DEGENERATE["identical"]
+    _close(A.MGDA().weights(jac @ jac.T), torch.ones(M, dtype=F64), 1e-12, "sum")
+    col = DEGENERATE["collinear"]
+    w = A.MGDA(normalization="l2").weights(col @ col.T)
+    _close(w * col.norm(dim=1), torch.ones(M, dtype=F64), 1e-12, "l2")

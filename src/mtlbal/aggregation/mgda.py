@@ -5,8 +5,10 @@ The min-norm point of the convex hull of the task gradients:
     w* = argmin_{w ∈ Δ_m} ‖Jᵀ w‖² = argmin_{w ∈ Δ_m} wᵀ G w
 
 solved on the Gramian ``G`` (``[m, m]``) by Frank–Wolfe (the paper's Algorithm 2) with the exact
-line search, started from the best pair (the exact two-task solution). The default solver adds
-*away steps* (move weight off the worst vertex in use, ``argmax_{t: w_t>0} (G w)_t``, when that
+line search, started from the best pair (the exact two-task solution); when the uniform point
+already passes the certificate below it is returned as is, so identical task gradients (where
+every ``w`` is optimal) get equal weights, not the best pair's arbitrary vertex. The default
+solver adds *away steps* (move weight off the worst vertex in use, ``argmax_{t: w_t>0} (G w)_t``, when that
 direction is better), which converges linearly on the simplex where the paper's plain
 Frank–Wolfe zig-zags at an O(1/k) rate, and stops on a certificate: with ``f = wᵀGw`` the
 Frank–Wolfe duality gap ``gap = 2(f − min_t (G w)_t)`` bounds ``f − f*`` from above, and the
@@ -177,8 +179,17 @@ def _mgda_certified(g: np.ndarray, max_iter: int, tol: float) -> tuple[np.ndarra
     m = g.shape[0]
     if m == 1:
         return np.ones(1), 0.0, True
-    sol = _best_pair(g, 0.0)
     floor = 4.0 * m * np.finfo(np.float64).eps * max(float(np.max(np.diag(g))), 0.0)
+    # the uniform point first: where it is already certified (identical task gradients, or
+    # identical after normalisation, where every w on the simplex is optimal) the weights are
+    # symmetric in the tasks instead of the best pair's arbitrary vertex
+    uni = np.full(m, 1.0 / m)
+    grad_u = g @ uni
+    f_u = float(uni @ grad_u)
+    gap_u = 2.0 * (f_u - float(np.min(grad_u)))
+    if gap_u <= tol * (f_u - gap_u) or f_u <= floor:
+        return uni, gap_u, True
+    sol = _best_pair(g, 0.0)
     gap = np.inf
     for it in range(max_iter + 1):
         grad = g @ sol

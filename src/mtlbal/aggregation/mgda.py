@@ -6,16 +6,16 @@ The min-norm point of the convex hull of the task gradients:
 
 solved on the Gramian ``G`` (``[m, m]``) by Frank–Wolfe (the paper's Algorithm 2) with the exact
 line search, started from the best pair (the exact two-task solution); when the uniform point
-already passes the certificate below it is returned as is, so identical task gradients (where
-every ``w`` is optimal) get equal weights, not the best pair's arbitrary vertex. The default
-solver adds *away steps* (move weight off the worst vertex in use, ``argmax_{t: w_t>0} (G w)_t``, when that
-direction is better), which converges linearly on the simplex where the paper's plain
-Frank–Wolfe zig-zags at an O(1/k) rate, and stops on a certificate: with ``f = wᵀGw`` the
-Frank–Wolfe duality gap ``gap = 2(f − min_t (G w)_t)`` bounds ``f − f*`` from above, and the
-solver stops when ``gap ≤ tol · (f − gap)``, i.e. ``f ≤ (1 + tol) f*`` (default ``tol = 1e-6``:
-the min-norm value to 1e-6 relative), or when ``f`` is zero to rounding
-(``f ≤ 4·m·eps·max_t G_tt``: the origin is in the hull). If ``max_iter`` (1000) is reached
-without the certificate it warns (:class:`MGDASolverWarning`) and returns the last iterate.
+already passes the certificate below it is returned as is, so identical task gradients (where every
+``w`` is optimal) get equal weights, not the best pair's arbitrary vertex. The default solver adds
+*away steps* (move weight off the worst vertex in use, ``argmax_{t: w_t>0} (G w)_t``, when that
+direction is better), which converges linearly on the simplex where the paper's plain Frank–Wolfe
+zig-zags at an O(1/k) rate, and stops on a certificate: with ``f = wᵀGw`` the Frank–Wolfe duality
+gap ``gap = 2(f − min_t (G w)_t)`` bounds ``f − f*`` from above, and the solver stops when
+``gap ≤ tol · (f − gap)``, i.e. ``f ≤ (1 + tol) f*`` (default ``tol = 1e-6``: the min-norm value
+to 1e-6 relative), or when ``f`` is zero to rounding (``f ≤ 4·m·eps·max_t G_tt``: the origin is in
+the hull). If ``max_iter`` (1000) is reached without the certificate it warns
+(:class:`MGDASolverWarning`) and returns the last iterate.
 
 The reference code (and LibMTL, nash-mtl) runs plain Frank–Wolfe, clips every line search to
 ``[0.001, 0.999]`` and stops when an iteration changes ``w`` by less than 1e-5 (L1), after at

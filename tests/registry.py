@@ -2,6 +2,20 @@
 
 Each entry builds the Balancer keyword arguments for ``m`` tasks. ``at`` lists where the
 strategy is exercised: ``"params"`` and/or ``"cut"``.
+
+Declared behaviour (checked by tests/unit/test_properties.py, decided from each method's paper):
+
+``identical``: what ``m`` tasks with one and the same loss (hence identical task gradients) give
+at the shared part. ``"sum"``: exactly the gradient of ``Σ_t L_t``; ``"mean"``: of their mean
+(``reduction="mean"``); ``"scaled"``: a positive multiple of it, ``w̄ · ∇Σ_t L_t`` with ``w̄`` the
+mean reported weight (a method on its own scale: Nash-MTL's ``α = 1/(√m‖g‖)``, IGB's ``1/L``,
+CAGrad's ``(1+c)/(1+c²)``, MGDA-l2's ``1/‖g‖``, learned uncertainties ``e^{−s}/2``);
+``None``: nothing of the kind holds (a random weighting draws a different weight per task).
+
+``permutation``: permuting the tasks permutes the reported weights and leaves the shared update
+unchanged. ``False`` for methods that draw random numbers in task order (RLW's weights,
+PCGrad's and GradVac's visiting orders) or whose weights come from a network that is not
+symmetric in its inputs (IGB v2's SAC agent).
 """
 
 from __future__ import annotations
@@ -24,35 +38,52 @@ class Entry:
     # epoch boundaries to mark during the battery's runs (every k steps; 0 = never)
     epoch_every: int = 0
     extras: dict[str, Any] = field(default_factory=dict)
+    identical: str | None = "sum"
+    permutation: bool = True
 
 
 REGISTRY: list[Entry] = [
     Entry("Equal", lambda m: {}),
-    Entry("UncertaintyWeighting", lambda m: {"weighting": W.UncertaintyWeighting(m)}),
+    Entry(
+        "UncertaintyWeighting",
+        lambda m: {"weighting": W.UncertaintyWeighting(m)},
+        identical="scaled",
+    ),
     Entry(
         "UncertaintyWeighting-simple",
         lambda m: {"weighting": W.UncertaintyWeighting(m, form="simple")},
+        identical="scaled",
     ),
     Entry("GradNorm", lambda m: {"weighting": W.GradNorm(m, alpha=1.5)}),
     Entry("DWA", lambda m: {"weighting": W.DWA(m)}, epoch_every=2),
-    Entry("RLW", lambda m: {"weighting": W.RLW(m, seed=5)}),
-    Entry("RLW+UPGrad", lambda m: {"weighting": W.RLW(m, seed=2), "aggregator": A.UPGrad()}),
+    Entry("RLW", lambda m: {"weighting": W.RLW(m, seed=5)}, identical=None, permutation=False),
+    Entry(
+        "RLW+UPGrad",
+        lambda m: {"weighting": W.RLW(m, seed=2), "aggregator": A.UPGrad()},
+        identical=None,
+        permutation=False,
+    ),
     # FAMO's logit step needs balancer.update(re-evaluated losses) after optimizer.step();
     # without it the battery still exercises objectives + state (the logits stay at 0)
     Entry("FAMO", lambda m: {"weighting": W.FAMO(m)}, extras={"update_after_step": True}),
     Entry("MGDA", lambda m: {"aggregator": A.MGDA()}),
-    Entry("MGDA-l2", lambda m: {"aggregator": A.MGDA(normalization="l2")}),
-    Entry("PCGrad", lambda m: {"aggregator": A.PCGrad(seed=3)}),
+    Entry("MGDA-l2", lambda m: {"aggregator": A.MGDA(normalization="l2")}, identical="scaled"),
+    Entry("PCGrad", lambda m: {"aggregator": A.PCGrad(seed=3)}, permutation=False),
     Entry("AlignedMTL", lambda m: {"aggregator": A.AlignedMTL()}),
     Entry("AlignedMTL-median", lambda m: {"aggregator": A.AlignedMTL(scale_mode="median")}),
     Entry("AlignedMTL-rmse", lambda m: {"aggregator": A.AlignedMTL(scale_mode="rmse")}),
-    Entry("AlignedMTL-mean", lambda m: {"aggregator": A.AlignedMTL(reduction="mean")}),
+    Entry(
+        "AlignedMTL-mean",
+        lambda m: {"aggregator": A.AlignedMTL(reduction="mean")},
+        identical="mean",
+    ),
     # IGB takes log L_t: the battery's losses must be positive (extras["positive_losses"])
     Entry(
         "IGBv1",
         lambda m: {"weighting": W.IGB(m, base_epoch=0)},
         epoch_every=2,
         extras={"positive_losses": True},
+        identical="scaled",
     ),
     Entry(
         "IGBv2",
@@ -72,22 +103,27 @@ REGISTRY: list[Entry] = [
         },
         epoch_every=2,
         extras={"positive_losses": True},
+        identical=None,
+        permutation=False,
     ),
     Entry(
         "IGBv1+AlignedMTL",
         lambda m: {"weighting": W.IGB(m, base_epoch=0), "aggregator": A.AlignedMTL()},
         epoch_every=2,
         extras={"positive_losses": True},
+        identical="scaled",
     ),
     Entry(
         "UW+PCGrad",
         lambda m: {"weighting": W.UncertaintyWeighting(m), "aggregator": A.PCGrad(seed=1)},
+        identical="scaled",
+        permutation=False,
     ),
-    Entry("CAGrad", lambda m: {"aggregator": A.CAGrad()}),
+    Entry("CAGrad", lambda m: {"aggregator": A.CAGrad()}, identical="scaled"),
     Entry("DualProj", lambda m: {"aggregator": A.DualProj()}),
-    Entry("GradVac", lambda m: {"aggregator": A.GradVac(seed=2)}),
+    Entry("GradVac", lambda m: {"aggregator": A.GradVac(seed=2)}, permutation=False),
     Entry("IMTLG", lambda m: {"aggregator": A.IMTLG()}),
-    Entry("NashMTL", lambda m: {"aggregator": A.NashMTL()}),
+    Entry("NashMTL", lambda m: {"aggregator": A.NashMTL()}, identical="scaled"),
     Entry("UPGrad", lambda m: {"aggregator": A.UPGrad()}),
     # sparse training: half of each trunk neuron's inputs frozen (selected when the Balancer is
     # built, on the trunk's initial weights). The shared gradient is the masked one, so

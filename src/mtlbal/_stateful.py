@@ -23,6 +23,7 @@ Python values).
 from __future__ import annotations
 
 import copy
+import inspect
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -166,11 +167,35 @@ class Stateful(nn.Module):
             if key in missing_keys:
                 missing_keys.remove(key)
 
+    #: constructor arguments that are not configuration data (tensors or modules that pick what
+    #: the strategy acts on, callables): :meth:`hparams` leaves them out, so ``repr`` does not
+    #: show them and ``eval(repr(s))`` builds the strategy without them
+    repr_omits: tuple[str, ...] = ()
+
     def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.hparams().items())
+        """The constructor arguments that differ from their defaults, by name, in the
+        constructor's order (an argument without a default is always shown), so that
+        ``eval(repr(s))`` with the strategy classes in scope builds an equal strategy."""
+        hp = self.hparams()
+        parts = []
+        shown = set()
+        for name, param in inspect.signature(type(self).__init__).parameters.items():
+            if name == "self" or name not in hp:
+                continue
+            shown.add(name)
+            value = hp[name]
+            default = param.default
+            if default is not inspect.Parameter.empty and _plain(value) == _plain(default):
+                continue
+            parts.append(f"{name}={_repr_value(value)}")
+        parts += [f"{k}={_repr_value(v)}" for k, v in hp.items() if k not in shown]
+        return ", ".join(parts)
 
     def hparams(self) -> dict[str, Any]:
-        """Hyper-parameters shown in ``repr``; subclasses override."""
+        """The configuration: every constructor argument (by its name) that is plain data
+        (numbers, strings, ``None``, tuples and lists of them; not :attr:`repr_omits`), with
+        its current value. ``repr`` shows the entries that differ from the constructor's
+        defaults; ``state_dict`` records all of them (:meth:`config`). Subclasses override."""
         return {}
 
     def config(self) -> dict[str, Any]:
@@ -479,6 +504,13 @@ def _plain(value: Any) -> Any:
     if isinstance(name, str):  # a function or a class: its name (an address is no config)
         return f"{getattr(value, '__module__', '')}.{name}"
     return re.sub(r" at 0x[0-9a-fA-F]+", "", repr(value))
+
+
+def _repr_value(value: Any) -> str:
+    """``value`` as it is written in a constructor call (a tensor as a list)."""
+    if isinstance(value, Tensor):
+        return repr(value.detach().cpu().tolist())
+    return repr(value)
 
 
 def _config_diff(saved: Mapping[str, Any], mine: Mapping[str, Any]) -> str:

@@ -826,9 +826,9 @@ class Balancer:
             jac = grads.jacobian()
             if step.scale is not None:
                 jac = jac / step.scale.to(jac.dtype)
-                direction = agg.aggregate_jacobian(jac) * step.scale.to(jac.dtype)
+                direction = agg.aggregate_jacobian(jac, ctx) * step.scale.to(jac.dtype)
             else:
-                direction = agg.aggregate_jacobian(jac)
+                direction = agg.aggregate_jacobian(jac, ctx)
             grads.write_direction(direction, step.writes)
 
     # ---- stage 5: commit

@@ -93,7 +93,13 @@ def test_strategy_state_records_class_and_configuration() -> None:
     uw = W.UncertaintyWeighting(M, form="simple")
     extra = uw.state_dict()["_extra_state"]
     assert extra["_strategy"] == "UncertaintyWeighting"
-    assert extra["_config"] == {"num_tasks": M, "form": "simple", "init_log_var": 0.0}
+    assert extra["_config"] == {
+        "num_tasks": M,
+        "form": "simple",
+        "task_types": None,
+        "init_log_var": 0.0,
+        "min_log_var": -10.0,
+    }
     # num_tasks is recorded even where hparams() leaves it out
     assert W.DWA(M).state_dict()["_extra_state"]["_config"]["num_tasks"] == M
 

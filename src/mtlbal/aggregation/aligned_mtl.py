@@ -138,6 +138,9 @@ class AlignedMTL(GramianAggregator):
     """
 
     host_sync = True
+    # B = σ V Λ^{-1/2} Vᵀ has degree 0 (σ ∝ c, Λ^{-1/2} ∝ 1/c; the rank threshold is relative),
+    # so d = Jᵀ B w has degree 1
+    homogeneity = 1
 
     def __init__(
         self,
@@ -161,10 +164,11 @@ class AlignedMTL(GramianAggregator):
             self.task_weights = w
 
     def hparams(self) -> dict[str, object]:
-        out: dict[str, object] = {"scale_mode": self.scale_mode, "reduction": self.reduction}
-        if self.task_weights is not None:
-            out["weights"] = self.task_weights.tolist()
-        return out
+        return {
+            "weights": None if self.task_weights is None else self.task_weights.tolist(),
+            "scale_mode": self.scale_mode,
+            "reduction": self.reduction,
+        }
 
     def _weights(self, gramian: Tensor) -> Tensor:
         m = gramian.shape[0]

@@ -82,11 +82,18 @@ class Aggregator(Stateful):
         requires: ``"gramian"`` if the method needs only ``G = J Jᵀ`` (then the engine may never
             build ``J``), ``"jacobian"`` otherwise.
         host_sync: whether the solver copies to the host (documented per method).
+        homogeneity: the degree ``d`` of positive homogeneity of the update, when it has one:
+            scaling every task gradient (and, for loss-aware methods, every loss) by ``c > 0``
+            scales the update by ``c**d`` (up to round-off). ``1`` for most methods; ``0`` for
+            a direction that does not depend on the gradients' scale (Nash-MTL, normalised
+            MGDA); ``None`` when no degree holds (an absolute epsilon or threshold in the
+            method). Set per instance where it depends on the configuration.
     """
 
     requires: Literal["gramian", "jacobian"] = "jacobian"
     host_sync: bool = False
     needs: frozenset[Need] = frozenset({Need.GRAMIAN})
+    homogeneity: int | None = None
 
     def __init__(self, reduction: Reduction = "sum") -> None:
         super().__init__()
@@ -94,16 +101,23 @@ class Aggregator(Stateful):
             raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
         self.reduction: Reduction = reduction
 
-    def forward(self, jacobian: Tensor) -> Tensor:
-        """Aggregate a Jacobian ``[m, n]`` into a direction ``[n]`` (standalone use).
+    def forward(self, jacobian: Tensor, *, losses: Tensor | None = None) -> Tensor:
+        """Aggregate a Jacobian ``[m, n]`` into a direction ``[n]`` (standalone use);
+        ``losses`` (``[m]``) for a method that declares ``Need.LOSSES``.
 
         Raises ``TypeError``/``ValueError`` unless ``jacobian`` is a finite, real
         floating-point ``[m, n]`` tensor (see :func:`check_jacobian`).
         """
         check_jacobian(jacobian, type(self).__name__)
-        return self.aggregate_jacobian(jacobian)
+        if losses is not None and tuple(losses.shape) != (jacobian.shape[0],):
+            raise ValueError(
+                f"{type(self).__name__}: losses of shape {tuple(losses.shape)} for "
+                f"{jacobian.shape[0]} tasks"
+            )
+        return self.aggregate_jacobian(jacobian, StepContext(losses=losses))
 
-    def aggregate_jacobian(self, jacobian: Tensor) -> Tensor:
+    def aggregate_jacobian(self, jacobian: Tensor, ctx: StepContext | None = None) -> Tensor:
+        """The direction from a checked Jacobian (and the step's context)."""
         raise NotImplementedError
 
     def _scale(self, m: int) -> float:
@@ -146,8 +160,8 @@ class GramianAggregator(Aggregator):
         """The method's kernel: weights from a validated Gramian."""
         raise NotImplementedError
 
-    def aggregate_jacobian(self, jacobian: Tensor) -> Tensor:
+    def aggregate_jacobian(self, jacobian: Tensor, ctx: StepContext | None = None) -> Tensor:
         g64 = jacobian.to(torch.float64)
         gram = g64 @ g64.T
-        w = self._weights((gram + gram.T) / 2)
+        w = self.solve((gram + gram.T) / 2, ctx if ctx is not None else StepContext())
         return w.to(jacobian.dtype) @ jacobian

@@ -143,6 +143,8 @@ class CAGrad(GramianAggregator):
     """
 
     host_sync = True
+    # the dual is solved on G/(trace(G)/m) and every guard acts on that scale: d has degree 1
+    homogeneity = 1
 
     def __init__(
         self,
@@ -168,7 +170,14 @@ class CAGrad(GramianAggregator):
         self.on_failure: OnFailure = on_failure
 
     def hparams(self) -> dict[str, object]:
-        return {"c": self.c, "rescale": self.rescale, "reduction": self.reduction}
+        return {
+            "c": self.c,
+            "rescale": self.rescale,
+            "ftol": self.ftol,
+            "max_iter": self.max_iter,
+            "on_failure": self.on_failure,
+            "reduction": self.reduction,
+        }
 
     def _weights(self, gramian: Tensor) -> Tensor:
         m = gramian.shape[0]

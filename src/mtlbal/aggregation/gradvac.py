@@ -117,12 +117,14 @@ class GradVac(GramianAggregator):
             raise ValueError(f"beta must be in [0, 1], got {beta}")
         self.beta = float(beta)
         self.eps = float(eps)
+        # φ and the coefficients are scale-free ratios: degree 1 unless eps > 0
+        self.homogeneity = 1 if self.eps == 0 else None
         self.seed = seed
         self._gen = self.add_generator(seed)
         self.add_state("targets", None)
 
     def hparams(self) -> dict[str, object]:
-        return {"beta": self.beta, "seed": self.seed, "reduction": self.reduction}
+        return {"beta": self.beta, "eps": self.eps, "seed": self.seed, "reduction": self.reduction}
 
     def _orders(self, m: int) -> Tensor:
         rows = []

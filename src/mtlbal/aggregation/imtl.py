@@ -99,9 +99,12 @@ class IMTLG(GramianAggregator):
         super().__init__(reduction)
         self.eps = float(eps)
         self.rtol = rtol
+        # α solves a dimensionless system (its rows divided by max‖g_s‖, Σα = 1): α has degree
+        # 0 and d = Jᵀα degree 1, unless an absolute eps decides which gradients count as zero
+        self.homogeneity = 1 if self.eps == 0 else None
 
     def hparams(self) -> dict[str, object]:
-        return {"reduction": self.reduction}
+        return {"eps": self.eps, "rtol": self.rtol, "reduction": self.reduction}
 
     def _weights(self, gramian: Tensor) -> Tensor:
         m = gramian.shape[0]

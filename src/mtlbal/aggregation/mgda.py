@@ -5,15 +5,17 @@ The min-norm point of the convex hull of the task gradients:
     w* = argmin_{w ∈ Δ_m} ‖Jᵀ w‖² = argmin_{w ∈ Δ_m} wᵀ G w
 
 solved on the Gramian ``G`` (``[m, m]``) by Frank–Wolfe (the paper's Algorithm 2) with the exact
-line search, started from the best pair (the exact two-task solution). The default solver adds
+line search, started from the best pair (the exact two-task solution); when the uniform point
+already passes the certificate below it is returned as is, so identical task gradients (where every
+``w`` is optimal) get equal weights, not the best pair's arbitrary vertex. The default solver adds
 *away steps* (move weight off the worst vertex in use, ``argmax_{t: w_t>0} (G w)_t``, when that
-direction is better), which converges linearly on the simplex where the paper's plain
-Frank–Wolfe zig-zags at an O(1/k) rate, and stops on a certificate: with ``f = wᵀGw`` the
-Frank–Wolfe duality gap ``gap = 2(f − min_t (G w)_t)`` bounds ``f − f*`` from above, and the
-solver stops when ``gap ≤ tol · (f − gap)``, i.e. ``f ≤ (1 + tol) f*`` (default ``tol = 1e-6``:
-the min-norm value to 1e-6 relative), or when ``f`` is zero to rounding
-(``f ≤ 4·m·eps·max_t G_tt``: the origin is in the hull). If ``max_iter`` (1000) is reached
-without the certificate it warns (:class:`MGDASolverWarning`) and returns the last iterate.
+direction is better), which converges linearly on the simplex where the paper's plain Frank–Wolfe
+zig-zags at an O(1/k) rate, and stops on a certificate: with ``f = wᵀGw`` the Frank–Wolfe duality
+gap ``gap = 2(f − min_t (G w)_t)`` bounds ``f − f*`` from above, and the solver stops when
+``gap ≤ tol · (f − gap)``, i.e. ``f ≤ (1 + tol) f*`` (default ``tol = 1e-6``: the min-norm value
+to 1e-6 relative), or when ``f`` is zero to rounding (``f ≤ 4·m·eps·max_t G_tt``: the origin is in
+the hull). If ``max_iter`` (1000) is reached without the certificate it warns
+(:class:`MGDASolverWarning`) and returns the last iterate.
 
 The reference code (and LibMTL, nash-mtl) runs plain Frank–Wolfe, clips every line search to
 ``[0.001, 0.999]`` and stops when an iteration changes ``w`` by less than 1e-5 (L1), after at
@@ -178,8 +180,17 @@ def _mgda_certified(g: np.ndarray, max_iter: int, tol: float) -> tuple[np.ndarra
     m = g.shape[0]
     if m == 1:
         return np.ones(1), 0.0, True
-    sol = _best_pair(g, 0.0)
     floor = 4.0 * m * np.finfo(np.float64).eps * max(float(np.max(np.diag(g))), 0.0)
+    # the uniform point first: where it is already certified (identical task gradients, or
+    # identical after normalisation, where every w on the simplex is optimal) the weights are
+    # symmetric in the tasks instead of the best pair's arbitrary vertex
+    uni = np.full(m, 1.0 / m)
+    grad_u = g @ uni
+    f_u = float(uni @ grad_u)
+    gap_u = 2.0 * (f_u - float(np.min(grad_u)))
+    if gap_u <= tol * (f_u - gap_u) or f_u <= floor:
+        return uni, gap_u, True
+    sol = _best_pair(g, 0.0)
     gap = np.inf
     for it in range(max_iter + 1):
         grad = g @ sol
@@ -296,13 +307,23 @@ class MGDA(GramianAggregator):
         if normalization not in ("none", "l2", "loss", "loss+"):
             raise ValueError(f"unknown normalization {normalization!r}")
         self.normalization: Normalization = normalization
+        # the min-norm weights of c·G are those of G (the solver's stopping rules are relative):
+        # d has degree 1; normalising by n_t and applying w_t/n_t lowers it by the degree of n_t
+        # in the scale (‖g_t‖ and L_t: 1; L_t·‖g_t‖: 2)
+        self.homogeneity = {"none": 1, "l2": 0, "loss": 0, "loss+": -1}[normalization]
         self.max_iter = int(max_iter)
         self.tol = float(tol)
         if normalization in ("loss", "loss+"):
             self.needs = frozenset({Need.GRAMIAN, Need.LOSSES})
 
     def hparams(self) -> dict[str, object]:
-        return {"normalization": self.normalization, "reduction": self.reduction}
+        return {
+            "normalization": self.normalization,
+            "max_iter": self.max_iter,
+            "tol": self.tol,
+            "line_search": self.line_search,
+            "reduction": self.reduction,
+        }
 
     def solve(self, gramian: Tensor, ctx: StepContext) -> Tensor:
         """Weights from a checked Gramian and the step's losses (``ctx.losses``, needed by the

@@ -153,6 +153,9 @@ class NashMTL(GramianAggregator):
     """
 
     host_sync = True
+    # α has degree −1 (Gα = 1/α), so d = Jᵀα has degree 0; the max_norm clip is on ‖d‖, which
+    # is scale-free as well
+    homogeneity = 0
     alpha: Tensor | None
     num_failures: Tensor
     calls: Tensor
@@ -187,7 +190,10 @@ class NashMTL(GramianAggregator):
 
     def hparams(self) -> dict[str, object]:
         return {
+            "tol": self.tol,
+            "max_iter": self.max_iter,
             "update_every": self.update_every,
+            "max_norm": self.max_norm,
             "on_failure": self.on_failure,
             "reduction": self.reduction,
         }

@@ -75,9 +75,12 @@ class PCGrad(GramianAggregator):
         self.seed = seed
         self.eps = float(eps)
         self._gen = self.add_generator(seed)
+        # every projection coefficient is a ratio of inner products: degree 1 unless an
+        # absolute eps is added to ‖g_j‖²
+        self.homogeneity = 1 if self.eps == 0 else None
 
     def hparams(self) -> dict[str, object]:
-        return {"seed": self.seed, "reduction": self.reduction}
+        return {"seed": self.seed, "eps": self.eps, "reduction": self.reduction}
 
     def _orders(self, m: int) -> Tensor:
         return torch.stack([torch.randperm(m, generator=self._gen) for _ in range(m)])

@@ -41,6 +41,7 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np
@@ -197,7 +198,8 @@ class DualConeAggregator(GramianAggregator):
     """Shared settings of the dual-cone methods (:class:`UPGrad`, :class:`DualProj`).
 
     Args:
-        pref: optional preference vector ``[m]`` (default all ones; see the module's scale note).
+        pref: optional preference vector ``[m]``, a tensor or a sequence (default all ones; see
+            the module's scale note).
         norm_eps: a Gramian whose trace is ``≤ norm_eps`` is treated as zero (default 0; TorchJD
             uses 1e-4).
         reg_eps: ``reg_eps·I`` added to the trace-normalised Gramian (1e-4, as TorchJD).
@@ -209,7 +211,7 @@ class DualConeAggregator(GramianAggregator):
     def __init__(
         self,
         *,
-        pref: Tensor | None = None,
+        pref: Tensor | Sequence[float] | None = None,
         norm_eps: float = 0.0,
         reg_eps: float = 1e-4,
         reduction: Reduction = "sum",
@@ -217,12 +219,25 @@ class DualConeAggregator(GramianAggregator):
         super().__init__(reduction)
         if norm_eps < 0 or reg_eps < 0:
             raise ValueError(f"norm_eps and reg_eps must be ≥ 0, got {norm_eps}, {reg_eps}")
-        self.pref = None if pref is None else pref.detach().clone()
+        if pref is None:
+            self.pref: Tensor | None = None
+        elif isinstance(pref, Tensor):
+            self.pref = pref.detach().clone()
+        else:
+            self.pref = torch.as_tensor(pref, dtype=torch.float64)
         self.norm_eps = float(norm_eps)
         self.reg_eps = float(reg_eps)
+        # the QP sees G/trace(G): its weights do not depend on the scale, so d = Jᵀv has degree
+        # 1, unless a Gramian below the absolute norm_eps is treated as zero
+        self.homogeneity = 1 if self.norm_eps == 0 else None
 
     def hparams(self) -> dict[str, object]:
-        return {"reg_eps": self.reg_eps, "reduction": self.reduction}
+        return {
+            "pref": None if self.pref is None else self.pref.tolist(),
+            "norm_eps": self.norm_eps,
+            "reg_eps": self.reg_eps,
+            "reduction": self.reduction,
+        }
 
     def _kernel(self, gramian: Tensor) -> Tensor:
         raise NotImplementedError

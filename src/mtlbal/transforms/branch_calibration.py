@@ -155,5 +155,9 @@ class BranchCalibration:
         return calibrate_branch_grads(grads, target=self.target, per_sample=self.per_sample)
 
     def __repr__(self) -> str:
+        # the branches are modules of the model (shown by class name, not rebuilt by eval);
+        # the other arguments are shown when they differ from their defaults
         names = ", ".join(type(m).__name__ for m in self.modules)
-        return f"BranchCalibration([{names}], target={self.target!r}, per_sample={self.per_sample})"
+        extra = "" if self.target == "mean" else f", target={self.target!r}"
+        extra += ", per_sample=True" if self.per_sample else ""
+        return f"BranchCalibration([{names}]{extra})"

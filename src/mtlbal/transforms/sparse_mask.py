@@ -215,14 +215,19 @@ class SparseMask(GradientTransform):
             tensors, modules = _split(params)
             self._select(tensors, modules)
 
+    # what the mask is selected on, not configuration data
+    repr_omits = ("params", "grads", "closure", "skip")
+
     def hparams(self) -> dict[str, object]:
         return {
-            "selection": self.selection,
             "k": self.k,
             "ratio": self.ratio,
+            "selection": self.selection,
             "score": self.score,
             "biases": self.biases,
             "norms": self.norms,
+            "embeddings": self.embeddings,
+            "restore": self.restore,
         }
 
     # ------------------------------------------------------------------ selection

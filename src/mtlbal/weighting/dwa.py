@@ -76,7 +76,7 @@ class DWA(LossWeighting):
         self.add_state("prev2_mean", None)
 
     def hparams(self) -> dict[str, object]:
-        return {"temperature": self.temperature}
+        return {"num_tasks": self.num_tasks, "temperature": self.temperature}
 
     def current_weights(self, losses: Tensor) -> Tensor:
         prev, prev2 = self.prev_mean, self.prev2_mean

@@ -146,10 +146,14 @@ class FAMO(LossWeighting):
         self.add_state("prev_losses", None)
 
     def hparams(self) -> dict[str, object]:
+        mins = [float(v) for v in self.min_losses.tolist()]
         return {
             "num_tasks": self.num_tasks,
             "lr": self.lr,
             "weight_decay": self.weight_decay,
+            "min_losses": mins[0] if len(set(mins)) == 1 else mins,
+            "betas": self.betas,
+            "adam_eps": self.adam_eps,
             "reduction": self.reduction,
         }
 

@@ -101,8 +101,11 @@ class GradNorm(LossWeighting):
             if not self._layer:
                 raise ValueError("GradNorm layer has no parameter that requires grad")
 
+    # the layer is a module or tensors of the model, not configuration data
+    repr_omits = ("layer",)
+
     def hparams(self) -> dict[str, object]:
-        return {"num_tasks": self.num_tasks, "alpha": self.alpha}
+        return {"num_tasks": self.num_tasks, "alpha": self.alpha, "min_weight": self.min_weight}
 
     def bind(self, shared_params: list[Tensor], at_module: object | None) -> None:
         if self._layer:

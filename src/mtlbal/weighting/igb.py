@@ -219,19 +219,25 @@ class IGB(LossWeighting):
         return self.version == 2 or self.check_positive
 
     def hparams(self) -> dict[str, object]:
-        out: dict[str, object] = {
+        sac = self._sac_kwargs
+        return {
             "num_tasks": self.num_tasks,
             "version": self.version,
             "base_epoch": self.base_epoch,
+            "eps": self.eps,
+            "check_positive": self.check_positive,
+            "start_epoch": self.start_epoch,
+            "update_after": self.update_after,
+            "update_every": self.update_every,
+            "batch_size": sac["batch_size"],
+            "buffer_size": sac["buffer_size"],
+            "hidden": sac["hidden"],
+            "lr": sac["lr"],
+            "gamma": sac["gamma"],
+            "tau": sac["tau"],
+            "init_alpha": sac["init_alpha"],
+            "seed": self.seed,
         }
-        if self.version == 2:
-            out.update(
-                start_epoch=self.start_epoch,
-                update_after=self.update_after,
-                update_every=self.update_every,
-                seed=self.seed,
-            )
-        return out
 
     def extra_state(self) -> dict[str, Any]:
         out: dict[str, Any] = {

@@ -65,7 +65,7 @@ class RLW(LossWeighting):
         self._last: Tensor | None = None
 
     def hparams(self) -> dict[str, object]:
-        return {"seed": self.seed, "reduction": self.reduction}
+        return {"num_tasks": self.num_tasks, "seed": self.seed, "reduction": self.reduction}
 
     def objectives(self, losses: Tensor, ctx: LossContext) -> WeightedLosses:
         noise = torch.randn(losses.shape[0], generator=self._gen, dtype=torch.float64)

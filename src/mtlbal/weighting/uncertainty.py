@@ -99,7 +99,14 @@ class UncertaintyWeighting(LossWeighting):
         self.log_vars = nn.Parameter(torch.full((num_tasks,), float(init_log_var)))
 
     def hparams(self) -> dict[str, object]:
-        return {"num_tasks": self.num_tasks, "form": self.form, "init_log_var": self.init_log_var}
+        regression_only = all(t == "regression" for t in self.task_types)
+        return {
+            "num_tasks": self.num_tasks,
+            "form": self.form,
+            "task_types": None if regression_only else list(self.task_types),
+            "init_log_var": self.init_log_var,
+            "min_log_var": self.min_log_var,
+        }
 
     def _s(self) -> Tensor:
         s = self.log_vars

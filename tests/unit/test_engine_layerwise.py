@@ -450,3 +450,58 @@ def test_subclass_with_own_forward_is_not_trusted() -> None:
     torch.testing.assert_close(eng.jacobian(), J)
     torch.testing.assert_close(eng.gramian(), J @ J.T)
     cap.remove()
+
+
+def test_transform_meaning_is_the_same_on_every_engine() -> None:
+    # a transform whose per-task and combined steps differ: where per-task gradients of a
+    # parameter are formed (a gradient method at the parameters), `per_task` acts on them and
+    # the combination is written as is; `combined` acts only where they are not formed. Both
+    # engines must give the same .grad (the dense engine used to apply both: 2x .grad)
+    import mtlbal
+    from mtlbal.transforms import GradientTransform
+
+    class Halve(GradientTransform):
+        def per_task(self, param: Tensor, grads: Tensor) -> Tensor:
+            return 0.5 * grads
+
+        def combined(self, param: Tensor, grad: Tensor) -> Tensor:
+            return 2.0 * grad
+
+        def applies_to(self, param: Tensor) -> bool:
+            return param.dim() == 2
+
+    torch.manual_seed(0)
+    grads = {}
+    for engine in ("dense", "layerwise"):
+        torch.manual_seed(0)
+        trunk = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 5)).double()
+        x = torch.randn(7, 4, dtype=torch.float64)
+        b = mtlbal.Balancer(
+            trunk, aggregator=mtlbal.aggregation.UPGrad(), transforms=Halve(), engine=engine
+        )
+        b.backward(list(heads_losses(trunk(x)).unbind(0)))
+        grads[engine] = [p.grad.clone() for p in trunk.parameters()]  # type: ignore[union-attr]
+        b.remove()
+    for a, c in zip(grads["dense"], grads["layerwise"]):
+        torch.testing.assert_close(a, c, rtol=1e-12, atol=1e-12)
+    # and the meaning: the aggregator sees the transformed per-task gradients (weight
+    # matrices halved, biases as they are) and their combination is what is written
+    torch.manual_seed(0)
+    trunk = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 5)).double()
+    x = torch.randn(7, 4, dtype=torch.float64)
+    losses = heads_losses(trunk(x))
+    J = reference(losses, list(trunk.parameters()))
+    w = mtlbal.aggregation.UPGrad().weights(J @ J.T)
+    # the Gramian the aggregator saw is that of the transformed gradients
+    scale = torch.cat(
+        [
+            torch.full((p.numel(),), 0.5 if p.dim() == 2 else 1.0, dtype=torch.float64)
+            for p in trunk.parameters()
+        ]
+    )
+    Jt = J * scale
+    wt = mtlbal.aggregation.UPGrad().weights(Jt @ Jt.T)
+    expected = wt @ Jt
+    got = torch.cat([g.reshape(-1) for g in grads["dense"]])
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+    assert not torch.allclose(w, wt)  # the transform did change what the solver saw

@@ -8,12 +8,15 @@
 from mtlbal import aggregation, diagnostics, engine, functional, presets, transforms, weighting
 from mtlbal.balancer import Balancer, StepInfo
 from mtlbal.optim import BalancedOptimizer, wrap
+from mtlbal.step import Need, StepContext
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BalancedOptimizer",
     "Balancer",
+    "Need",
+    "StepContext",
     "StepInfo",
     "__version__",
     "aggregation",

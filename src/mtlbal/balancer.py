@@ -110,7 +110,8 @@ class Balancer:
         nonfinite: what a NaN/inf loss or per-task gradient does. ``"raise"`` (default):
             ``ValueError`` naming the task; ``"skip"``: the step is skipped (``info.skipped``);
             either way nothing changes (no ``.grad``, no strategy state, no counter).
-            ``"off"``: no check (zero host syncs per step). ``"raise"`` and ``"skip"`` cost one
+            ``"off"``: no check (zero host syncs per step; with a ``GradScaler`` the gradient
+            check still runs, the scaler needs its verdict). ``"raise"`` and ``"skip"`` cost one
             host sync per step (under DDP the verdict is agreed across ranks: all raise, or all
             skip). With a ``GradScaler`` a non-finite per-task gradient behind finite losses is
             an overflow: the step is handed to the scaler to skip (see :meth:`backward`).

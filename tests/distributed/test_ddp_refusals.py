@@ -1,0 +1,226 @@
+"""Refusals under DDP (gloo, 2 processes) are global: a non-finite value on one rank, or ranks
+that disagree on the tasks, make every rank skip or raise together; none is left waiting in a
+collective, and the next step works.
+
+One pair of processes runs every scenario (the worker returns, per scenario, what each rank
+saw); a rank that hangs fails the test through the harness's deadline.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+from _harness import WORLD, spawn
+from torch import Tensor, nn
+
+import mtlbal
+
+pytestmark = [
+    pytest.mark.distributed,
+    pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available"),
+    pytest.mark.skipif(sys.platform == "win32", reason="gloo spawn tests run on POSIX"),
+]
+
+M = 3
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 6))
+        self.heads = nn.ModuleList([nn.Linear(6, 1) for _ in range(M)])
+
+    def forward(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+        z = self.trunk(x)
+        return z, [h(z) for h in self.heads]
+
+
+# configurations: (at, Balancer keyword arguments); the loss-level one forms no per-task gradient
+CONFIGS: dict[str, tuple[str, Callable[[], dict[str, Any]]]] = {
+    "mgda@params": ("params", lambda: {"aggregator": mtlbal.aggregation.MGDA()}),
+    "nash@cut": ("cut", lambda: {"aggregator": mtlbal.aggregation.NashMTL()}),
+    "uw@params": ("params", lambda: {"weighting": mtlbal.weighting.UncertaintyWeighting(M)}),
+    "equal@cut": ("cut", lambda: {}),
+}
+
+
+def _setup(config: str, rank: int, **kw: Any) -> tuple[Any, ...]:
+    at, make = CONFIGS[config]
+    torch.manual_seed(0)
+    net = Net().double()
+    ddp = nn.parallel.DistributedDataParallel(net)
+    bal = mtlbal.Balancer(net.trunk, at="params" if at == "params" else net.trunk, **make(), **kw)
+    opt = mtlbal.wrap(torch.optim.SGD(net.parameters(), lr=0.05), bal)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(16, 5, generator=g).double(), torch.randn(16, M, generator=g).double()
+    return net, ddp, bal, opt, x.chunk(WORLD)[rank], y.chunk(WORLD)[rank]
+
+
+def _losses(
+    out: tuple[Tensor, list[Tensor]], y: Tensor, names: list[str] | None = None
+) -> dict[str, Tensor]:
+    _z, outs = out
+    names = names or [f"t{i}" for i in range(M)]
+    return {
+        n: (i + 1.0) * (o[:, 0] - y[:, i]).pow(2).mean()
+        for i, (n, o) in enumerate(zip(names, outs))
+    }
+
+
+def _grads(net: nn.Module) -> list[Tensor | None]:
+    return [None if p.grad is None else p.grad.clone() for p in net.parameters()]
+
+
+def _state(bal: mtlbal.Balancer) -> dict[str, Any]:
+    return {"step": bal.step_count, "strategy": [p.detach().clone() for p in bal.parameters()]}
+
+
+def _try(fn: Callable[[], Any]) -> str | None:
+    try:
+        fn()
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def _nonfinite(config: str, rank: int, policy: str, where: str) -> dict[str, Any]:
+    """Step 1 fine; step 2 non-finite on rank 1 only (``where``: "loss", or "grad": a NaN
+    gradient behind a finite loss); step 3 fine."""
+    net, ddp, bal, opt, x, y = _setup(config, rank, nonfinite=policy)
+    opt.zero_grad()
+    opt.backward(_losses(ddp(x), y))
+    opt.step()
+    before = _state(bal)
+    opt.zero_grad()
+    z, outs = ddp(x)
+    losses = _losses((z, outs), y)
+    if rank == 1:
+        if where == "loss":
+            losses["t1"] = losses["t1"] * float("nan")
+        else:  # d sqrt(u)/du at u = 0 is inf; times 0: NaN, the loss is unchanged
+            losses["t1"] = losses["t1"] + 0.0 * (z[:, 0] - z[:, 0].detach()).abs().sqrt().sum()
+    res: dict[str, Any] = {}
+    info = None
+
+    def step2() -> None:
+        nonlocal info
+        info = opt.backward(losses)
+
+    res["error"] = _try(step2)
+    res["skipped"] = None if info is None else info.skipped
+    res["grads_after"] = _grads(net)
+    res["state_same"] = (
+        all(torch.equal(a, b) for a, b in zip(before["strategy"], _state(bal)["strategy"]))
+        and before["step"] == bal.step_count
+    )
+    opt.zero_grad()
+    opt.backward(_losses(ddp(x), y))
+    res["next_grads"] = _grads(net)
+    res["next_step"] = bal.step_count
+    return res
+
+
+def _names(config: str, rank: int, kind: str, first: bool) -> dict[str, Any]:
+    """Rank 1 passes other task names (``kind="names"``, same count) or fewer tasks
+    (``kind="count"``), on the first step or after one good step; then a good step."""
+    net, ddp, _bal, opt, x, y = _setup(config, rank)
+    if not first:
+        opt.zero_grad()
+        opt.backward(_losses(ddp(x), y))
+        opt.step()
+    opt.zero_grad()
+    out = ddp(x)
+    losses = _losses(out, y)
+    if rank == 1:
+        if kind == "names":
+            losses = _losses(out, y, ["t0", "t1", "other"])
+        else:
+            del losses["t2"]
+    res: dict[str, Any] = {"error": _try(lambda: opt.backward(losses))}
+    res["grads_after"] = _grads(net)
+    opt.zero_grad()
+    opt.backward(_losses(ddp(x), y))
+    res["next_grads"] = _grads(net)
+    return res
+
+
+SCENARIOS: dict[str, tuple[Callable[..., dict[str, Any]], tuple[Any, ...]]] = {}
+for _c in CONFIGS:
+    for _p in ("skip", "raise"):
+        SCENARIOS[f"{_c}/{_p}/loss"] = (_nonfinite, (_c, _p, "loss"))
+for _c in ("mgda@params", "nash@cut"):
+    for _p in ("skip", "raise"):
+        SCENARIOS[f"{_c}/{_p}/grad"] = (_nonfinite, (_c, _p, "grad"))
+for _c in ("uw@params", "equal@cut"):
+    for _k in ("names", "count"):
+        for _f in (True, False):
+            SCENARIOS[f"{_c}/{_k}/{'first' if _f else 'later'}"] = (_names, (_c, _k, _f))
+
+
+def _worker(rank: int) -> dict[str, Any]:
+    out = {key: fn(args[0], rank, *args[1:]) for key, (fn, args) in SCENARIOS.items()}
+    for key, res in out.items():  # shown by pytest -s
+        print(f"rank {rank} {key}: {res['error']}", flush=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def results() -> list[dict[str, Any]]:
+    return spawn(_worker, deadline=200.0)
+
+
+def _same(a: list[Tensor | None], b: list[Tensor | None]) -> bool:
+    return all(
+        (x is None and y is None) or (x is not None and y is not None and torch.equal(x, y))
+        for x, y in zip(a, b)
+    )
+
+
+def _next_step_fine(ranks: list[dict[str, Any]]) -> None:
+    for res in ranks:
+        assert all(g is not None and torch.isfinite(g).all() for g in res["next_grads"])
+    assert _same(ranks[0]["next_grads"], ranks[1]["next_grads"])
+
+
+NONFINITE = [k for k in SCENARIOS if SCENARIOS[k][0] is _nonfinite]
+NAMES = [k for k in SCENARIOS if SCENARIOS[k][0] is _names]
+
+
+@pytest.mark.parametrize("key", NONFINITE)
+def test_nonfinite_on_one_rank_is_global(results: list[dict[str, Any]], key: str) -> None:
+    ranks = [r[key] for r in results]
+    policy, where = key.split("/")[1:]
+    for rank, res in enumerate(ranks):
+        assert all(g is None for g in res["grads_after"]), f"rank {rank} wrote .grad"
+        assert res["state_same"], f"rank {rank} changed the strategies' state or step"
+        if policy == "skip":
+            assert res["error"] is None, f"rank {rank}: {res['error']}"
+            assert res["skipped"] is True, f"rank {rank} did not skip"
+        else:
+            assert res["error"] is not None and res["error"].startswith("ValueError"), res
+            if where == "grad":
+                assert "'t1'" in res["error"], f"rank {rank}: {res['error']}"
+            elif rank == 1:  # the rank that holds the NaN names the task
+                assert "'t1'" in res["error"], res["error"]
+            else:
+                assert "another rank" in res["error"], res["error"]
+    _next_step_fine(ranks)
+    assert ranks[0]["next_step"] == ranks[1]["next_step"] == 2
+
+
+@pytest.mark.parametrize("key", NAMES)
+def test_tasks_disagree_every_rank_raises(results: list[dict[str, Any]], key: str) -> None:
+    ranks = [r[key] for r in results]
+    for rank, res in enumerate(ranks):
+        assert res["error"] is not None and res["error"].startswith("ValueError"), (
+            f"rank {rank}: {res['error']}"
+        )
+        if rank == 0:  # the other rank's message is quoted (rank 1 raises its own error)
+            assert "rank 1" in res["error"], f"rank {rank}: {res['error']}"
+        assert all(g is None for g in res["grads_after"]), f"rank {rank} wrote .grad"
+    _next_step_fine(ranks)

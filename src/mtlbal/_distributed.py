@@ -25,6 +25,7 @@ __all__ = [
     "Verdict",
     "agree",
     "all_mean",
+    "all_mean_or_refused",
     "check_same_names",
     "collective_device",
     "gather_objects",
@@ -116,3 +117,18 @@ def all_mean(x: Tensor) -> Tensor:
     out = x.detach().clone().contiguous()
     torch.distributed.all_reduce(out)
     return out / world_size()
+
+
+def all_mean_or_refused(x: Tensor | None, m: int) -> Tensor | None:
+    """The rank mean of the ``[m]`` vector ``x`` (in float64), or ``None`` on every rank if some
+    rank passes ``x=None`` (it refused). One all_reduce: the refusal rides along."""
+    device = collective_device() if x is None else x.device
+    vec = torch.zeros(m + 1, dtype=torch.float64, device=device)
+    if x is None:
+        vec[m] = 1.0
+    else:
+        vec[:m] = x.detach().reshape(m).to(torch.float64)
+    torch.distributed.all_reduce(vec)
+    if bool(vec[m] > 0):  # the host sync of update()
+        return None
+    return vec[:m] / world_size()

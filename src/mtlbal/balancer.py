@@ -333,23 +333,22 @@ class Balancer:
         if self.last_info.skipped:
             return
         tasks = self.last_info.tasks
-        if isinstance(losses, Mapping):
-            names = tuple(str(k) for k in losses)
-            if sorted(names) != sorted(tasks):
-                raise ValueError(
-                    f"update() got tasks {list(names)}, the last backward had {list(tasks)}"
-                )
-            by_name = {str(k): v for k, v in losses.items()}
-            values = [by_name[n] for n in tasks]
-        elif isinstance(losses, Tensor):
-            values = list(losses.reshape(-1).unbind(0))
+        if dist_util.world_size() == 1:
+            stacked = self._update_losses(losses, tasks)
         else:
-            values = list(losses)
-        if len(values) != len(tasks):
-            raise ValueError(f"update() got {len(values)} losses for {len(tasks)} tasks")
-        stacked = torch.stack([torch.as_tensor(v).reshape(()) for v in values]).detach()
-        if dist_util.world_size() > 1:
-            stacked = dist_util.all_mean(stacked)
+            # a rank that refuses its losses makes every rank refuse: the refusal travels in
+            # the one all_reduce that averages them (no rank is left waiting in it)
+            error: Exception | None = None
+            local: Tensor | None = None
+            try:
+                local = self._update_losses(losses, tasks)
+            except Exception as e:
+                error = e
+            mean = dist_util.all_mean_or_refused(local, len(tasks))
+            if mean is None:
+                dist_util.raise_refused(error)
+            assert mean is not None and local is not None
+            stacked = mean.to(local.dtype)
         if self.nonfinite != "off" and not bool(torch.isfinite(stacked).all()):
             if self.nonfinite == "raise":
                 bad = [n for n, ok in zip(tasks, torch.isfinite(stacked).tolist()) if not ok]
@@ -364,6 +363,24 @@ class Balancer:
         except BaseException:
             snapshot.restore()
             raise
+
+    @staticmethod
+    def _update_losses(losses: Losses, tasks: tuple[str, ...]) -> Tensor:
+        if isinstance(losses, Mapping):
+            names = tuple(str(k) for k in losses)
+            if sorted(names) != sorted(tasks):
+                raise ValueError(
+                    f"update() got tasks {list(names)}, the last backward had {list(tasks)}"
+                )
+            by_name = {str(k): v for k, v in losses.items()}
+            values = [by_name[n] for n in tasks]
+        elif isinstance(losses, Tensor):
+            values = list(losses.reshape(-1).unbind(0))
+        else:
+            values = list(losses)
+        if len(values) != len(tasks):
+            raise ValueError(f"update() got {len(values)} losses for {len(tasks)} tasks")
+        return torch.stack([torch.as_tensor(v).reshape(()) for v in values]).detach()
 
     def state_dict(self) -> dict[str, Any]:
         """The step, the task names, the configuration and every strategy's state (the format

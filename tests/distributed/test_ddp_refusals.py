@@ -8,6 +8,7 @@ saw); a rank that hangs fails the test through the harness's deadline.
 
 from __future__ import annotations
 
+import copy
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -46,6 +47,7 @@ CONFIGS: dict[str, tuple[str, Callable[[], dict[str, Any]]]] = {
     "nash@cut": ("cut", lambda: {"aggregator": mtlbal.aggregation.NashMTL()}),
     "uw@params": ("params", lambda: {"weighting": mtlbal.weighting.UncertaintyWeighting(M)}),
     "equal@cut": ("cut", lambda: {}),
+    "famo@params": ("params", lambda: {"weighting": mtlbal.weighting.FAMO(M)}),
 }
 
 
@@ -149,8 +151,40 @@ def _names(config: str, rank: int, kind: str, first: bool) -> dict[str, Any]:
     return res
 
 
+def _update(config: str, rank: int, kind: str) -> dict[str, Any]:
+    """FAMO's ``balancer.update`` after a good step: rank 1 passes other names (``"names"``),
+    or a NaN loss (``"nan-skip"``, ``"nan-raise"``); then a good step and update."""
+    policy = "skip" if kind == "nan-skip" else "raise"
+    net, ddp, bal, opt, x, y = _setup(config, rank, nonfinite=policy)
+    opt.zero_grad()
+    opt.backward(_losses(ddp(x), y))
+    opt.step()
+    before = copy.deepcopy(bal.weighting.state_dict())
+    with torch.no_grad():
+        after = _losses(ddp(x), y)
+    if rank == 1:
+        if kind == "names":
+            after = {"t0": after["t0"], "t1": after["t1"], "other": after["t2"]}
+        else:
+            after["t1"] = after["t1"] * float("nan")
+    res: dict[str, Any] = {"error": _try(lambda: bal.update(after))}
+    res["state_same"] = all(
+        torch.equal(v, bal.weighting.state_dict()[k])
+        for k, v in before.items()
+        if isinstance(v, Tensor)
+    )
+    opt.zero_grad()
+    opt.backward(_losses(ddp(x), y))
+    opt.step()
+    with torch.no_grad():
+        bal.update(_losses(ddp(x), y))
+    res["next_grads"] = _grads(net)
+    res["logits"] = bal.weighting.state_dict()["logits"].clone()
+    return res
+
+
 SCENARIOS: dict[str, tuple[Callable[..., dict[str, Any]], tuple[Any, ...]]] = {}
-for _c in CONFIGS:
+for _c in ("mgda@params", "nash@cut", "uw@params", "equal@cut"):
     for _p in ("skip", "raise"):
         SCENARIOS[f"{_c}/{_p}/loss"] = (_nonfinite, (_c, _p, "loss"))
 for _c in ("mgda@params", "nash@cut"):
@@ -160,6 +194,8 @@ for _c in ("uw@params", "equal@cut"):
     for _k in ("names", "count"):
         for _f in (True, False):
             SCENARIOS[f"{_c}/{_k}/{'first' if _f else 'later'}"] = (_names, (_c, _k, _f))
+for _k in ("names", "nan-skip", "nan-raise"):
+    SCENARIOS[f"famo@params/update/{_k}"] = (_update, ("famo@params", _k))
 
 
 def _worker(rank: int) -> dict[str, Any]:
@@ -187,7 +223,8 @@ def _next_step_fine(ranks: list[dict[str, Any]]) -> None:
     assert _same(ranks[0]["next_grads"], ranks[1]["next_grads"])
 
 
-NONFINITE = [k for k in SCENARIOS if SCENARIOS[k][0] is _nonfinite]
+NONFINITE = [k for k in SCENARIOS if SCENARIOS[k][0] is _nonfinite and "famo" not in k]
+UPDATE = [k for k in SCENARIOS if SCENARIOS[k][0] is _update]
 NAMES = [k for k in SCENARIOS if SCENARIOS[k][0] is _names]
 
 
@@ -224,3 +261,21 @@ def test_tasks_disagree_every_rank_raises(results: list[dict[str, Any]], key: st
             assert "rank 1" in res["error"], f"rank {rank}: {res['error']}"
         assert all(g is None for g in res["grads_after"]), f"rank {rank} wrote .grad"
     _next_step_fine(ranks)
+
+
+@pytest.mark.parametrize("key", UPDATE)
+def test_update_refusal_is_global(results: list[dict[str, Any]], key: str) -> None:
+    """``balancer.update`` (FAMO): other names or a NaN on one rank: every rank raises (or, with
+    ``nonfinite="skip"`` and a NaN, every rank leaves the state alone); the next step works."""
+    ranks = [r[key] for r in results]
+    kind = key.split("/")[-1]
+    for rank, res in enumerate(ranks):
+        assert res["state_same"], f"rank {rank} changed FAMO's state"
+        if kind == "nan-skip":
+            assert res["error"] is None, f"rank {rank}: {res['error']}"
+        else:
+            assert res["error"] is not None and res["error"].startswith("ValueError"), res
+    if kind == "names":
+        assert "rank 1" in ranks[0]["error"], ranks[0]["error"]
+    _next_step_fine(ranks)
+    torch.testing.assert_close(ranks[0]["logits"], ranks[1]["logits"], rtol=0, atol=0)

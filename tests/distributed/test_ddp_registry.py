@@ -128,6 +128,11 @@ def _check(ddp_results: list[dict[str, Any]], key: str, entry: Entry, at: str) -
     ranks = [r[key] for r in ddp_results]
     for r, res in enumerate(ranks):
         assert "error" not in res, f"rank {r}: {res['error']}"
+    # the ranks stay bitwise in sync (DDP never re-broadcasts the parameters: a one-ulp
+    # difference in the weights would make the replicas drift apart)
+    for what in ("weights", "params", "strategy"):
+        a, b = ranks[0][what], ranks[1][what]
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=lambda m: f"ranks differ, {what}: {m}")
     ref = run(entry, at, None)
     for r, res in enumerate(ranks):
         _close(res["weights"], ref["weights"], f"rank {r} weights")

@@ -33,6 +33,11 @@ N = 16
 EXTRA = [
     Entry("MGDA-loss", lambda m: {"aggregator": mtlbal.aggregation.MGDA(normalization="loss")}),
     Entry("MGDA-loss+", lambda m: {"aggregator": mtlbal.aggregation.MGDA(normalization="loss+")}),
+    # per-task gradients formed for the diagnostics only (a loss-level strategy)
+    Entry(
+        "UW-diagnostics",
+        lambda m: {"weighting": mtlbal.weighting.UncertaintyWeighting(m), "diagnostics": True},
+    ),
 ]
 CASES = [(e, at) for e in [*REGISTRY, *EXTRA] for at in e.at]
 # rank 1 passes its dict in reversed order at every step: rank 0's order is the canonical one
@@ -82,7 +87,7 @@ def run(entry: Entry, at: str, shard: int | None, reverse: bool = False) -> dict
         out = _losses(model(x), y)
         return dict(reversed(out.items())) if reverse and shard == 1 else out
 
-    weights = []
+    weights, grams = [], []
     for k in range(STEPS):
         opt.zero_grad()
         info = opt.backward(losses())
@@ -91,10 +96,12 @@ def run(entry: Entry, at: str, shard: int | None, reverse: bool = False) -> dict
             with torch.no_grad():
                 bal.update(losses())
         weights.append(info.weights.detach().clone())
+        grams.append(torch.zeros(M, M) if info.gramian is None else info.gramian.clone())
         if entry.epoch_every and (k + 1) % entry.epoch_every == 0:
             bal.epoch_end()
     return {
         "weights": torch.stack(weights),
+        "gramians": torch.stack(grams),
         "params": [p.detach().clone() for p in net.parameters()],
         "strategy": [p.detach().clone() for p in bal.parameters()],
     }
@@ -130,12 +137,13 @@ def _check(ddp_results: list[dict[str, Any]], key: str, entry: Entry, at: str) -
         assert "error" not in res, f"rank {r}: {res['error']}"
     # the ranks stay bitwise in sync (DDP never re-broadcasts the parameters: a one-ulp
     # difference in the weights would make the replicas drift apart)
-    for what in ("weights", "params", "strategy"):
+    for what in ("weights", "gramians", "params", "strategy"):
         a, b = ranks[0][what], ranks[1][what]
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"the ranks differ ({what})")
     ref = run(entry, at, None)
     for r, res in enumerate(ranks):
         _close(res["weights"], ref["weights"], f"rank {r} weights")
+        _close(res["gramians"], ref["gramians"], f"rank {r} Gramians")
         for i, (a, b) in enumerate(zip(res["params"], ref["params"])):
             _close(a, b, f"rank {r} parameter {i}")
         for i, (a, b) in enumerate(zip(res["strategy"], ref["strategy"])):

@@ -7,6 +7,7 @@ deadline passes and the test fails with a ``TimeoutError`` naming the ranks that
 
 from __future__ import annotations
 
+import importlib
 import os
 import socket
 import tempfile
@@ -79,3 +80,8 @@ def spawn(
                 continue
             return [torch.load(f"{out}/{r}.pt", weights_only=False) for r in range(WORLD)]
     raise AssertionError("unreachable")
+
+
+def run_modules(rank: int, modules: list[str]) -> dict[str, Any]:
+    """Every listed test module's ``_worker(rank)``, in one pair of processes."""
+    return {name: importlib.import_module(name)._worker(rank) for name in modules}

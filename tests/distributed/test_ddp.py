@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import pytest
 import torch
 import torch.distributed as dist
-from _harness import WORLD, spawn
+from _harness import WORLD
 from torch import nn
 
 import mtlbal
@@ -85,8 +86,8 @@ def _worker(rank: int) -> dict[str, dict[str, list[torch.Tensor]]]:
 
 
 @pytest.fixture(scope="module")
-def results() -> list[dict[str, dict[str, list[torch.Tensor]]]]:
-    return spawn(_worker)
+def results(ddp_session: dict[str, Any]) -> list[dict[str, dict[str, list[torch.Tensor]]]]:
+    return ddp_session[__name__]
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-from _harness import WORLD, spawn
+from _harness import WORLD
 from torch import Tensor, nn
 
 from mtlbal.presets import fuller
@@ -86,8 +86,8 @@ def _worker(rank: int) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def results() -> list[dict[str, Any]]:
-    return spawn(_worker)
+def results(ddp_session: dict[str, Any]) -> list[dict[str, Any]]:
+    return ddp_session[__name__]
 
 
 @pytest.mark.parametrize("config", list(CONFIGS))

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-from _harness import WORLD, spawn
+from _harness import WORLD
 from torch import Tensor, nn
 
 import mtlbal
@@ -206,8 +206,8 @@ def _worker(rank: int) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def results() -> list[dict[str, Any]]:
-    return spawn(_worker, deadline=200.0)
+def results(ddp_session: dict[str, Any]) -> list[dict[str, Any]]:
+    return ddp_session[__name__]
 
 
 def _same(a: list[Tensor | None], b: list[Tensor | None]) -> bool:

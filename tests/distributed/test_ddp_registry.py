@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-from _harness import WORLD, spawn
+from _harness import WORLD
 from torch import Tensor, nn
 
 import mtlbal
@@ -123,8 +123,8 @@ def _worker(rank: int) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def ddp_results() -> list[dict[str, Any]]:
-    return spawn(_worker, deadline=240.0)
+def ddp_results(ddp_session: dict[str, Any]) -> list[dict[str, Any]]:
+    return ddp_session[__name__]
 
 
 def _close(a: Tensor, b: Tensor, what: str) -> None:

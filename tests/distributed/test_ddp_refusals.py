@@ -183,6 +183,33 @@ def _update(config: str, rank: int, kind: str) -> dict[str, Any]:
     return res
 
 
+def _set_change(shard: int | None) -> dict[str, Any]:
+    """MGDA at the parameters (no per-task state): 2 steps on tasks t0, t1, t2, then 2 steps
+    on t0, t1, u (a new task set); rank 1 gives its dict in reversed order throughout.
+    ``shard=None``: one process on the full batch."""
+    torch.manual_seed(0)
+    net = Net().double()
+    model: nn.Module = net
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(16, 5, generator=g).double(), torch.randn(16, M, generator=g).double()
+    if shard is not None:
+        model = nn.parallel.DistributedDataParallel(net)
+        x, y = x.chunk(WORLD)[shard], y.chunk(WORLD)[shard]
+    bal = mtlbal.Balancer(net.trunk, aggregator=mtlbal.aggregation.MGDA())
+    opt = mtlbal.wrap(torch.optim.SGD(net.parameters(), lr=0.05), bal)
+    tasks = []
+    for k in range(4):
+        names = ["t0", "t1", "t2"] if k < 2 else ["t0", "t1", "u"]
+        losses = _losses(model(x), y, names)
+        if shard == 1:
+            losses = dict(reversed(losses.items()))
+        opt.zero_grad()
+        info = opt.backward(losses)
+        opt.step()
+        tasks.append(info.tasks)
+    return {"params": [p.detach().clone() for p in net.parameters()], "tasks": tasks}
+
+
 SCENARIOS: dict[str, tuple[Callable[..., dict[str, Any]], tuple[Any, ...]]] = {}
 for _c in ("mgda@params", "nash@cut", "uw@params", "equal@cut"):
     for _p in ("skip", "raise"):
@@ -202,6 +229,7 @@ def _worker(rank: int) -> dict[str, Any]:
     out = {key: fn(args[0], rank, *args[1:]) for key, (fn, args) in SCENARIOS.items()}
     for key, res in out.items():  # shown by pytest -s
         print(f"rank {rank} {key}: {res['error']}", flush=True)
+    out["set-change"] = {"error": _try(lambda: out.update(set_change=_set_change(rank)))}
     return out
 
 
@@ -279,3 +307,16 @@ def test_update_refusal_is_global(results: list[dict[str, Any]], key: str) -> No
         assert "rank 1" in ranks[0]["error"], ranks[0]["error"]
     _next_step_fine(ranks)
     torch.testing.assert_close(ranks[0]["logits"], ranks[1]["logits"], rtol=0, atol=0)
+
+
+def test_task_set_change_matches_one_process(results: list[dict[str, Any]]) -> None:
+    """A new task set mid-training (every rank, rank 1 in reversed order): rank 0's order is
+    canonical again and training equals one process."""
+    for r, res in enumerate(results):
+        assert res["set-change"]["error"] is None, f"rank {r}: {res['set-change']['error']}"
+    ranks = [res["set_change"] for res in results]
+    ref = _set_change(None)
+    for res in ranks:
+        assert res["tasks"] == ref["tasks"]
+        torch.testing.assert_close(res["params"], ref["params"], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(ranks[0]["params"], ranks[1]["params"], rtol=0, atol=0)

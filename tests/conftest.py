@@ -6,6 +6,7 @@ import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 import torch
@@ -69,3 +70,23 @@ def make_problem(
 @pytest.fixture
 def problem_factory() -> Callable[..., Problem]:
     return make_problem
+
+
+@pytest.fixture(scope="session")
+def ddp_session(request: pytest.FixtureRequest) -> dict[str, list[Any]]:
+    """One pair of gloo processes for the whole distributed session: every selected test module
+    that defines ``_worker(rank)`` runs in it (spawning and importing torch twice is most of the
+    cost). Lives here, not in ``distributed/conftest.py``: a second module named ``conftest``
+    would shadow this one for ``from conftest import …``."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "distributed"))
+    from _harness import run_modules, spawn
+
+    modules = sorted(
+        {
+            item.module.__name__
+            for item in request.session.items
+            if isinstance(item, pytest.Function) and hasattr(item.module, "_worker")
+        }
+    )
+    per_rank = spawn(run_modules, modules, deadline=120.0 + 120.0 * len(modules))
+    return {m: [r[m] for r in per_rank] for m in modules}

@@ -337,23 +337,22 @@ class Balancer:
         if self.last_info.skipped:
             return
         tasks = self.last_info.tasks
-        if isinstance(losses, Mapping):
-            names = tuple(str(k) for k in losses)
-            if sorted(names) != sorted(tasks):
-                raise ValueError(
-                    f"update() got tasks {list(names)}, the last backward had {list(tasks)}"
-                )
-            by_name = {str(k): v for k, v in losses.items()}
-            values = [by_name[n] for n in tasks]
-        elif isinstance(losses, Tensor):
-            values = list(losses.reshape(-1).unbind(0))
+        if dist_util.world_size() == 1:
+            stacked = self._update_losses(losses, tasks)
         else:
-            values = list(losses)
-        if len(values) != len(tasks):
-            raise ValueError(f"update() got {len(values)} losses for {len(tasks)} tasks")
-        stacked = torch.stack([torch.as_tensor(v).reshape(()) for v in values]).detach()
-        if dist_util.world_size() > 1:
-            stacked = dist_util.all_mean(stacked)
+            # a rank that refuses its losses makes every rank refuse: the refusal travels in
+            # the one all_reduce that averages them (no rank is left waiting in it)
+            error: Exception | None = None
+            local: Tensor | None = None
+            try:
+                local = self._update_losses(losses, tasks)
+            except Exception as e:
+                error = e
+            mean = dist_util.all_mean_or_refused(local, len(tasks))
+            if mean is None:
+                dist_util.raise_refused(error)
+            assert mean is not None and local is not None
+            stacked = mean.to(local.dtype)
         if self.nonfinite != "off" and not bool(torch.isfinite(stacked).all()):
             if self.nonfinite == "raise":
                 bad = [n for n, ok in zip(tasks, torch.isfinite(stacked).tolist()) if not ok]
@@ -368,6 +367,24 @@ class Balancer:
         except BaseException:
             snapshot.restore()
             raise
+
+    @staticmethod
+    def _update_losses(losses: Losses, tasks: tuple[str, ...]) -> Tensor:
+        if isinstance(losses, Mapping):
+            names = tuple(str(k) for k in losses)
+            if sorted(names) != sorted(tasks):
+                raise ValueError(
+                    f"update() got tasks {list(names)}, the last backward had {list(tasks)}"
+                )
+            by_name = {str(k): v for k, v in losses.items()}
+            values = [by_name[n] for n in tasks]
+        elif isinstance(losses, Tensor):
+            values = list(losses.reshape(-1).unbind(0))
+        else:
+            values = list(losses)
+        if len(values) != len(tasks):
+            raise ValueError(f"update() got {len(values)} losses for {len(tasks)} tasks")
+        return torch.stack([torch.as_tensor(v).reshape(()) for v in values]).detach()
 
     def state_dict(self) -> dict[str, Any]:
         """The step, the task names, the configuration and every strategy's state (the format
@@ -443,7 +460,10 @@ class Balancer:
                 ``Need.LR_FACTOR`` (IGB v2's reward scale); :func:`mtlbal.wrap` passes it.
                 Default 1.0 (a constant learning rate).
         """
-        step = self._validate(losses)
+        try:
+            step = self._validate(losses)
+        except _Refused as r:  # under DDP: a non-finite loss on some rank, skipped by all
+            return self._skipped(r.args[0])
         step.lr_factor = 1.0 if lr_factor is None else float(lr_factor)
         snapshot = StrategySnapshot(self.strategies)
         try:
@@ -468,6 +488,12 @@ class Balancer:
 
     # ---- stage 1: validate
     def _validate(self, losses: Losses) -> _Step:
+        world = dist_util.world_size()
+        if world > 1:
+            return self._validate_global(losses, world)
+        return self._validate_local(losses, world)
+
+    def _validate_local(self, losses: Losses, world: int) -> _Step:
         self._check_not_spent(losses)
         names, values = self._normalize(losses)
         captured = self._cut.take() if self._cut is not None else []
@@ -478,9 +504,6 @@ class Balancer:
                 f"no output of the cut point {type(self._cut.module).__name__} was captured "
                 "since the last backward: run the forward pass (with grad enabled) first"
             )
-        world = dist_util.world_size()
-        if world > 1:
-            names, values = self._agree_tasks(names, values)
         stacked = torch.stack(values)
         step = _Step(
             names=names,
@@ -494,17 +517,35 @@ class Balancer:
             given=self._given(losses),
         )
         self._check_connected(step)
-        if world > 1:
-            flag = None if self.nonfinite == "off" else ~torch.isfinite(step.raw).all()
-            same, bad = dist_util.agree(names, flag, step.raw.device)
-            if not same:
-                raise ValueError(
-                    f"the ranks disagree on the tasks of this step (this rank: {list(names)}): "
-                    "every rank must pass the same task names"
-                )
-            if bad:
+        return step
+
+    def _validate_global(self, losses: Losses, world: int) -> _Step:
+        # every rank validates its own losses, then ONE collective agrees on the verdict: a
+        # refusal on any rank (a local error, other task names or count, a non-finite loss)
+        # is a refusal on every rank, so none is left waiting in a later collective
+        error: Exception | None = None
+        try:
+            step: _Step | None = self._validate_local(losses, world)
+        except Exception as e:
+            step, error = None, e
+        flag = None
+        if step is not None and self.nonfinite != "off":
+            flag = ~torch.isfinite(step.raw).all()
+        device = dist_util.collective_device() if step is None else step.raw.device
+        verdict = dist_util.agree(None if step is None else step.names, flag, device)
+        if verdict.refused:
+            dist_util.raise_refused(error)
+        assert step is not None
+        if not verdict.same_names:
+            dist_util.check_same_names(step.names)  # raises on every rank, listing the names
+            raise AssertionError("unreachable: the task names hash differently")
+        self._agree_order(step)
+        if verdict.nonfinite:
+            try:
                 self._refuse_losses(step, elsewhere=True)
-            step.raw = dist_util.all_mean(step.raw)
+            except _Refused:
+                raise _Refused(step) from None
+        step.raw = dist_util.all_mean(step.raw)
         return step
 
     @staticmethod
@@ -528,15 +569,19 @@ class Balancer:
                     "graph is freed): run the forward pass again for a new step"
                 )
 
-    def _agree_tasks(
-        self, names: tuple[str, ...], values: list[Tensor]
-    ) -> tuple[tuple[str, ...], list[Tensor]]:
-        # the first step (and a new task set) fixes one order for every rank: rank 0's
-        if self.tasks is None or sorted(self.tasks) != sorted(names):
-            order = tuple(dist_util.check_same_names(names))
-            by_name = dict(zip(names, values))
-            return order, [by_name[n] for n in order]
-        return names, values
+    def _agree_order(self, step: _Step) -> None:
+        # the first step (and a new task set) fixes one order for every rank: rank 0's. The
+        # ranks agree on the task set and share self.tasks, so all of them take this branch
+        if self.tasks is None or sorted(self.tasks) != sorted(step.names):
+            order = tuple(dist_util.check_same_names(step.names))
+            if order != step.names:
+                by_name = dict(zip(step.names, step.values))
+                if self._checked_for == step.names:
+                    self._checked_for = order
+                step.names = order
+                step.values = [by_name[n] for n in order]
+                step.stacked = torch.stack(step.values)
+                step.raw = step.stacked.detach()
 
     def _normalize(self, losses: Losses) -> tuple[tuple[str, ...], list[Tensor]]:
         is_dict = isinstance(losses, Mapping)

@@ -2,23 +2,19 @@
 
 from __future__ import annotations
 
-import os
-import socket
 import sys
-import tempfile
-from datetime import timedelta
+from typing import Any
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from _harness import WORLD
 from torch import nn
 
 import mtlbal
 
 pytestmark = pytest.mark.distributed
 
-WORLD = 2
 M = 3
 STEPS = 2
 
@@ -64,67 +60,43 @@ def _make(kind: str, net: nn.Module) -> mtlbal.Balancer:
     raise ValueError(kind)
 
 
-def _worker(rank: int, port: int, kind: str, out: str) -> None:
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60))
-    try:
-        torch.set_num_threads(1)
-        net, _, _ = _model()
-        ddp = nn.parallel.DistributedDataParallel(net)
-        bal = _make(kind, net)
-        opt = mtlbal.wrap(torch.optim.SGD(net.parameters(), lr=0.1), bal)
-        x, y = _data()
-        xs, ys = x.chunk(WORLD)[rank], y.chunk(WORLD)[rank]
-        for _ in range(STEPS):  # several steps: DDP accepts the next forward after ours
-            opt.zero_grad()
-            opt.backward(_losses(ddp(xs), ys))
-            opt.step()
+KINDS = ["mgda-cut", "uw", "uw-pcgrad-params"]
+
+
+def _run(rank: int, kind: str) -> dict[str, list[torch.Tensor]]:
+    net, _, _ = _model()
+    ddp = nn.parallel.DistributedDataParallel(net)
+    bal = _make(kind, net)
+    opt = mtlbal.wrap(torch.optim.SGD(net.parameters(), lr=0.1), bal)
+    x, y = _data()
+    xs, ys = x.chunk(WORLD)[rank], y.chunk(WORLD)[rank]
+    for _ in range(STEPS):  # several steps: DDP accepts the next forward after ours
         opt.zero_grad()
         opt.backward(_losses(ddp(xs), ys))
-        grads = [p.grad.clone() for p in net.parameters()]
-        sgrads = [p.grad.clone() for p in bal.parameters()]
-        torch.save({"grads": grads, "strategy": sgrads}, f"{out}/{rank}.pt")
-        dist.barrier()  # no rank tears gloo down while the other still talks to it
-    finally:
-        dist.destroy_process_group()
+        opt.step()
+    opt.zero_grad()
+    opt.backward(_losses(ddp(xs), ys))
+    grads = [p.grad.clone() for p in net.parameters()]
+    sgrads = [p.grad.clone() for p in bal.parameters()]
+    return {"grads": grads, "strategy": sgrads}
 
 
-def _spawn(kind: str, attempts: int = 3) -> list[dict[str, list[torch.Tensor]]]:
-    """Run the workers; a worker killed by a signal (gloo's loopback transport occasionally
-    aborts at teardown on a loaded machine) is retried with a fresh port. A worker that raises
-    is not retried, and the comparisons happen here, in the parent."""
-    for attempt in range(attempts):
-        with tempfile.TemporaryDirectory() as out:
-            ctx = mp.start_processes(
-                _worker,
-                args=(_free_port(), kind, out),
-                nprocs=WORLD,
-                join=False,
-                start_method="spawn",
-            )
-            try:
-                while not ctx.join(timeout=90):
-                    pass
-            except mp.ProcessExitedException:
-                if attempt == attempts - 1:
-                    raise
-                continue
-            return [torch.load(f"{out}/{r}.pt") for r in range(WORLD)]
-    raise AssertionError("unreachable")
+def _worker(rank: int) -> dict[str, dict[str, list[torch.Tensor]]]:
+    return {kind: _run(rank, kind) for kind in KINDS}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+@pytest.fixture(scope="module")
+def results(ddp_session: dict[str, Any]) -> list[dict[str, dict[str, list[torch.Tensor]]]]:
+    return ddp_session[__name__]
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 @pytest.mark.skipif(sys.platform == "win32", reason="gloo spawn test runs on POSIX")
-@pytest.mark.parametrize("kind", ["mgda-cut", "uw", "uw-pcgrad-params"])
-def test_ddp_matches_full_batch(kind: str) -> None:
-    results = _spawn(kind)
+@pytest.mark.parametrize("kind", KINDS)
+def test_ddp_matches_full_batch(
+    results: list[dict[str, dict[str, list[torch.Tensor]]]], kind: str
+) -> None:
+    results = [r[kind] for r in results]
     # every rank holds the same gradients
     for a, b in zip(results[0]["grads"], results[1]["grads"]):
         torch.testing.assert_close(a, b)

@@ -12,8 +12,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from mtlbal import _distributed as dist_util
 from mtlbal.engine.cut import CutPoint
-from mtlbal.transforms.branch_calibration import BranchCalibration
+from mtlbal.transforms.branch_calibration import BranchCalibration, branch_norms
 
 __all__ = ["BranchStage"]
 
@@ -65,17 +66,15 @@ class BranchStage:
                     "per-sample branch calibration needs every branch to run the same number "
                     f"of times per step, got {[len(g) for g in grads]}"
                 )
-            new = [list(col) for col in zip(*[calib(list(row)) for row in zip(*grads)])]
-            extras["branch_norms"] = torch.stack(
-                [
-                    torch.cat([x.reshape(x.shape[0], -1).norm(dim=1) for x in g]).detach()
-                    for g in grads
-                ]
-            )
+            rows = [list(row) for row in zip(*grads)]
+            row_norms = [_global_norms(branch_norms(row, per_sample=True), False) for row in rows]
+            new = [list(col) for col in zip(*[calib(row, n) for row, n in zip(rows, row_norms)])]
+            extras["branch_norms"] = torch.cat(row_norms, dim=1).detach()
         else:
             flat = [torch.cat([x.reshape(-1) for x in g]) for g in grads]
-            extras["branch_norms"] = torch.stack([f.norm() for f in flat]).detach()
-            scaled = calib(flat)
+            norms = _global_norms(branch_norms(flat), True)
+            extras["branch_norms"] = norms.detach()
+            scaled = calib(flat, norms)
             new = []
             for g, f in zip(grads, scaled):
                 parts, offset = [], 0
@@ -89,3 +88,17 @@ class BranchStage:
             for _, leaf in caps:
                 leaf.grad = None
         torch.autograd.backward(outs, cots)
+
+
+def _global_norms(norms: Tensor, batch: bool) -> Tensor:
+    """Under DDP, the norms of the global gradient at the branch outputs (the gradient of the
+    rank-mean loss: each rank's block divided by the world size; per-sample blocks are disjoint,
+    so a batch-level norm² is the sum over ranks). One process: ``norms`` unchanged."""
+    world = dist_util.world_size()
+    if world == 1:
+        return norms
+    if batch:
+        sq = norms.pow(2)  # a new tensor: all_reduce works in place
+        torch.distributed.all_reduce(sq)
+        return sq.sqrt() / world
+    return norms / world

@@ -88,6 +88,7 @@ def calibrate_branch_grads(
     *,
     target: Target = "mean",
     per_sample: bool = False,
+    norms: Tensor | None = None,
 ) -> list[Tensor]:
     """Rescale every branch gradient to the common norm ``τ`` (see the module docstring).
 
@@ -96,11 +97,14 @@ def calibrate_branch_grads(
         target: ``"mean"`` (default) / ``"max"`` / ``"min"`` of the non-zero branch norms, or a
             fixed norm ``≥ 0``.
         per_sample: norms per sample (leading dimension) instead of per batch.
+        norms: the branch norms to use instead of those of ``grads`` (``[K]``, or ``[K, n]``
+            per sample): under DDP, the norms of the global gradient.
 
     Returns:
         the rescaled gradients, same shapes and dtypes; an all-zero gradient stays zero.
     """
-    norms = branch_norms(grads, per_sample=per_sample)
+    if norms is None:
+        norms = branch_norms(grads, per_sample=per_sample)
     tau = _target(norms, target)
     tiny = torch.finfo(norms.dtype).tiny
     scale = torch.where(norms > 0, tau / norms.clamp_min(tiny), torch.zeros_like(norms))
@@ -151,8 +155,10 @@ class BranchCalibration:
         self.target: Target = target
         self.per_sample = bool(per_sample)
 
-    def __call__(self, grads: Sequence[Tensor]) -> list[Tensor]:
-        return calibrate_branch_grads(grads, target=self.target, per_sample=self.per_sample)
+    def __call__(self, grads: Sequence[Tensor], norms: Tensor | None = None) -> list[Tensor]:
+        return calibrate_branch_grads(
+            grads, target=self.target, per_sample=self.per_sample, norms=norms
+        )
 
     def __repr__(self) -> str:
         # the branches are modules of the model (shown by class name, not rebuilt by eval);

@@ -37,6 +37,7 @@ from torch.utils.hooks import RemovableHandle
 from mtlbal import _distributed as dist_util
 from mtlbal._checkpoint import balancer_state_dict, load_balancer_state_dict
 from mtlbal._graph import reachable
+from mtlbal._losses import Losses, given_tensors, normalize_losses
 from mtlbal._transaction import StrategySnapshot
 from mtlbal.aggregation.base import Aggregator, GramianAggregator
 from mtlbal.engine.base import GradWrites, PerTaskGrads
@@ -51,7 +52,6 @@ from mtlbal.weighting.base import Equal, LossWeighting
 
 __all__ = ["Balancer", "StepInfo", "gramian_stats"]
 
-Losses = Mapping[str, Tensor] | Sequence[Tensor]
 NonFinitePolicy = Literal["raise", "skip", "off"]
 
 
@@ -514,7 +514,7 @@ class Balancer:
             captured=captured,
             branch_caps=branch_caps,
             records=records,
-            given=self._given(losses),
+            given=given_tensors(losses),
         )
         self._check_connected(step)
         return step
@@ -548,21 +548,9 @@ class Balancer:
         step.raw = dist_util.all_mean(step.raw)
         return step
 
-    @staticmethod
-    def _given(losses: Losses) -> list[Tensor]:
-        if isinstance(losses, Mapping):
-            items = list(losses.values())
-        elif isinstance(losses, Tensor):
-            items = [losses]
-        elif isinstance(losses, Sequence) and not isinstance(losses, (str, bytes)):
-            items = list(losses)
-        else:
-            items = []  # refused with a clear error by _normalize
-        return [v for v in items if isinstance(v, Tensor)]
-
     def _check_not_spent(self, losses: Losses) -> None:
         spent = [r() for r in self._spent]
-        for v in self._given(losses):
+        for v in given_tensors(losses):
             if isinstance(v, Tensor) and any(v is s for s in spent):
                 raise ValueError(
                     "these losses were already backpropagated by a previous backward() (their "
@@ -584,67 +572,13 @@ class Balancer:
                 step.raw = step.stacked.detach()
 
     def _normalize(self, losses: Losses) -> tuple[tuple[str, ...], list[Tensor]]:
-        is_dict = isinstance(losses, Mapping)
-        if isinstance(losses, Mapping):
-            names = tuple(str(k) for k in losses)
-            values = list(losses.values())
-        elif isinstance(losses, Tensor):
-            if losses.dim() != 1:
-                raise ValueError(
-                    f"a tensor of losses must be 1-D [m], got shape {tuple(losses.shape)}"
-                )
-            values = list(losses.unbind(0))
-            names = tuple(str(i) for i in range(len(values)))
-        elif isinstance(losses, Sequence) and not isinstance(losses, (str, bytes)):
-            values = list(losses)
-            names = tuple(str(i) for i in range(len(values)))
-        else:
-            raise TypeError(
-                f"losses must be a dict {{task: scalar}} or a sequence of scalars, "
-                f"got {type(losses).__name__}"
-            )
-        if not values:
-            raise ValueError("no losses were given")
-        if len(set(names)) != len(names):
-            raise ValueError(f"task names must be unique, got {list(names)}")
-        for n, v in zip(names, values):
-            if not isinstance(v, Tensor):
-                raise TypeError(f"loss of task {n!r} is a {type(v).__name__}, not a tensor")
-            if v.numel() != 1 or v.dim() > 1:
-                raise ValueError(
-                    f"loss of task {n!r} must be a scalar, got shape {tuple(v.shape)} "
-                    "(reduce it, e.g. with .mean())"
-                )
-            if not v.is_floating_point():
-                raise TypeError(f"loss of task {n!r} has dtype {v.dtype}, not a floating type")
-            if not v.requires_grad:
-                raise ValueError(f"loss of task {n!r} does not require grad (detached?)")
-        dtypes = {v.dtype for v in values}
-        devices = {v.device for v in values}
-        if len(devices) > 1:
-            raise ValueError(f"the losses are on several devices: {sorted(map(str, devices))}")
-        values = [v.reshape(()) for v in values]
-        if len(dtypes) > 1:  # one dtype for the stacked vector: the widest
-            wide = max(dtypes, key=lambda d: torch.finfo(d).bits)
-            values = [v.to(wide) for v in values]
-        expected = self.weighting.num_tasks
-        if expected is not None and len(values) != expected:
-            raise ValueError(
-                f"{type(self.weighting).__name__} was built for {expected} tasks, "
-                f"got {len(values)} losses ({', '.join(names)})"
-            )
-        if self.tasks is not None and names != self.tasks:
-            if is_dict and sorted(names) == sorted(self.tasks):
-                # matched by name: the canonical order is the first step's
-                by_name = dict(zip(names, values))
-                return self.tasks, [by_name[n] for n in self.tasks]
-            if any(getattr(s, "is_stateful", False) for s in self.strategies):
-                raise ValueError(
-                    f"the task set changed from {list(self.tasks)} to {list(names)}; the "
-                    "configured strategies keep per-task state. Use the same tasks every step "
-                    "(or a new Balancer)."
-                )
-        return names, values
+        return normalize_losses(
+            losses,
+            expected=self.weighting.num_tasks,
+            expected_by=type(self.weighting).__name__,
+            known=self.tasks,
+            stateful=any(getattr(s, "is_stateful", False) for s in self.strategies),
+        )
 
     def _check_connected(self, step: _Step) -> None:
         if self.check_connected == "never":

@@ -68,15 +68,18 @@ def task_grad_norms(
     ``reduce`` maps the flattened per-task gradients ``[m, n]`` to the global ones before the
     norms are taken (under DDP: the rank average)."""
     rows = []
+    norms = []
     for loss in losses:
         gs = torch.autograd.grad(
             loss, list(inputs), retain_graph=True, allow_unused=True, materialize_grads=True
         )
-        rows.append(torch.cat([g.reshape(-1) for g in gs]))
-    per_task = torch.stack(rows)
-    if reduce is not None:
-        per_task = reduce(per_task)
-    return per_task.norm(dim=1)
+        if reduce is not None:
+            rows.append(torch.cat([g.reshape(-1) for g in gs]))
+        else:  # no [m, n] copy of the gradients when nothing needs them flattened
+            norms.append(torch.linalg.vector_norm(torch.stack([g.norm() for g in gs])))
+    if reduce is None:
+        return torch.stack(norms)
+    return reduce(torch.stack(rows)).norm(dim=1)
 
 
 class DensePerTaskGrads(PerTaskGrads):

@@ -269,6 +269,9 @@ def _mgda_active_set(
     iterate and the caller continues with the away-step solver.
     """
     m = g.shape[0]
+    uniform = _certified_uniform(g, tol)
+    if uniform is not None:
+        return uniform[0], uniform[1], True, 0
     sol = _best_pair(g, 0.0)
     floor = 4.0 * m * np.finfo(np.float64).eps * max(float(np.max(np.diag(g))), 0.0)
     it = 0
@@ -313,6 +316,23 @@ def _mgda_active_set(
         sol = new
 
 
+def _certified_uniform(g: np.ndarray, tol: float) -> tuple[np.ndarray, float] | None:
+    """The uniform point and its gap when it already passes the certificate, else ``None``.
+
+    Tried first: where it is certified (identical task gradients, or identical after
+    normalisation, where every ``w`` on the simplex is optimal) the weights are symmetric in the
+    tasks instead of the best pair's arbitrary vertex."""
+    m = g.shape[0]
+    floor = 4.0 * m * np.finfo(np.float64).eps * max(float(np.max(np.diag(g))), 0.0)
+    uni = np.full(m, 1.0 / m)
+    grad_u = g @ uni
+    f_u = float(uni @ grad_u)
+    gap_u = 2.0 * (f_u - float(np.min(grad_u)))
+    if gap_u <= tol * (f_u - gap_u) or f_u <= floor:
+        return uni, gap_u
+    return None
+
+
 def _mgda_certified(
     g: np.ndarray, max_iter: int, tol: float, start: np.ndarray | None = None
 ) -> tuple[np.ndarray, float, bool]:
@@ -327,15 +347,9 @@ def _mgda_certified(
     if m == 1:
         return np.ones(1), 0.0, True
     floor = 4.0 * m * np.finfo(np.float64).eps * max(float(np.max(np.diag(g))), 0.0)
-    # the uniform point first: where it is already certified (identical task gradients, or
-    # identical after normalisation, where every w on the simplex is optimal) the weights are
-    # symmetric in the tasks instead of the best pair's arbitrary vertex
-    uni = np.full(m, 1.0 / m)
-    grad_u = g @ uni
-    f_u = float(uni @ grad_u)
-    gap_u = 2.0 * (f_u - float(np.min(grad_u)))
-    if gap_u <= tol * (f_u - gap_u) or f_u <= floor:
-        return uni, gap_u, True
+    uniform = _certified_uniform(g, tol)
+    if uniform is not None:
+        return uniform[0], uniform[1], True
     sol = _best_pair(g, 0.0) if start is None else start.copy()
     gap = np.inf
     for it in range(max_iter + 1):

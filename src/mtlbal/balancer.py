@@ -600,6 +600,20 @@ class Balancer:
                 )
         self._checked_for = step.names
 
+    def _refuse(self, step: _Step, domain: tuple[Tensor, str] | None) -> None:
+        """After a failed check: refuse for a non-finite loss, or a loss outside the weighting's
+        domain (naming the tasks). Returns when neither is the cause (a gradient is)."""
+        if not bool(torch.isfinite(step.raw).all()):
+            self._refuse_losses(step)
+        if domain is not None and not bool(domain[0].all()):
+            ok = domain[0].tolist()
+            bad = ", ".join(
+                f"{n!r} (L = {float(v)!r})"
+                for n, v, k in zip(step.names, step.raw.tolist(), ok)
+                if not k
+            )
+            raise ValueError(f"{domain[1]}: task(s) {bad}")
+
     def _refuse_losses(self, step: _Step, *, elsewhere: bool = False) -> None:
         """A non-finite loss: raise naming the task(s), or skip, per ``nonfinite``."""
         if self.nonfinite == "skip":
@@ -617,10 +631,6 @@ class Balancer:
         world = step.world
         needs_grads = self._needs_grads
         checking = self.nonfinite != "off" or scaler is not None
-        # without per-task gradients the losses are checked before anything is formed (the
-        # one host sync of the step); with them, together with the gradients below
-        if world == 1 and checking and not needs_grads and not bool(torch.isfinite(step.raw).all()):
-            self._refuse_losses(step)
         # the strategies see the global losses (under DDP); the graph stays the local one
         stacked = step.stacked
         if world > 1:
@@ -641,7 +651,16 @@ class Balancer:
         info = StepInfo(step.names, step.raw, weighted.weights.detach(), weighted.weights.detach())
         total = objectives.sum() if aux is None else objectives.sum() + aux
 
+        domain = weighted.domain if checking else None
         if not needs_grads:  # the loss-level backward only
+            # the losses (and the weighting's domain) are checked before anything is formed:
+            # the one host sync of the step
+            if (world == 1 and checking) or domain is not None:
+                ok = torch.isfinite(step.raw).all()
+                if domain is not None:
+                    ok = ok & domain[0].all()
+                if not bool(ok):
+                    self._refuse(step, domain)
             if self._cut is not None:
                 step.captured = []
             step.writes.backward([total], [None])
@@ -656,9 +675,10 @@ class Balancer:
             finite = torch.isfinite(gram.diagonal()).all()
             if world == 1:
                 finite = finite & torch.isfinite(step.raw).all()
+            if domain is not None:
+                finite = finite & domain[0].all()
             if not bool(finite):  # the one host sync of the step
-                if not bool(torch.isfinite(step.raw).all()):
-                    self._refuse_losses(step)
+                self._refuse(step, domain)
                 return self._nonfinite_grads(step, grads, gram, info, scaler)
         unscaled = gram if step.scale is None else gram / (step.scale.to(gram.dtype) ** 2)
         info.gramian = unscaled.detach()

@@ -161,8 +161,18 @@ def test_state_follows_the_module_dtype_and_min_losses_keep_their_precision() ->
 @pytest.mark.parametrize("bad", [0.5, 0.2])
 def test_loss_at_or_below_its_minimum_raises_naming_the_task(bad: float) -> None:
     famo = FAMO(2, min_losses=torch.tensor([0.0, 0.5]))
-    with pytest.raises(ValueError, match=r"task 'depth'.*min_losses"):
-        famo.objectives(torch.tensor([1.0, bad]), LossContext(tasks=("seg", "depth")))
+    # the step's domain: [m] flags (no host read); the Balancer refuses the step in its one
+    # host sync, naming the task, and nothing changes
+    out = famo.objectives(torch.tensor([1.0, bad]), LossContext(tasks=("seg", "depth")))
+    assert out.domain is not None and out.domain[0].tolist() == [True, False]
+    lin = torch.nn.Linear(3, 2)
+    y = lin(torch.randn(4, 3))
+    bal = mtlbal.Balancer(lin, weighting=famo)
+    prev = famo.prev_losses
+    with pytest.raises(ValueError, match=r"min_losses.*task\(s\) 'depth'"):
+        bal.backward({"seg": y[:, 0].pow(2).mean() + 1.0, "depth": (0.0 * y[:, 1]).mean() + bad})
+    assert all(p.grad is None for p in lin.parameters())
+    assert famo.prev_losses is prev  # the refused step's losses were not kept
     famo.objectives(torch.tensor([1.0, 0.9]), LossContext())
     with pytest.raises(ValueError, match=r"task 1.*min_losses"):
         famo.update(torch.tensor([0.8, bad]))

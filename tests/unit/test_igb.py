@@ -86,18 +86,35 @@ def test_v1_objectives_are_weighted_log_losses() -> None:
     torch.testing.assert_close(igb_v1_weights(L, torch.tensor([2.0, 0.5])), torch.tensor(w))
 
 
+def _balancer_losses(values: list[float]) -> tuple[Any, dict[str, torch.Tensor]]:
+    lin = torch.nn.Linear(3, len(values))
+    y = lin(torch.randn(4, 3))
+    names = ("seg", "depth", "normal")[: len(values)]
+    return lin, {n: (0.0 * y[:, i]).mean() + v for i, (n, v) in enumerate(zip(names, values))}
+
+
 def test_positivity_policy() -> None:
-    igb = IGB(2)
-    with pytest.raises(ValueError, match=r"'depth'=0\.0"):
-        igb.objectives(torch.tensor([1.0, 0.0]), LossContext(tasks=("seg", "depth")))
-    with pytest.raises(ValueError, match=r"'1'=-1\.0"):
-        igb.objectives(torch.tensor([1.0, -1.0]), LossContext())
+    # the step's domain: [m] flags, no host read in the weighting; the Balancer refuses the
+    # step in its one host sync, naming the task, and changes nothing
+    out = IGB(2).objectives(torch.tensor([1.0, 0.0]), LossContext(tasks=("seg", "depth")))
+    assert out.domain is not None and out.domain[0].tolist() == [True, False]
+    for values, pat in (
+        ([1.0, 0.0], r"'depth' \(L = 0\.0\)"),
+        ([1.0, -1.0], r"'depth' \(L = -1\.0"),
+    ):
+        igb = IGB(2)
+        lin, losses = _balancer_losses(values)
+        bal = mtlbal.Balancer(lin, weighting=igb)
+        with pytest.raises(ValueError, match="IGB takes log.*" + pat):
+            bal.backward(losses)
+        assert bal.step_count == 0 and all(p.grad is None for p in lin.parameters())
+        assert igb.epoch_sum is None
     ok = IGB(2, eps=1e-8).objectives(torch.tensor([1.0, 0.0]), LossContext())
     assert torch.isfinite(ok.objectives).all()
     np.testing.assert_allclose(float(ok.objectives[1]), math.log(1e-8), rtol=1e-6)
     unchecked = IGB(2, check_positive=False).objectives(torch.tensor([1.0, 0.0]), LossContext())
     assert torch.isinf(unchecked.objectives[1])
-    assert IGB(2, check_positive=False).host_sync is False and IGB(2).host_sync is True
+    assert IGB(2).host_sync is False and IGB(2, version=2).host_sync is True
 
 
 def test_positivity_error_names_task_through_balancer() -> None:

@@ -28,12 +28,17 @@ class WeightedLosses:
         param_grads: ``(parameter, gradient)`` pairs for the strategy's own parameters that
             are not gradients of ``objectives`` (GradNorm's weights). The Balancer adds them
             to ``.grad`` at its commit stage: a strategy never writes ``.grad`` itself.
+        domain: ``(ok, what)`` for a strategy whose formula holds only for some losses (FAMO's
+            ``log(L − L*)``, IGB's ``log L``): ``ok`` is a ``[m]`` bool tensor (no host read
+            here), ``what`` the precondition in words. The Balancer folds ``ok`` into its one
+            host sync and refuses the step naming the tasks outside the domain.
     """
 
     objectives: Tensor
     weights: Tensor
     aux: Tensor | None = None
     param_grads: list[tuple[Tensor, Tensor]] = field(default_factory=list)
+    domain: tuple[Tensor, str] | None = None
 
 
 # the one context object of a step (kept under its first name for loss weightings)

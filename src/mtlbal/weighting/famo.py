@@ -178,11 +178,16 @@ class FAMO(LossWeighting):
     def objectives(self, losses: Tensor, ctx: LossContext) -> WeightedLosses:
         logits = self.logits.to(device=losses.device, dtype=losses.dtype)
         mins = self.min_losses.to(device=losses.device, dtype=losses.dtype)
-        self._check(losses, mins, ctx.tasks)
         obj, w = famo_objectives(losses, logits, mins)
         self.prev_losses = losses.detach().clone()
         k = self._mult()
-        return WeightedLosses(obj * k, w * k)
+        # checked by the Balancer in its one host sync (no read here)
+        ok = losses.detach() > mins
+        what = (
+            "FAMO takes log(L − L*) and needs every loss above its min_losses L* = "
+            f"{self.hparams()['min_losses']!r}; set min_losses lower"
+        )
+        return WeightedLosses(obj * k, w * k, domain=(ok, what))
 
     def current_weights(self, losses: Tensor) -> Tensor:
         logits = self.logits.to(device=losses.device, dtype=losses.dtype)

@@ -46,7 +46,8 @@ is no check and a non-positive loss gives a non-finite objective (which the Bala
 as well, since the v1 weights and the v2 reward divide by them: :meth:`IGB.epoch_end` raises
 ``ValueError`` naming the task otherwise (possible only with ``eps > 0``; one host read per run).
 
-Host syncs (:attr:`IGB.host_sync`): v1 none besides the optional positivity check; v2 runs its
+Host syncs (:attr:`IGB.host_sync`): v1 none (the positivity check is returned as the step's
+``domain`` and folded into the Balancer's one host sync); v2 runs its
 agent on the CPU, so the loss vector (``m`` floats) is copied to the host every step and the
 action copied back, and the base losses once when they are set.
 
@@ -215,8 +216,9 @@ class IGB(LossWeighting):
 
     @property
     def host_sync(self) -> bool:
-        """Whether a step copies to the host (v2 always; v1 for the positivity check)."""
-        return self.version == 2 or self.check_positive
+        """Whether a step copies to the host beyond the Balancer's one check (v2: its agent
+        runs on the CPU; v1 never: the positivity check rides in the Balancer's sync)."""
+        return self.version == 2
 
     def hparams(self) -> dict[str, object]:
         sac = self._sac_kwargs
@@ -348,7 +350,7 @@ class IGB(LossWeighting):
         if self.num_tasks is not None and m != self.num_tasks:
             raise ValueError(f"IGB was built for {self.num_tasks} tasks, got {m} losses")
         raw = losses.detach()
-        self._check(raw, ctx.tasks)
+        ok = (raw + self.eps > 0) if self.check_positive else None
         if self.version == 1:
             if self.base_losses is None:
                 w = torch.ones_like(raw)
@@ -358,7 +360,15 @@ class IGB(LossWeighting):
             w = self._v2_weights(raw, ctx.lr_factor)
         self.last_weights = w.detach()
         shifted = losses + self.eps if self.eps else losses
-        return WeightedLosses(w * torch.log(shifted), (w / shifted.detach()).detach())
+        what = (
+            f"IGB takes log(L + eps) (eps={self.eps}) and needs positive losses; pass eps=... "
+            "or use a positive loss for these tasks"
+        )
+        return WeightedLosses(
+            w * torch.log(shifted),
+            (w / shifted.detach()).detach(),
+            domain=None if ok is None else (ok, what),
+        )
 
     def current_weights(self, losses: Tensor) -> Tensor:
         """v1: the weights for ``losses`` from the current base losses (ones before they exist).

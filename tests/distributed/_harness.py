@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch import Tensor, nn
 
 WORLD = 2
 PG_TIMEOUT = timedelta(seconds=60)
@@ -85,3 +86,16 @@ def spawn(
 def run_modules(rank: int, modules: list[str]) -> dict[str, Any]:
     """Every listed test module's ``_worker(rank)``, in one pair of processes."""
     return {name: importlib.import_module(name)._worker(rank) for name in modules}
+
+
+class Net(nn.Module):
+    """The distributed tests' model: a trunk (5 → 8 → 6) and ``m`` linear heads."""
+
+    def __init__(self, m: int = 3) -> None:
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 6))
+        self.heads = nn.ModuleList([nn.Linear(6, 1) for _ in range(m)])
+
+    def forward(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+        z = self.trunk(x)
+        return z, [h(z) for h in self.heads]

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-from _harness import WORLD
-from torch import Tensor, nn
+from _harness import WORLD, Net
+from torch import nn
 
 import mtlbal
 
@@ -30,17 +30,6 @@ CONFIGS: dict[str, tuple[str, Callable[[], dict[str, Any]]]] = {
     "mgda@params": ("params", lambda: {"aggregator": mtlbal.aggregation.MGDA()}),
     "nash@cut": ("cut", lambda: {"aggregator": mtlbal.aggregation.NashMTL()}),
 }
-
-
-class Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.trunk = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 6))
-        self.heads = nn.ModuleList([nn.Linear(6, 1) for _ in range(M)])
-
-    def forward(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
-        z = self.trunk(x)
-        return z, [h(z) for h in self.heads]
 
 
 def run(config: str, shard: int | None, overflow: bool = False) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-from _harness import WORLD
+from _harness import WORLD, Net
 from torch import Tensor, nn
 
 import mtlbal
@@ -28,17 +28,6 @@ pytestmark = [
 ]
 
 M = 3
-
-
-class Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.trunk = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 6))
-        self.heads = nn.ModuleList([nn.Linear(6, 1) for _ in range(M)])
-
-    def forward(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
-        z = self.trunk(x)
-        return z, [h(z) for h in self.heads]
 
 
 # configurations: (at, Balancer keyword arguments); the loss-level one forms no per-task gradient

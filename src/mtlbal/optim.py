@@ -23,6 +23,7 @@ finite.
 
 from __future__ import annotations
 
+import copy
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -242,11 +243,20 @@ class BalancedOptimizer(Optimizer):
             if result is not None:
                 sd = dict(result)
         ours = sd.pop(_KEY, None)
-        self.optimizer.load_state_dict(sd)
-        if ours is not None:
+        if ours is None:
+            self.optimizer.load_state_dict(sd)
+        else:
+            # all or nothing: the balancer's state is checked (and loaded) first; if the
+            # optimizers then refuse theirs, the balancer is put back as it was
+            before = copy.deepcopy(self.balancer.state_dict())
             self.balancer.load_state_dict(ours["balancer"])
-            if self.balancer_optimizer is not None and ours["balancer_optimizer"] is not None:
-                self.balancer_optimizer.load_state_dict(ours["balancer_optimizer"])
+            try:
+                self.optimizer.load_state_dict(sd)
+                if self.balancer_optimizer is not None and ours["balancer_optimizer"] is not None:
+                    self.balancer_optimizer.load_state_dict(ours["balancer_optimizer"])
+            except BaseException:
+                self.balancer.load_state_dict(before)
+                raise
             self._initial_lr[:] = list(ours.get("initial_lr", self._initial_lr))
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)

@@ -360,3 +360,29 @@ def test_trainer_side_wrapper_sees_the_same_optimizer_and_scaler() -> None:
     outer.backward(p.losses())
     outer.step()
     assert calls == ["post", "post"]
+
+
+def test_load_state_dict_is_all_or_nothing() -> None:
+    # a valid balancer state with an optimizer state the optimizer refuses: the balancer is
+    # left as it was (it used to be loaded already when the optimizer refused)
+    p = make_problem(2)
+    uw = UncertaintyWeighting(2)
+    opt = mtlbal.wrap(torch.optim.SGD(p.params(), lr=0.1), mtlbal.Balancer(p.trunk, weighting=uw))
+    for _ in range(2):
+        opt.zero_grad()
+        opt.backward(p.losses())
+        opt.step()
+    saved = opt.state_dict()
+    q = make_problem(2)
+    uw2 = UncertaintyWeighting(2)
+    opt2 = mtlbal.wrap(torch.optim.SGD(q.params(), lr=0.1), mtlbal.Balancer(q.trunk, weighting=uw2))
+    before = copy.deepcopy(opt2.balancer.state_dict())
+    bad = dict(saved)
+    bad["param_groups"] = [*saved["param_groups"], saved["param_groups"][0]]  # one group too many
+    with pytest.raises(ValueError):
+        opt2.load_state_dict(bad)
+    after = opt2.balancer.state_dict()
+    assert after["step"] == before["step"] == 0
+    torch.testing.assert_close(after["weighting"]["log_vars"], before["weighting"]["log_vars"])
+    opt2.load_state_dict(saved)  # the good one loads
+    assert opt2.balancer.step_count == 2

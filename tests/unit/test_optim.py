@@ -6,6 +6,7 @@ import copy
 import gc
 import io
 import pickle
+from typing import Any
 
 import pytest
 import torch
@@ -363,26 +364,35 @@ def test_trainer_side_wrapper_sees_the_same_optimizer_and_scaler() -> None:
 
 
 def test_load_state_dict_is_all_or_nothing() -> None:
-    # a valid balancer state with an optimizer state the optimizer refuses: the balancer is
-    # left as it was (it used to be loaded already when the optimizer refused)
-    p = make_problem(2)
-    uw = UncertaintyWeighting(2)
-    opt = mtlbal.wrap(torch.optim.SGD(p.params(), lr=0.1), mtlbal.Balancer(p.trunk, weighting=uw))
+    # either part refused leaves both parts as they were: a bad balancer state must not leave
+    # the optimizer loaded (it was loaded first), a bad optimizer state must not leave the
+    # balancer loaded
+    def make() -> tuple[Problem, Any]:
+        p = make_problem(2)
+        bal = mtlbal.Balancer(p.trunk, weighting=UncertaintyWeighting(2))
+        return p, mtlbal.wrap(torch.optim.SGD(p.params(), lr=0.1, momentum=0.9), bal)
+
+    p, opt = make()
     for _ in range(2):
         opt.zero_grad()
         opt.backward(p.losses())
         opt.step()
     saved = opt.state_dict()
-    q = make_problem(2)
-    uw2 = UncertaintyWeighting(2)
-    opt2 = mtlbal.wrap(torch.optim.SGD(q.params(), lr=0.1), mtlbal.Balancer(q.trunk, weighting=uw2))
-    before = copy.deepcopy(opt2.balancer.state_dict())
-    bad = dict(saved)
-    bad["param_groups"] = [*saved["param_groups"], saved["param_groups"][0]]  # one group too many
+    saved["param_groups"][0]["lr"] = 0.5
+
+    _, fresh = make()
+    bad_balancer = copy.deepcopy(saved)
+    bad_balancer["mtlbal"]["balancer"]["weighting"]["log_vars"] = torch.zeros(3)
+    with pytest.raises(ValueError, match="log_vars"):
+        fresh.load_state_dict(bad_balancer)
+    assert fresh.param_groups[0]["lr"] == 0.1 and len(fresh.optimizer.state) == 0
+
+    bad_optimizer = copy.deepcopy(saved)
+    bad_optimizer["param_groups"] = [*saved["param_groups"], saved["param_groups"][0]]
     with pytest.raises(ValueError):
-        opt2.load_state_dict(bad)
-    after = opt2.balancer.state_dict()
-    assert after["step"] == before["step"] == 0
-    torch.testing.assert_close(after["weighting"]["log_vars"], before["weighting"]["log_vars"])
-    opt2.load_state_dict(saved)  # the good one loads
-    assert opt2.balancer.step_count == 2
+        fresh.load_state_dict(bad_optimizer)
+    assert fresh.balancer.step_count == 0
+    assert torch.equal(fresh.balancer.weighting.log_vars, torch.zeros(2))
+
+    fresh.load_state_dict(saved)  # the good one loads, both parts
+    assert fresh.balancer.step_count == 2 and fresh.param_groups[0]["lr"] == 0.5

@@ -42,7 +42,7 @@ from mtlbal._transaction import StrategySnapshot
 from mtlbal.aggregation.base import Aggregator, GramianAggregator
 from mtlbal.engine.base import GradWrites, PerTaskGrads
 from mtlbal.engine.branches import BranchStage
-from mtlbal.engine.cut import CutPerTaskGrads, CutPoint, split_task_grads
+from mtlbal.engine.cut import CutPerTaskGrads, CutPoint, check_selector, split_task_grads
 from mtlbal.engine.dense import DensePerTaskGrads, batched_grads, task_grad_norms
 from mtlbal.engine.layerwise import LayerwiseCapture, layerwise_per_task_grads
 from mtlbal.step import Need, StepContext, StepInfo, gramian_stats
@@ -93,6 +93,13 @@ class Balancer:
         at: ``"params"`` (per-task gradients of the shared parameters) or an ``nn.Module`` whose
             output is the shared representation (a cut point: per-task gradients are taken
             there, then one backward runs through the trunk).
+        select: with ``at=module``, which element of the module's output is the shared
+            representation when it returns a container: a key or attribute name (``str``: a
+            dict, a ``ModelOutput``, a dataclass, a namedtuple) or a position (``int``: a tuple
+            or list). The output keeps its type, with that element replaced by the detached
+            leaf; the other elements keep their graph, and a loss that reaches the shared
+            parameters through one of them (bypassing the selected element) is refused by the
+            connectivity check. Default ``None``: the module returns a single tensor.
         transforms: gradient transforms (:mod:`mtlbal.transforms`) applied to each task's
             gradient of the shared parameters before aggregation (``per_task``, at
             ``"params"``), or to the combined gradient that reaches a shared parameter when no
@@ -144,6 +151,7 @@ class Balancer:
         weighting: LossWeighting | None = None,
         aggregator: Aggregator | None = None,
         at: Literal["params"] | nn.Module = "params",
+        select: str | int | None = None,
         transforms: Sequence[GradientTransform] | GradientTransform | None = None,
         nonfinite: NonFinitePolicy = "raise",
         check_connected: Literal["first", "always", "never"] = "first",
@@ -186,6 +194,9 @@ class Balancer:
             )
         if not (at == "params" or isinstance(at, nn.Module)):
             raise ValueError(f"at must be 'params' or an nn.Module, got {at!r}")
+        check_selector(select)
+        if select is not None and not isinstance(at, nn.Module):
+            raise ValueError("select= names an element of a cut point's output: it needs at=module")
         if transforms is None:
             tlist: list[GradientTransform] = []
         elif isinstance(transforms, GradientTransform):
@@ -216,6 +227,7 @@ class Balancer:
         self.chunk_size = chunk_size
         self.engine = engine
         self.at: Literal["params"] | nn.Module = at
+        self.select = select
         self.step_count = 0
         self.tasks: tuple[str, ...] | None = None
         self._checked_for: tuple[str, ...] | None = None
@@ -248,7 +260,7 @@ class Balancer:
         self._branches: BranchStage | None = None
         try:
             if isinstance(at, nn.Module):
-                self._cut = CutPoint(at, detach=self._needs_grads)
+                self._cut = CutPoint(at, detach=self._needs_grads, select=select)
             # the layer-wise engine's forward hooks exist only when per-task gradients at the
             # parameters will be needed: loss-level strategies keep a hook-free forward
             if engine in ("auto", "layerwise") and at == "params" and self._needs_grads:
@@ -399,6 +411,8 @@ class Balancer:
 
     def __repr__(self) -> str:
         at = "params" if self.at == "params" else type(self.at).__name__
+        if self.select is not None:
+            at += f"[{self.select!r}]"
         parts = [f"weighting={self.weighting!r}"]
         if self.aggregator is not None:
             parts.append(f"aggregator={self.aggregator!r}")
@@ -585,18 +599,31 @@ class Balancer:
             return
         if self.check_connected == "first" and self._checked_for == step.names:
             return
+        bypass: set[int] = set()
         if self._cut is not None:
             targets = {id(leaf) if leaf is not z else id(z.grad_fn) for z, leaf in step.captured}
             where = f"the cut point {type(self._cut.module).__name__}"
+            if self._cut.select is not None and self._cut.detach:
+                # the other elements of the output keep their graph: a loss that reaches the
+                # trunk through one of them would escape the per-task gradients at the cut
+                bypass = self._shared_ids
+                where += f" (select={self._cut.select!r})"
         else:
             targets = self._shared_ids
             where = "the shared parameters"
         for n, v in zip(step.names, step.values):
-            _, hit = reachable([v], targets)
-            if not hit:
+            _, hit = reachable([v], targets | bypass)
+            if not hit & targets:
                 raise ValueError(
                     f"the loss of task {n!r} does not depend on {where}: check the model wiring "
                     "(a detached tensor, or a head that bypasses the shared part)"
+                )
+            if hit & bypass:
+                raise ValueError(
+                    f"the loss of task {n!r} reaches the shared parameters other than through "
+                    f"the selected output of {where}: per-task gradients are taken at the "
+                    "selected element only, so a head must not read the trunk through another "
+                    "element of the output (select the one the heads read)"
                 )
         self._checked_for = step.names
 

@@ -7,12 +7,19 @@ per-task gradients ``∂ℓ_t/∂ẑ`` are then taken one task at a time (:func:
 the combination ``Σ_t w_t ∂ℓ_t/∂ẑ`` is staged as the cotangent of ``z`` for the single backward
 of the commit stage, which runs the heads and the trunk together (DDP's reducer sees one
 backward).
+
+A module that returns a container (a tuple or list, a dict, a ``Mapping`` subclass such as
+Hugging Face's ``ModelOutput``, a dataclass) names the representation with ``select``: a key
+or attribute name (``str``) or a position (``int``). The hook then replaces that one element by
+the leaf in a shallow copy of the same container type; every other element keeps its graph.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import weakref
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -21,7 +28,11 @@ from torch import Tensor, nn
 from mtlbal.engine.base import GradWrites, PerTaskGrads, gramian_of
 from mtlbal.engine.dense import batched_grads
 
-__all__ = ["CutPerTaskGrads", "CutPoint", "split_task_grads"]
+__all__ = ["CutPerTaskGrads", "CutPoint", "Selector", "split_task_grads"]
+
+Selector = str | int
+"""Names the representation inside a container output: a key or attribute (``str``), or a
+position in a tuple or list (``int``, negative from the end)."""
 
 # module -> the CutPoint hooked on it: one capture per module, so that a second Balancer on the
 # same module (or a forgotten one) cannot silently detach the trunk from the graph
@@ -33,13 +44,24 @@ class CutPoint:
 
     With ``detach=True`` the hook replaces the output ``z`` by a detached leaf ``ẑ`` (same value)
     and keeps ``(z, ẑ)``; otherwise the output passes through unchanged and ``(z, z)`` is kept.
-    Per-step data (the captured tensors) is not pickled.
+    With ``select`` (see :data:`Selector`), ``z`` is that element of a container output, and the
+    module's output is replaced by a shallow copy of the container (same type) holding ``ẑ`` in
+    its place; the other elements are passed on as they are, graph included. Per-step data (the
+    captured tensors) is not pickled.
     """
 
     role: str
     handle: Any
 
-    def __init__(self, module: nn.Module, *, detach: bool, role: str = "cut point") -> None:
+    def __init__(
+        self,
+        module: nn.Module,
+        *,
+        detach: bool,
+        role: str = "cut point",
+        select: Selector | None = None,
+    ) -> None:
+        check_selector(select)
         owner = _OWNERS.get(module)
         if owner is not None and owner.handle is not None:
             raise ValueError(
@@ -50,24 +72,32 @@ class CutPoint:
         self.module = module
         self.detach = detach
         self.role = role
+        self.select = select
         self.captured: list[tuple[Tensor, Tensor]] = []
         self.handle: Any = module.register_forward_hook(self._hook)
         _OWNERS[module] = self
 
     def _hook(self, module: nn.Module, args: Any, output: Any) -> Any:
-        if not isinstance(output, Tensor):
-            raise TypeError(
-                f"the {self.role} {type(module).__name__} must return a single tensor, "
-                f"got {type(output).__name__}"
-            )
-        if not (torch.is_grad_enabled() and output.requires_grad):
+        where = f"the {self.role} {type(module).__name__}"
+        if self.select is None:
+            if not isinstance(output, Tensor):
+                raise TypeError(
+                    f"{where} must return a single tensor, got {type(output).__name__}; for a "
+                    "tuple, list, dict or ModelOutput, name the representation with select= "
+                    "(a position or a key, e.g. select=0 or select='last_hidden_state')"
+                )
+            z = output
+        else:
+            z = select_from(output, self.select, where)
+        if not (torch.is_grad_enabled() and z.requires_grad):
             return None
         if not self.detach:
-            self.captured.append((output, output))
+            self.captured.append((z, z))
             return None
-        leaf = output.detach().requires_grad_(True)
-        self.captured.append((output, leaf))
-        return leaf
+        leaf = z.detach().requires_grad_(True)
+        new = output if self.select is None else replace_in(output, self.select, leaf, where)
+        self.captured.append((z, leaf))
+        return leaf if self.select is None else new
 
     def take(self) -> list[tuple[Tensor, Tensor]]:
         out, self.captured = self.captured, []
@@ -85,6 +115,119 @@ class CutPoint:
         state = dict(self.__dict__)
         state["captured"] = []  # per-step tensors with a live graph are not state
         return state
+
+
+def check_selector(select: Any) -> None:
+    """Refuse anything but ``None``, a ``str`` or an ``int`` (not a ``bool``)."""
+    if select is None or isinstance(select, str):
+        return
+    if isinstance(select, int) and not isinstance(select, bool):
+        return
+    raise TypeError(
+        "select must be a key or attribute name (str) or a position (int), got "
+        f"{type(select).__name__} {select!r}; a callable cannot put the leaf back, so it is "
+        "not accepted"
+    )
+
+
+def _describe(output: Any) -> str:
+    if isinstance(output, Mapping):
+        return f"{type(output).__name__} with keys {list(output.keys())!r}"
+    if isinstance(output, (tuple, list)):
+        return f"{type(output).__name__} of length {len(output)}"
+    return type(output).__name__
+
+
+def select_from(output: Any, select: Selector, where: str) -> Tensor:
+    """The tensor ``select`` names in ``output`` (``where`` names the module in errors)."""
+    if isinstance(output, Tensor):
+        raise TypeError(
+            f"{where} returned a single tensor, but select={select!r} was given: drop select="
+        )
+    if isinstance(select, int):
+        if not isinstance(output, (tuple, list)):
+            raise TypeError(
+                f"{where}: select={select!r} (a position) needs a tuple or list output, got "
+                f"{_describe(output)}; select a Mapping's entry by its key"
+            )
+        if not -len(output) <= select < len(output):
+            raise ValueError(
+                f"{where}: select={select!r} is out of range for its output, a {_describe(output)}"
+            )
+        z = output[select]
+    elif isinstance(output, Mapping):
+        if select not in output:
+            raise ValueError(
+                f"{where}: select={select!r} is not a key of its output, a {_describe(output)}"
+            )
+        z = output[select]
+    elif isinstance(output, (tuple, list)) and not hasattr(output, "_fields"):
+        raise TypeError(
+            f"{where}: select={select!r} (a name) cannot select from a "
+            f"{_describe(output)}; select a position (an int)"
+        )
+    else:
+        if not hasattr(output, select):
+            raise ValueError(
+                f"{where}: select={select!r} is not an attribute of its output, a "
+                f"{_describe(output)}"
+            )
+        z = getattr(output, select)
+    if not isinstance(z, Tensor):
+        raise TypeError(
+            f"{where}: select={select!r} names a {type(z).__name__}, not a tensor, in its output "
+            f"(a {_describe(output)})"
+        )
+    return z
+
+
+def replace_in(output: Any, select: Selector, leaf: Tensor, where: str) -> Any:
+    """A shallow copy of ``output``, same type, with the element ``select`` names set to
+    ``leaf``; checked by selecting again (item and attribute access, where both exist)."""
+    new: Any
+    if isinstance(select, int):
+        items = list(output)
+        items[select] = leaf
+        if isinstance(output, list):
+            new = copy.copy(output)  # a list subclass keeps its type and attributes
+            new[:] = items
+        elif type(output) is tuple:
+            new = tuple(items)
+        elif hasattr(output, "_fields"):  # a namedtuple
+            new = type(output)(*items)
+        else:  # another tuple subclass (torch.return_types takes one sequence)
+            new = type(output)(items)
+    elif isinstance(output, Mapping):
+        new = copy.copy(output)
+        new[select] = leaf
+        # a Mapping that also exposes its entries as attributes (ModelOutput): keep them in step
+        if hasattr(output, select) and getattr(new, select, None) is not leaf:
+            setattr(new, select, leaf)
+    elif hasattr(output, "_fields"):
+        new = output._replace(**{select: leaf})
+    elif (
+        dataclasses.is_dataclass(output)
+        and not isinstance(output, type)
+        and any(f.name == select and f.init for f in dataclasses.fields(output))
+    ):
+        new = dataclasses.replace(output, **{select: leaf})
+    else:
+        new = copy.copy(output)
+        setattr(new, select, leaf)
+    ok = type(new) is type(output)
+    if ok:
+        try:
+            ok = select_from(new, select, where) is leaf
+            if ok and isinstance(select, str) and isinstance(output, Mapping):
+                ok = not hasattr(output, select) or getattr(new, select) is leaf
+        except (TypeError, ValueError):
+            ok = False
+    if not ok:
+        raise TypeError(
+            f"{where}: could not rebuild its output ({_describe(output)}) with the detached "
+            f"representation in place of select={select!r}"
+        )
+    return new
 
 
 def split_task_grads(

@@ -73,6 +73,12 @@ def _wrapped(strategy_in_main: bool) -> tuple[Net, mtlbal.BalancedOptimizer]:
     return net, opt
 
 
+def _log_vars(opt: mtlbal.BalancedOptimizer) -> nn.Parameter:
+    weighting = opt.balancer.weighting
+    assert isinstance(weighting, mtlbal.weighting.UncertaintyWeighting)
+    return weighting.log_vars
+
+
 def _step(net: Net, opt: mtlbal.BalancedOptimizer, seed: int) -> None:
     opt.backward(net.losses(seed))
     opt.step()
@@ -84,13 +90,13 @@ def test_wrapper_to_dtype_moves_the_strategy_optimizer_state_as_load_state_dict_
     for s in range(2):
         _step(net, opt, s)
     net_ref, opt_ref = copy.deepcopy((net, opt))
-    log_vars = opt.balancer.weighting.log_vars
+    log_vars = _log_vars(opt)
     bopt = opt.balancer_optimizer
     assert bopt is not None and bopt.state[log_vars]["exp_avg"].dtype == torch.float32
 
     net.double()
     assert opt.to(dtype=torch.float64) is opt
-    assert opt.balancer.weighting.log_vars is log_vars and log_vars.dtype == torch.float64
+    assert _log_vars(opt) is log_vars and log_vars.dtype == torch.float64
     assert bopt.param_groups[0]["params"][0] is log_vars
     for key in ("exp_avg", "exp_avg_sq"):
         assert bopt.state[log_vars][key].dtype == torch.float64
@@ -99,8 +105,8 @@ def test_wrapper_to_dtype_moves_the_strategy_optimizer_state_as_load_state_dict_
 
     # reference: torch's own policy (load_state_dict casts the state to the parameters)
     net_ref.double()
-    w_ref = opt_ref.balancer.weighting
-    w_ref.log_vars.data = w_ref.log_vars.data.double()
+    ref_log_vars = _log_vars(opt_ref)
+    ref_log_vars.data = ref_log_vars.data.double()
     for o in (opt_ref.optimizer, opt_ref.balancer_optimizer):
         assert o is not None
         o.load_state_dict(o.state_dict())
@@ -109,7 +115,7 @@ def test_wrapper_to_dtype_moves_the_strategy_optimizer_state_as_load_state_dict_
         _step(net, opt, s)
         _step(net_ref, opt_ref, s)
     assert not torch.equal(log_vars.detach(), before)  # still stepped after the move
-    assert torch.equal(log_vars.detach(), w_ref.log_vars.detach())
+    assert torch.equal(log_vars.detach(), ref_log_vars.detach())
     for p, q in zip(net.parameters(), net_ref.parameters()):
         assert torch.equal(p, q)
 
@@ -118,7 +124,7 @@ def test_wrapper_to_with_strategy_parameters_in_the_main_optimizer() -> None:
     net, opt = _wrapped(strategy_in_main=True)
     assert opt.balancer_optimizer is None
     _step(net, opt, 0)
-    log_vars = opt.balancer.weighting.log_vars
+    log_vars = _log_vars(opt)
     net.double()
     opt.to(dtype=torch.float64)
     assert opt.state[log_vars]["exp_avg_sq"].dtype == torch.float64
@@ -131,12 +137,12 @@ def test_wrapper_to_with_strategy_parameters_in_the_main_optimizer() -> None:
 def test_wrapper_to_cuda() -> None:
     net, opt = _wrapped(strategy_in_main=False)
     _step(net, opt, 0)
-    log_vars = opt.balancer.weighting.log_vars
+    log_vars = _log_vars(opt)
     net.cuda()
     opt.to("cuda")
     bopt = opt.balancer_optimizer
     assert bopt is not None
-    assert opt.balancer.weighting.log_vars is log_vars and log_vars.is_cuda
+    assert _log_vars(opt) is log_vars and log_vars.is_cuda
     state = bopt.state[log_vars]
     assert state["exp_avg"].is_cuda
     fused = bool(bopt.param_groups[0].get("fused"))

@@ -209,3 +209,22 @@ def test_summary_writer_event_file_reads_back(tmp_path: Any) -> None:
         assert [s for s, _ in got] == [1, 2, 3]
         for (_, v), (_, want) in zip(got, rows):
             assert math.isclose(v, want, rel_tol=1e-6, abs_tol=1e-7)  # stored as float32
+
+
+def test_the_concepts_logging_example_runs(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("tensorboard")
+    import re
+    from pathlib import Path
+
+    doc = (Path(__file__).parents[2] / "docs" / "concepts.md").read_text()
+    section = doc.split("\n## Logging\n", 1)[1].split("\n## ", 1)[0]
+    code = re.findall(r"```python\n(.*?)```", section, re.S)[0]
+    expected = code.rsplit("# ", 1)[1].strip()
+    monkeypatch.chdir(tmp_path)
+    printed: list[str] = []
+    exec(
+        compile(code, "concepts.md", "exec"),
+        {"print": lambda *a: printed.append(" ".join(map(str, a)))},
+    )
+    assert printed == [expected]
+    assert list((tmp_path / "runs" / "mtl").iterdir())

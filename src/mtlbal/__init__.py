@@ -6,6 +6,7 @@
 """
 
 from mtlbal import aggregation, diagnostics, engine, functional, presets, transforms, weighting
+from mtlbal import logging as logging  # not in __all__: a star import would shadow stdlib logging
 from mtlbal.balancer import Balancer, StepInfo
 from mtlbal.optim import BalancedOptimizer, wrap
 from mtlbal.step import Need, StepContext

@@ -7,7 +7,7 @@ state once with :meth:`Stateful.add_state`. Declared state is
   known at construction (state that is created lazily on the first step, e.g. ``L(0)`` of
   GradNorm, starts as ``None`` and is restored with the shape it had when saved);
 * put back to its default by ``reset()``;
-* moved by ``.to(device)`` like any buffer.
+* moved by ``.to(device, dtype)`` like any buffer, its default (what ``reset()`` restores) too.
 
 Non-tensor state (a random generator, a replay buffer, Python counters) is kept by overriding
 :meth:`Stateful.extra_state` / :meth:`Stateful.load_extra_state`; it travels in the same
@@ -91,6 +91,15 @@ class Stateful(nn.Module):
             raise ValueError(f"state {name!r} is declared twice")
         self._state_defaults[name] = None if default is None else default.detach().clone()
         self.register_buffer(name, None if default is None else default.detach().clone())
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:
+        # .to(), .double(), .cuda(), … move the declared defaults with the state, so that
+        # reset() restores them on the state's device and in its dtype
+        out = super()._apply(fn, recurse)
+        for name, default in self._state_defaults.items():
+            if default is not None:
+                self._state_defaults[name] = fn(default)
+        return out
 
     @property
     def is_stateful(self) -> bool:

@@ -304,10 +304,26 @@ class Balancer:
                     seen.add(id(p))
                     yield p
 
-    def to(self, device: torch.device | str) -> Balancer:
-        """Move the strategies' state and parameters to ``device`` (the model is the user's)."""
-        for s in self.strategies:
-            s.to(device)
+    def to(
+        self, device: torch.device | str | int | None = None, dtype: torch.dtype | None = None
+    ) -> Balancer:
+        """Move the strategies' state and learnable parameters to ``device`` and/or cast their
+        floating-point tensors to ``dtype`` (the model is the user's); returns ``self``.
+
+        Parameters keep their identity (their contents are swapped, also across devices), so
+        an optimizer that holds them keeps stepping them; its *state* (Adam's moments) is its
+        own: with :func:`mtlbal.wrap` call ``opt.to(...)``, which moves this Balancer and makes
+        that state follow. A strategy's declared defaults (what ``reset()`` restores) move too.
+        """
+        previous = torch.__future__.get_swap_module_params_on_conversion()
+        # nn.Module.to assigns .data where it can and builds new Parameters where it cannot
+        # (e.g. to "meta"); swapping keeps the Parameter objects in every case
+        torch.__future__.set_swap_module_params_on_conversion(True)
+        try:
+            for s in self.strategies:
+                s.to(device=device, dtype=dtype)
+        finally:
+            torch.__future__.set_swap_module_params_on_conversion(previous)
         return self
 
     def register_hook(self, hook: Callable[[Balancer, StepInfo], None]) -> RemovableHandle:

@@ -204,6 +204,25 @@ class BalancedOptimizer(Optimizer):
         # one more host sync per device
         return all(bool(torch.isfinite(g).all()) for g in grads)
 
+    def to(
+        self, device: torch.device | str | int | None = None, dtype: torch.dtype | None = None
+    ) -> BalancedOptimizer:
+        """Move the balancer's strategies (``balancer.to(device, dtype)``), then make every
+        optimizer state tensor follow its parameter; returns ``self``.
+
+        The strategy parameters keep their identity, and the state of the optimizer that steps
+        them (``balancer_optimizer``: Adam's moments) — and of the wrapped optimizer, for its
+        parameters — is moved to each parameter's device and cast to its floating dtype, as
+        ``load_state_dict`` would (a fused or capturable optimizer's ``step`` goes to the
+        parameter's device in float32; a plain one's stays where it is). The model is yours:
+        move it first (``model.to(device)``), then call ``opt.to(device)``.
+        """
+        self.balancer.to(device=device, dtype=dtype)
+        for opt in (self.optimizer, self.balancer_optimizer):
+            if opt is not None:
+                _state_follows_params(opt)
+        return self
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
         if self.balancer_optimizer is not None:
@@ -277,6 +296,27 @@ class BalancedOptimizer(Optimizer):
         self.__dict__.update(state)
         self._init_hooks()
         _claim(self.optimizer, self)
+
+
+def _state_follows_params(optimizer: Optimizer) -> None:
+    """Move each parameter's optimizer state to its device and floating dtype (torch's own
+    ``load_state_dict`` policy), in place of the old tensors."""
+    for group in optimizer.param_groups:
+        step_on_param = bool(group.get("fused") or group.get("capturable"))
+        for p in group["params"]:
+            state = optimizer.state.get(p)
+            if not state:
+                continue
+            for key, value in list(state.items()):
+                if not isinstance(value, torch.Tensor):
+                    continue
+                if key == "step":
+                    if step_on_param:
+                        state[key] = value.to(device=p.device, dtype=torch.float32)
+                elif value.is_floating_point() and p.is_floating_point():
+                    state[key] = value.to(device=p.device, dtype=p.dtype)
+                else:
+                    state[key] = value.to(device=p.device)
 
 
 def _default_strategy_optimizer(params: list[torch.nn.Parameter], lr: float) -> Optimizer:

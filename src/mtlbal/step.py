@@ -76,8 +76,8 @@ class StepInfo:
         grad_norms: ``[m]`` norms of those gradients (``None`` without a Gramian).
         cosines: ``[m, m]`` their pairwise cosines.
         conflict: share of task pairs with a negative cosine (the sparse-training paper's
-            gradient-conflict incidence).
-        The last three are derived from ``gramian`` on first access (no work when unread).
+            gradient-conflict incidence). ``grad_norms``, ``cosines`` and ``conflict`` are
+            derived from ``gramian`` on first access (no work when unread).
         skipped: ``True`` when the step was skipped: a non-finite loss or gradient under the
             ``nonfinite="skip"`` policy, or a gradient overflow under a ``GradScaler``
             (``extras["overflow"]``), where ``.grad`` holds the plain non-finite gradient so

@@ -117,10 +117,11 @@ class IGB(LossWeighting):
         eps: added inside the log (default 0: exactly ``log L_t``).
         check_positive: raise ``ValueError`` naming the task when ``L_t + eps ≤ 0`` (one host
             sync per step).
-        start_epoch, update_after, update_every, batch_size, buffer_size, hidden, lr, gamma,
-            tau, init_alpha: v2's schedule and SAC hyper-parameters (see the module docstring).
-            ``update_after`` must exceed ``base_epoch`` so that the buffer holds transitions when
-            training starts.
+        start_epoch, update_after, update_every, batch_size, buffer_size: v2's schedule (see
+            the module docstring). ``update_after`` must exceed ``base_epoch`` so that the
+            buffer holds transitions when training starts.
+        hidden, lr, gamma, tau, init_alpha: v2's SAC hyper-parameters (see the module
+            docstring).
         seed: seed of v2's generator (actions, policy noise, minibatches, network init);
             ``None`` for a nondeterministic seed.
     """

@@ -4,8 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP_TEST := $(VENV)/.stamp-test
 STAMP_BENCH := $(VENV)/.stamp-bench
+STAMP_DOCS := $(VENV)/.stamp-docs
 
-.PHONY: test bench lint typecheck pytest bench-cost bench-full docs clean
+.PHONY: test bench lint typecheck pytest bench-cost bench-full docs docs-site clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -21,9 +22,14 @@ $(STAMP_BENCH): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e '.[bench]'
 	touch $@
 
+$(STAMP_DOCS): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[docs]'
+	touch $@
+
 lint: $(STAMP_TEST)
-	$(BIN)/ruff check src tests benchmarks examples
-	$(BIN)/ruff format --check src tests benchmarks examples
+	$(BIN)/ruff check src tests benchmarks examples tools
+	$(BIN)/ruff format --check src tests benchmarks examples tools
 
 typecheck: $(STAMP_TEST)
 	$(BIN)/mypy
@@ -45,5 +51,10 @@ bench-cost: $(STAMP_BENCH)
 docs: $(STAMP_BENCH)
 	$(BIN)/mtlbal-bench quick --out docs/choosing-a-balancer --report-only
 
+# the docs site (mkdocs.yml) into site/; --strict: any warning (a broken link or reference, an
+# unknown ::: target, an unreadable docstring section) fails the build
+docs-site: $(STAMP_DOCS)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
+
 clean:
-	rm -rf $(VENV) build dist .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) build dist site .pytest_cache .mypy_cache .ruff_cache

@@ -619,6 +619,8 @@ class Balancer:
         if self._cut is not None:
             targets = {id(leaf) if leaf is not z else id(z.grad_fn) for z, leaf in step.captured}
             where = f"the cut point {type(self._cut.module).__name__}"
+            if self._cut.detach and len(step.captured) > 1:
+                self._check_not_nested(step, where)
             if self._cut.select is not None and self._cut.detach:
                 # the other elements of the output keep their graph: a loss that reaches the
                 # trunk through one of them would escape the per-task gradients at the cut
@@ -642,6 +644,24 @@ class Balancer:
                     "element of the output (select the one the heads read)"
                 )
         self._checked_for = step.names
+
+    @staticmethod
+    def _check_not_nested(step: _Step, where: str) -> None:
+        # a call of the cut module on (a function of) its own earlier output: the per-task
+        # gradients are taken at detached leaves, so the gradient reaching an earlier output
+        # through a later call would stop at its leaf (silently wrong .grad). Parallel calls
+        # (a siamese trunk, several inputs) are fine.
+        earlier: set[int] = set()
+        for k, (z, leaf) in enumerate(step.captured):
+            if earlier and reachable([z], earlier)[1]:
+                raise ValueError(
+                    f"{where} runs on its own output: its call {k + 1} of this forward depends "
+                    "on an earlier call's output (a layer applied repeatedly, or a head that "
+                    "reuses it). Per-task gradients at a cut point need the cut's outputs to be "
+                    "read by the heads only: cut at a module after the last repeated call, or "
+                    "use at='params'"
+                )
+            earlier.add(id(leaf))
 
     def _refuse(self, step: _Step, domain: tuple[Tensor, str] | None) -> None:
         """After a failed check: refuse for a non-finite loss, or a loss outside the weighting's

@@ -348,3 +348,38 @@ def test_reused_losses_are_refused_and_change_nothing(mname: str, eval_mode: boo
     with pytest.raises(ValueError, match="already backpropagated"):
         opt.backward(losses)
     assert_same(before, world(model, bal, opt), "world")
+
+
+# ---------------------------------------------------------------- a cut module applied repeatedly
+@pytest.mark.parametrize(
+    "kwargs", [{"diagnostics": True}, {"aggregator": mtlbal.aggregation.MGDA()}]
+)
+def test_cut_point_applied_to_its_own_output_is_refused(kwargs: dict[str, Any]) -> None:
+    # tied.trunk.lin runs on its own output (twice in the trunk, once more in task 0's head):
+    # per-task gradients at detached leaves would stop at the earlier call's leaf. Found on
+    # this model: .grad silently wrong (inp's bias off by 0.28) before the check existed
+    model = make_tied()
+    lin: nn.Module = model.trunk.lin  # type: ignore[assignment]
+    bal = mtlbal.Balancer(model.shared(), at=lin, **kwargs)
+    with pytest.raises(ValueError, match="runs on its own output: its call 2"):
+        bal.backward(model.losses())
+    assert all(q.grad is None for q in model.params())
+    assert bal.step_count == 0
+
+
+def test_cut_point_called_in_parallel_equals_params() -> None:
+    # the same module on two independent inputs (a siamese trunk): every output is captured and
+    # combined; with equal weights the cut equals the parameters
+    def run(at_cut: bool) -> list[Tensor]:
+        torch.manual_seed(0)
+        g = torch.Generator().manual_seed(1)
+        enc = nn.Sequential(nn.Linear(5, 6), nn.Tanh()).to(DT)
+        heads = nn.ModuleList([nn.Linear(12, 1) for _ in range(M)]).to(DT)
+        x1, x2 = torch.randn(2, 7, 5, generator=g, dtype=DT)
+        bal = mtlbal.Balancer(enc, at=enc if at_cut else "params", diagnostics=True)
+        z = torch.cat([enc(x1), enc(x2)], 1)
+        bal.backward([(t + 1.0) * h(z).pow(2).mean() for t, h in enumerate(heads)])
+        return [q.grad.clone() for q in [*enc.parameters(), *heads.parameters()]]  # type: ignore[union-attr]
+
+    for x, y in zip(run(False), run(True)):
+        _close(y, x, "cut vs params")

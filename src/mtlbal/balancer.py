@@ -626,6 +626,11 @@ class Balancer:
                 # trunk through one of them would escape the per-task gradients at the cut
                 bypass = self._shared_ids
                 where += f" (select={self._cut.select!r})"
+            elif self._cut.detach:
+                # a head that reuses a weight of the cut module (a tied weight, a trunk layer
+                # called on the representation) would give it a share that escapes the
+                # per-task gradients at the cut
+                bypass = {id(p) for p in self._cut.module.parameters() if p.requires_grad}
         else:
             targets = self._shared_ids
             where = "the shared parameters"
@@ -635,6 +640,13 @@ class Balancer:
                 raise ValueError(
                     f"the loss of task {n!r} does not depend on {where}: check the model wiring "
                     "(a detached tensor, or a head that bypasses the shared part)"
+                )
+            if hit & bypass and self._cut is not None and self._cut.select is None:
+                raise ValueError(
+                    f"the loss of task {n!r} reaches the parameters of {where} other than "
+                    "through its output (a head that reuses a trunk layer or a tied weight): "
+                    "per-task gradients are taken at the output only, so that share would "
+                    "escape the aggregator. Untie the weight, or use at='params'"
                 )
             if hit & bypass:
                 raise ValueError(

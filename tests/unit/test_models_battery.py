@@ -129,7 +129,7 @@ class Tied(nn.Module):
         return torch.tanh(self.lin(h)) * self.gate
 
 
-def make_tied(dtype: torch.dtype = DT) -> Model:
+def make_tied(dtype: torch.dtype = DT, *, reuse: bool = True) -> Model:
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(1)
     trunk = Tied().to(dtype)
@@ -140,8 +140,10 @@ def make_tied(dtype: torch.dtype = DT) -> Model:
 
     def forward() -> list[Tensor]:
         z = trunk(x * free)
-        # task 0's head reuses a trunk layer on the representation
-        outs = [heads[0](torch.tanh(trunk.lin(z)))] + [h(z) for h in heads[1:]]
+        # task 0's head reuses a trunk layer on the representation (at the parameters only: a
+        # cut point at the trunk refuses it with per-task gradients)
+        z0 = torch.tanh(trunk.lin(z)) if reuse else z
+        outs = [heads[0](z0)] + [h(z) for h in heads[1:]]
         return _task_losses(outs, ys)
 
     return Model(trunk, heads, [free], forward)
@@ -152,6 +154,15 @@ MODELS: dict[str, Callable[..., Model]] = {
     "transformer": make_transformer,
     "tied": make_tied,
 }
+
+
+def at_cut(mname: str) -> Callable[..., Model]:
+    """The model for a cut point at its trunk: the tied model without the head that reuses a
+    trunk layer (refused there with per-task gradients, see the last tests)."""
+    if mname == "tied":
+        return lambda dtype=DT: make_tied(dtype, reuse=False)
+    return MODELS[mname]
+
 
 NAMES = [
     "Equal",
@@ -244,7 +255,7 @@ CUT_EQ = [(mn, e) for mn in MODELS for e in ENTRIES if e.name in FIXED]
 
 @pytest.mark.parametrize(("mname", "entry"), CUT_EQ, ids=[f"{m}-{e.name}" for m, e in CUT_EQ])
 def test_cut_point_equals_params_for_fixed_weights(mname: str, entry: Entry) -> None:
-    a, b = MODELS[mname](), MODELS[mname]()
+    a, b = at_cut(mname)(), at_cut(mname)()
     ra = train(entry, a, build(entry, a, "params")[1], 3)
     rb = train(entry, b, build(entry, b, "cut", diagnostics=True)[1], 3)
     for k, ((ga, wa), (gb, wb)) in enumerate(zip(ra, rb)):
@@ -271,7 +282,8 @@ REFUSE = [
 def test_refused_step_changes_nothing(
     mname: str, entry: Entry, at: str, engine: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    p, q = MODELS[mname](), MODELS[mname]()
+    make = MODELS[mname] if at == "params" else at_cut(mname)
+    p, q = make(), make()
     bal, opt = build(entry, p, at, engine)
     bal_q, opt_q = build(entry, q, at, engine)
     train(entry, p, opt, 2)
@@ -383,3 +395,18 @@ def test_cut_point_called_in_parallel_equals_params() -> None:
 
     for x, y in zip(run(False), run(True)):
         _close(y, x, "cut vs params")
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"diagnostics": True}, {"aggregator": mtlbal.aggregation.MGDA()}]
+)
+def test_head_reusing_a_weight_of_the_cut_module_is_refused(kwargs: dict[str, Any]) -> None:
+    # task 0's head calls trunk.lin on the representation: with a cut at the trunk, that share
+    # of trunk.lin's gradient would escape the per-task gradients (as with select=, where a
+    # head reading the trunk through another element is refused)
+    model = make_tied()
+    bal = mtlbal.Balancer(model.shared(), at=model.trunk, **kwargs)
+    with pytest.raises(ValueError, match="task 'task0' reaches the parameters of the cut point"):
+        bal.backward(model.losses())
+    assert all(q.grad is None for q in model.params())
+    assert bal.step_count == 0

@@ -410,3 +410,38 @@ def test_head_reusing_a_weight_of_the_cut_module_is_refused(kwargs: dict[str, An
         bal.backward(model.losses())
     assert all(q.grad is None for q in model.params())
     assert bal.step_count == 0
+
+
+@pytest.mark.parametrize("name", ["UncertaintyWeighting", "GradNorm", "UPGrad"])
+def test_overflow_under_a_grad_scaler_on_the_cnn(name: str) -> None:
+    # a gradient method forms per-task gradients: the overflow is seen (info.skipped) and no
+    # state changes; a loss weighting alone forms none, so the overflow reaches .grad as in a
+    # plain scaled step (documented): either way the scaler skips the step and halves the scale
+    entry = next(e for e in ENTRIES if e.name == name)
+    model = make_cnn(torch.float32)
+    bal, opt = build(entry, model, "params")
+    scaler = torch.amp.GradScaler("cpu", init_scale=1.0)
+    opt.backward(model.losses(), scaler=scaler)
+    scaler.step(opt)
+    scaler.update()
+    opt.zero_grad()
+    before = world(model, bal, opt)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**100)
+    losses = model.losses()
+    losses["task1"] = losses["task1"] * 1e20  # finite in float32; its gradient x 2^100 is not
+    info = opt.backward(losses, scaler=scaler)
+    assert info.skipped == (name == "UPGrad")
+    scaler.step(opt)
+    scaler.update()
+    assert scaler.get_scale() == 2.0**99
+    after = world(model, bal, opt)
+    assert_same(before["params"], after["params"], "params")
+    if info.skipped:  # .grad holds the plain (non-finite) sum for the scaler; nothing else moved
+        for key in ("strategy_params", "strategy_grads", "balancer", "optimizer", "step"):
+            assert_same(before[key], after[key], key)
+        return
+    # the loss-level step was committed: it counts, and GradNorm renormalised its weights at
+    # its start (Σw = m, deferred from the last optimizer step: the same weights)
+    assert bal.step_count == before["step"] + 1
+    for a, b in zip(before["strategy_params"], after["strategy_params"]):
+        torch.testing.assert_close(b / b.sum(), a / a.sum(), rtol=1e-6, atol=0)

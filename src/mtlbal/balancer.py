@@ -532,7 +532,11 @@ class Balancer:
         if self._cut is not None and not captured:
             raise ValueError(
                 f"no output of the cut point {type(self._cut.module).__name__} was captured "
-                "since the last backward: run the forward pass (with grad enabled) first"
+                "since the last backward: run the forward pass (with grad enabled) first. The "
+                "next backward takes every output captured since the previous one, so two "
+                "forwards before two backwards leave the second with none: run forward and "
+                "backward in turn, or pass both forwards' losses to one backward (e.g. summed "
+                "per task)"
             )
         stacked = torch.stack(values)
         step = _Step(

@@ -445,3 +445,24 @@ def test_overflow_under_a_grad_scaler_on_the_cnn(name: str) -> None:
     assert bal.step_count == before["step"] + 1
     for a, b in zip(before["strategy_params"], after["strategy_params"]):
         torch.testing.assert_close(b / b.sum(), a / a.sum(), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("mname", list(MODELS))
+def test_two_forwards_before_two_backwards_at_a_cut(mname: str) -> None:
+    # at the parameters this just works; at a cut point the first backward takes every output
+    # captured since the last one (the second forward's gets a zero per-task gradient), so the
+    # first step is right and the second is refused cleanly, with a message that says why
+    a, b = at_cut(mname)(), at_cut(mname)()
+    bal_a = mtlbal.Balancer(a.shared(), at=a.trunk, aggregator=mtlbal.aggregation.UPGrad())
+    bal_b = mtlbal.Balancer(b.shared(), at=b.trunk, aggregator=mtlbal.aggregation.UPGrad())
+    first, second = a.losses(), a.losses()
+    bal_a.backward(first)
+    bal_b.backward(b.losses())
+    for x, y in zip(a.params(), b.params()):
+        assert x.grad is not None and y.grad is not None
+        _close(x.grad, y.grad, "first step")
+    before = [None if q.grad is None else q.grad.clone() for q in a.params()]
+    with pytest.raises(ValueError, match="run forward and backward in turn"):
+        bal_a.backward(second)
+    assert_same(before, [q.grad for q in a.params()], "grads")
+    assert bal_a.step_count == 1

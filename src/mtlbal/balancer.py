@@ -532,7 +532,11 @@ class Balancer:
         if self._cut is not None and not captured:
             raise ValueError(
                 f"no output of the cut point {type(self._cut.module).__name__} was captured "
-                "since the last backward: run the forward pass (with grad enabled) first"
+                "since the last backward: run the forward pass (with grad enabled) first. The "
+                "next backward takes every output captured since the previous one, so two "
+                "forwards before two backwards leave the second with none: run forward and "
+                "backward in turn, or pass both forwards' losses to one backward (e.g. summed "
+                "per task)"
             )
         stacked = torch.stack(values)
         step = _Step(
@@ -619,11 +623,18 @@ class Balancer:
         if self._cut is not None:
             targets = {id(leaf) if leaf is not z else id(z.grad_fn) for z, leaf in step.captured}
             where = f"the cut point {type(self._cut.module).__name__}"
+            if self._cut.detach and len(step.captured) > 1:
+                self._check_not_nested(step, where)
             if self._cut.select is not None and self._cut.detach:
                 # the other elements of the output keep their graph: a loss that reaches the
                 # trunk through one of them would escape the per-task gradients at the cut
                 bypass = self._shared_ids
                 where += f" (select={self._cut.select!r})"
+            elif self._cut.detach:
+                # a head that reuses a weight of the cut module (a tied weight, a trunk layer
+                # called on the representation) would give it a share that escapes the
+                # per-task gradients at the cut
+                bypass = {id(p) for p in self._cut.module.parameters() if p.requires_grad}
         else:
             targets = self._shared_ids
             where = "the shared parameters"
@@ -634,6 +645,13 @@ class Balancer:
                     f"the loss of task {n!r} does not depend on {where}: check the model wiring "
                     "(a detached tensor, or a head that bypasses the shared part)"
                 )
+            if hit & bypass and self._cut is not None and self._cut.select is None:
+                raise ValueError(
+                    f"the loss of task {n!r} reaches the parameters of {where} other than "
+                    "through its output (a head that reuses a trunk layer or a tied weight): "
+                    "per-task gradients are taken at the output only, so that share would "
+                    "escape the aggregator. Untie the weight, or use at='params'"
+                )
             if hit & bypass:
                 raise ValueError(
                     f"the loss of task {n!r} reaches the shared parameters other than through "
@@ -642,6 +660,24 @@ class Balancer:
                     "element of the output (select the one the heads read)"
                 )
         self._checked_for = step.names
+
+    @staticmethod
+    def _check_not_nested(step: _Step, where: str) -> None:
+        # a call of the cut module on (a function of) its own earlier output: the per-task
+        # gradients are taken at detached leaves, so the gradient reaching an earlier output
+        # through a later call would stop at its leaf (silently wrong .grad). Parallel calls
+        # (a siamese trunk, several inputs) are fine.
+        earlier: set[int] = set()
+        for k, (z, leaf) in enumerate(step.captured):
+            if earlier and reachable([z], earlier)[1]:
+                raise ValueError(
+                    f"{where} runs on its own output: its call {k + 1} of this forward depends "
+                    "on an earlier call's output (a layer applied repeatedly, or a head that "
+                    "reuses it). Per-task gradients at a cut point need the cut's outputs to be "
+                    "read by the heads only: cut at a module after the last repeated call, or "
+                    "use at='params'"
+                )
+            earlier.add(id(leaf))
 
     def _refuse(self, step: _Step, domain: tuple[Tensor, str] | None) -> None:
         """After a failed check: refuse for a non-finite loss, or a loss outside the weighting's

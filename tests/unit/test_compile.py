@@ -281,3 +281,51 @@ def test_donated_buffers_say_what_to_do() -> None:
     with pytest.raises(RuntimeError, match="donated_buffer = False"):
         b.backward(_losses(net(x), y))
     assert all(p.grad is None for p in net.parameters())
+
+
+# ---------------------------------------------------------------- the step itself compiled
+@needs_compiler
+@pytest.mark.parametrize(
+    ("path", "backend"),
+    [
+        ("loss", "eager"),
+        ("dense", "inductor"),
+        pytest.param("cut", "eager", marks=pytest.mark.slow),
+        pytest.param("layerwise", "eager", marks=pytest.mark.slow),
+    ],
+)
+def test_compiled_step(path: str, backend: str) -> None:
+    """``torch.compile`` of a whole step (forward, losses, ``balancer.backward``): dynamo
+    breaks the graph around the autograd calls and the solvers and runs them eagerly; the
+    result is the eager one. Backend ``eager`` where only the tracing is under test (compile
+    time), inductor where the fallback runs inside the compiled step; the cut point and the
+    layer-wise engine are marked slow (about 10 s of tracing each)."""
+    configs: dict[str, Callable[[Net], mtlbal.Balancer]] = {
+        "loss": lambda m: mtlbal.Balancer(m.trunk, weighting=UncertaintyWeighting(3)),
+        "cut": lambda m: mtlbal.Balancer(m.trunk, aggregator=MGDA(), at=m.trunk),
+        "layerwise": lambda m: mtlbal.Balancer(
+            m.trunk, aggregator=MGDA(), engine="layerwise", chunk_size=1
+        ),
+        "dense": lambda m: mtlbal.Balancer(m.trunk, aggregator=UPGrad(), engine="dense"),
+    }
+    torch.manual_seed(0)
+    eager = Net()
+    compiled = copy.deepcopy(eager)
+    out = []
+    for model, comp in ((eager, False), (compiled, True)):
+        b = configs[path](model)
+
+        def step(x: Tensor, y: Tensor, model: Net = model, b: mtlbal.Balancer = b) -> Tensor:
+            return b.backward(_losses(model(x), y)).weights
+
+        fn = torch.compile(step, backend=backend) if comp else step
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", BatchedBackwardFallbackWarning)
+            for x, y in _data(1):  # one step: a second one recompiles (compile time)
+                model.zero_grad(set_to_none=True)
+                fn(x, y)
+        out.append([_grad(p) for p in model.parameters()] + [p.detach() for p in b.parameters()])
+        if comp and path == "dense":
+            assert b._batched_backward.mode == "per_task"
+    for a, c in zip(*out):
+        torch.testing.assert_close(c, a, rtol=1e-4, atol=1e-5)

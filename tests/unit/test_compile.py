@@ -329,3 +329,45 @@ def test_compiled_step(path: str, backend: str) -> None:
             assert b._batched_backward.mode == "per_task"
     for a, c in zip(*out):
         torch.testing.assert_close(c, a, rtol=1e-4, atol=1e-5)
+
+
+class _Switch(torch.autograd.Function):
+    """Identity whose backward refuses a batched cotangent once ``refuse`` is set."""
+
+    refuse = False
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> Tensor:
+        if _Switch.refuse and torch._C._functorch.is_legacy_batchedtensor(g):
+            raise RuntimeError("Batching rule not implemented for aten::mm.out (test)")
+        return g
+
+
+def test_batching_failure_after_batched_steps() -> None:
+    """Batched at first, unbatchable later (e.g. compiled since): the step whose graph the
+    failed batched backward freed is refused with nothing written, the next ones fall back."""
+    net = _unbatchable_trunk(_Switch)
+    b = mtlbal.Balancer(net.trunk, aggregator=MGDA(), engine="dense")
+    (x0, y0), (x1, y1), (x2, y2) = _data(3)
+    _Switch.refuse = False
+    try:
+        b.backward(_losses(net(x0), y0))
+        assert b._batched_backward.mode == "batched"
+        _Switch.refuse = True
+        net.zero_grad(set_to_none=True)
+        with (
+            pytest.warns(BatchedBackwardFallbackWarning),
+            pytest.raises(RuntimeError, match="cannot be completed"),
+        ):
+            b.backward(_losses(net(x1), y1))
+        assert all(p.grad is None for p in net.parameters()) and b.step_count == 1
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", BatchedBackwardFallbackWarning)
+            info = b.backward(_losses(net(x2), y2))
+        assert "aten::mm.out" in info.extras["per_task_backward"] and b.step_count == 2
+    finally:
+        _Switch.refuse = False

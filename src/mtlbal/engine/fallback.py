@@ -98,7 +98,19 @@ class BatchedBackward:
                 BatchedBackwardFallbackWarning,
                 stacklevel=4,
             )
-            return self._per_task(per_task)
+            if trial or retain_graph:
+                return self._per_task(per_task)
+            # batched worked at an earlier step and did not keep this step's graph: the
+            # per-task backward may find it freed
+            try:
+                return self._per_task(per_task)
+            except RuntimeError as again:
+                raise RuntimeError(
+                    "the batched per-task backward failed on a graph where it had worked at an "
+                    f"earlier step ({self.reason!r}; e.g. the model was compiled since) and "
+                    "freed this step's graph: this step cannot be completed (nothing was "
+                    "written); the next steps take the per-task backward"
+                ) from again
         self.mode = "batched"
         return out
 

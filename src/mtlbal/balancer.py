@@ -44,6 +44,7 @@ from mtlbal.engine.base import GradWrites, PerTaskGrads
 from mtlbal.engine.branches import BranchStage
 from mtlbal.engine.cut import CutPerTaskGrads, CutPoint, check_selector, split_task_grads
 from mtlbal.engine.dense import DensePerTaskGrads, batched_grads, task_grad_norms
+from mtlbal.engine.fallback import BatchedBackward
 from mtlbal.engine.layerwise import LayerwiseCapture, layerwise_per_task_grads
 from mtlbal.step import Need, StepContext, StepInfo, gramian_stats
 from mtlbal.transforms.base import GradientTransform
@@ -252,6 +253,9 @@ class Balancer:
         # the loss tensors of the last committed step (their graph is freed): passing one again
         # is refused before anything runs
         self._spent: list[weakref.ref[Tensor]] = []
+        # batched per-task backward, or one task at a time where the graph cannot be batched
+        # (a torch.compile'd model): decided at the first step that forms them, then kept
+        self._batched_backward = BatchedBackward()
 
         # ---- hooks last; all removed if any registration fails, and when the Balancer is
         # garbage-collected without remove()
@@ -461,6 +465,7 @@ class Balancer:
         # identities are per object: a copy's parameters are new tensors
         self._shared_ids = {id(p) for p in self.shared_params}
         self._spent = []
+        self.__dict__.setdefault("_batched_backward", BatchedBackward())
         self._finalizer = weakref.finalize(self, _remove_all, self._handles())
 
     # ------------------------------------------------------------------ the step
@@ -749,6 +754,8 @@ class Balancer:
             grads = self._form_at_cut(step, objectives, stacked, total)
         else:
             grads = self._form_at_params(step, objectives, aux)
+            if not self._batched_backward.batched:  # the exact fallback (fallback.py)
+                info.extras["per_task_backward"] = self._batched_backward.reason
         gram = grads.gramian()
         if checking:
             finite = torch.isfinite(gram.diagonal()).all()
@@ -871,8 +878,11 @@ class Balancer:
                 per_task_transform=self._per_task_transforms if self.transforms else None,
                 task_losses=step.values,
                 writes=step.writes,
+                mode=self._batched_backward,
             )
-        per_task = batched_grads(objectives, shared + others, chunk_size=self.chunk_size)
+        per_task = batched_grads(
+            objectives, shared + others, chunk_size=self.chunk_size, mode=self._batched_backward
+        )
         if step.world > 1:
             # exact data parallelism: the per-task gradients of the global (mean over ranks)
             # losses are the rank average of the local ones. torch.autograd.grad fires no DDP

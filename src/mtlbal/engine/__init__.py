@@ -2,7 +2,8 @@
 
 from mtlbal.engine.base import GradWrites, PerTaskGrads
 from mtlbal.engine.cut import CutPerTaskGrads, CutPoint
-from mtlbal.engine.dense import DensePerTaskGrads, batched_grads
+from mtlbal.engine.dense import DensePerTaskGrads, batched_grads, per_task_grads
+from mtlbal.engine.fallback import BatchedBackward, BatchedBackwardFallbackWarning
 from mtlbal.engine.layerwise import (
     LayerwiseCapture,
     LayerwisePerTaskGrads,
@@ -10,6 +11,8 @@ from mtlbal.engine.layerwise import (
 )
 
 __all__ = [
+    "BatchedBackward",
+    "BatchedBackwardFallbackWarning",
     "CutPerTaskGrads",
     "CutPoint",
     "DensePerTaskGrads",
@@ -19,4 +22,5 @@ __all__ = [
     "PerTaskGrads",
     "batched_grads",
     "layerwise_per_task_grads",
+    "per_task_grads",
 ]

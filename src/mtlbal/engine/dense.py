@@ -14,8 +14,9 @@ import torch
 from torch import Tensor
 
 from mtlbal.engine.base import GradWrites, PerTaskGrads, gramian_of
+from mtlbal.engine.fallback import BatchedBackward
 
-__all__ = ["DensePerTaskGrads", "batched_grads", "task_grad_norms"]
+__all__ = ["DensePerTaskGrads", "batched_grads", "per_task_grads", "task_grad_norms"]
 
 
 def batched_grads(
@@ -24,11 +25,47 @@ def batched_grads(
     *,
     chunk_size: int | None = None,
     retain_graph: bool = False,
+    mode: BatchedBackward | None = None,
 ) -> list[Tensor]:
     """``[m, *x.shape]`` gradients of each ``objectives[t]`` w.r.t. each ``x`` in ``inputs``.
 
-    Inputs that a task does not reach get zeros (never ``None``).
+    Inputs that a task does not reach get zeros (never ``None``). With ``mode``, a graph the
+    batched backward cannot run on (e.g. a ``torch.compile``'d model) is handled by
+    :func:`per_task_grads` instead (see :mod:`mtlbal.engine.fallback`).
     """
+    if mode is not None:
+        return mode.run(
+            lambda retain: _batched_grads(objectives, inputs, chunk_size, retain),
+            lambda: per_task_grads(objectives, inputs, retain_graph=retain_graph),
+            retain_graph,
+        )
+    return _batched_grads(objectives, inputs, chunk_size, retain_graph)
+
+
+def per_task_grads(
+    objectives: Tensor, inputs: Sequence[Tensor], *, retain_graph: bool = False
+) -> list[Tensor]:
+    """What :func:`batched_grads` returns, one backward per task (no vmap)."""
+    m = objectives.shape[0]
+    rows = [
+        torch.autograd.grad(
+            objectives[t],
+            list(inputs),
+            retain_graph=retain_graph or t < m - 1,
+            allow_unused=True,
+            materialize_grads=True,
+        )
+        for t in range(m)
+    ]
+    return [torch.stack([r[i] for r in rows]) for i in range(len(inputs))]
+
+
+def _batched_grads(
+    objectives: Tensor,
+    inputs: Sequence[Tensor],
+    chunk_size: int | None,
+    retain_graph: bool,
+) -> list[Tensor]:
     m = objectives.shape[0]
     eye = torch.eye(m, dtype=objectives.dtype, device=objectives.device)
     step = m if chunk_size is None or chunk_size >= m else chunk_size

@@ -80,6 +80,7 @@ from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.utils.hooks import RemovableHandle
 
 from mtlbal.engine.base import GradWrites, PerTaskGrads, gramian_dtype, gramian_of
+from mtlbal.engine.fallback import BatchedBackward
 
 __all__ = [
     "LayerRecord",
@@ -558,9 +559,27 @@ def _batched(
     retain_graph: bool,
 ) -> list[Tensor]:
     """Gradients of ``outputs`` w.r.t. ``inputs`` for the ``m`` rows of ``cotangents``
-    (each ``[m, *output.shape]``), in one batched backward per chunk of rows."""
+    (each ``[m, *output.shape]``), in one batched backward per chunk of rows (or, with
+    ``chunk_size=0``, one plain backward per row: no vmap, see :mod:`mtlbal.engine.fallback`)."""
     m = cotangents[0].shape[0]
     device = cotangents[0].device
+    if chunk_size == 0:
+        rows_out = []
+        for t in range(m):
+            gs = torch.autograd.grad(
+                list(outputs),  # type: ignore[arg-type]
+                inputs,  # type: ignore[arg-type]
+                grad_outputs=[c[t] for c in cotangents],
+                retain_graph=retain_graph or t < m - 1,
+                allow_unused=True,
+            )
+            rows_out.append(
+                [
+                    torch.zeros(shape, dtype=dtype, device=device) if g is None else g
+                    for g, (shape, dtype) in zip(gs, shapes)
+                ]
+            )
+        return [torch.stack([r[i] for r in rows_out]) for i in range(len(inputs))]
     step = m if chunk_size is None or chunk_size >= m else chunk_size
     parts: list[list[Tensor]] = []
     for start in range(0, m, step):
@@ -757,6 +776,7 @@ def layerwise_per_task_grads(
     per_task_transform: Callable[[Tensor, Tensor], Tensor] | None = None,
     task_losses: Sequence[Tensor] | None = None,
     writes: GradWrites | None = None,
+    mode: BatchedBackward | None = None,
 ) -> LayerwisePerTaskGrads:
     """Per-task gradients of ``shared_params`` from the recorded layer calls.
 
@@ -780,6 +800,9 @@ def layerwise_per_task_grads(
             Exact for any loss weighting; ignored when the split does not apply.
         writes: where the gradients of ``other_params`` are staged (default: written to
             ``.grad`` at once, for standalone use).
+        mode: where the batched backward cannot run on the graph (e.g. a
+            ``torch.compile``'d model), take the rows one backward at a time instead
+            (:class:`~mtlbal.engine.fallback.BatchedBackward` remembers the choice).
     """
     staged = writes if writes is not None else GradWrites()
     m = objectives.shape[0]
@@ -852,7 +875,14 @@ def layerwise_per_task_grads(
         )
         for q, g in zip(others, og):
             staged.add(q, g)
-    if inputs and outputs:
+    if inputs and outputs and mode is not None:
+        outs_, cots_ = outputs, cotangents
+        grads = mode.run(
+            lambda retain: _batched(outs_, cots_, inputs, shapes, chunk_size, retain),
+            lambda: _batched(outs_, cots_, inputs, shapes, 0, retain_after),
+            retain_after,
+        )
+    elif inputs and outputs:
         grads = _batched(outputs, cotangents, inputs, shapes, chunk_size, retain_after)
     else:  # nothing of the shared part is reached by any task
         dev = objectives.device

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 import mtlbal
 from registry import REGISTRY, Entry
 
-from .test_transaction import _refuse_at_commit, assert_same
+from .test_transaction import assert_same, refuse_then_step
 
 M = 3
 DT = torch.float64
@@ -288,24 +288,9 @@ def test_refused_step_changes_nothing(
     bal_q, opt_q = build(entry, q, at, engine)
     train(entry, p, opt, 2)
     train(entry, q, opt_q, 2)
-    opt.backward(p.losses())  # gradients already present: a refused step must not add to them
-    opt_q.backward(q.losses())
-    before = world(p, bal, opt)
-    with monkeypatch.context() as mp:
-        _refuse_at_commit(bal, mp)
-        with pytest.raises(RuntimeError, match="refused by the test"):
-            opt.backward(p.losses())
-    assert_same(before, world(p, bal, opt), "world")
-    # the next step equals the twin's (BatchNorm in train mode normalises by the batch: the
-    # running statistics the refused forward updated do not enter the step)
-    info = opt.backward(p.losses())
-    info_q = opt_q.backward(q.losses())
-    torch.testing.assert_close(info.weights, info_q.weights, rtol=0, atol=0)
-    for a, b in zip(p.params(), q.params()):
-        torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)
-    opt.step()
-    opt_q.step()
-    assert_same(world(q, bal_q, opt_q), world(p, bal, opt), "after the next step")
+    # (BatchNorm in train mode normalises by the batch: the running statistics the refused
+    # forward updated do not enter the next step)
+    refuse_then_step(p, q, (bal, opt), (bal_q, opt_q), world, monkeypatch)
 
 
 # ---------------------------------------------------------------- 3. equal weights are the sum

@@ -4,6 +4,7 @@ next step is the one that would have been taken without the refused one. Over th
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -93,6 +94,36 @@ def _refuse_at_commit(bal: mtlbal.Balancer, monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setattr(bal, "_solve", boom)
 
 
+def refuse_then_step(
+    p: Any,
+    q: Any,
+    built: tuple[mtlbal.Balancer, Any],
+    twin: tuple[mtlbal.Balancer, Any],
+    world_of: Callable[[Any, mtlbal.Balancer, Any], dict[str, Any]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``p`` and its twin ``q`` trained alike: a step of ``p`` refused at the last moment
+    changes nothing a user can see, and the next step equals the twin's, which never saw it."""
+    (bal, opt), (bal_q, opt_q) = built, twin
+    # gradients already present: a refused step must not add to them either
+    opt.backward(p.losses())
+    opt_q.backward(q.losses())
+    before = world_of(p, bal, opt)
+    with monkeypatch.context() as mp:
+        _refuse_at_commit(bal, mp)
+        with pytest.raises(RuntimeError, match="refused by the test"):
+            opt.backward(p.losses())
+    assert_same(before, world_of(p, bal, opt), "world")
+    info = opt.backward(p.losses())
+    info_q = opt_q.backward(q.losses())
+    torch.testing.assert_close(info.weights, info_q.weights, rtol=0, atol=0)
+    for a, b in zip(p.params(), q.params()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)
+    opt.step()
+    opt_q.step()
+    assert_same(world_of(q, bal_q, opt_q), world_of(p, bal, opt), "after the next step")
+
+
 @pytest.mark.parametrize(("entry", "at", "engine"), CASES, ids=IDS)
 def test_refused_step_changes_nothing_and_next_step_is_unaffected(
     entry: Entry, at: str, engine: str, monkeypatch: pytest.MonkeyPatch
@@ -102,24 +133,7 @@ def test_refused_step_changes_nothing_and_next_step_is_unaffected(
     bal_q, opt_q = build(entry, at, engine, q)
     train(entry, p, opt, 3)
     train(entry, q, opt_q, 3)
-    # gradients already present: a refused step must not add to them either
-    opt.backward(p.losses())
-    opt_q.backward(q.losses())
-    before = world(p, bal, opt)
-    with monkeypatch.context() as mp:
-        _refuse_at_commit(bal, mp)
-        with pytest.raises(RuntimeError, match="refused by the test"):
-            opt.backward(p.losses())
-    assert_same(before, world(p, bal, opt), "world")
-    # the next step equals the twin's, which never saw the refused one
-    info = opt.backward(p.losses())
-    info_q = opt_q.backward(q.losses())
-    torch.testing.assert_close(info.weights, info_q.weights, rtol=0, atol=0)
-    for a, b in zip(p.params(), q.params()):
-        torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)
-    opt.step()
-    opt_q.step()
-    assert_same(world(q, bal_q, opt_q), world(p, bal, opt), "after the next step")
+    refuse_then_step(p, q, (bal, opt), (bal_q, opt_q), world, monkeypatch)
 
 
 @pytest.mark.parametrize(("entry", "at", "engine"), CASES, ids=IDS)

@@ -1,0 +1,10 @@
+"""Integrations with training frameworks.
+
+Each submodule imports its framework when it is itself imported, never before: ``import mtlbal``
+and ``import mtlbal.integrations`` need none of them.
+
+- :mod:`mtlbal.integrations.lightning`: Lightning (``lightning.pytorch`` or
+  ``pytorch_lightning``), automatic and manual optimization.
+"""
+
+__all__: list[str] = []

@@ -8,6 +8,7 @@ in ``mtlbal.__all__`` and ``mtlbal.logging``). An entry is a mkdocstrings direct
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import re
 import types
 from pathlib import Path
@@ -22,6 +23,9 @@ _SUBMODULES = {
     f"mtlbal.{n}" for n in mtlbal.__all__ if isinstance(getattr(mtlbal, n), types.ModuleType)
 }
 MODULES = ["mtlbal", *sorted(_SUBMODULES | {"mtlbal.logging"})]
+# the integrations whose framework is installed (the test extra installs them all)
+if importlib.util.find_spec("lightning") is not None:
+    MODULES.append("mtlbal.integrations.lightning")
 
 
 def public_names() -> set[str]:

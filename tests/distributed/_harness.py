@@ -99,3 +99,17 @@ class Net(nn.Module):
     def forward(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
         z = self.trunk(x)
         return z, [h(z) for h in self.heads]
+
+
+def net_and_data(shard: int | None, m: int = 3) -> tuple[Net, nn.Module, Tensor, Tensor]:
+    """The seeded float64 :class:`Net`, the module to call (wrapped in DDP when ``shard`` is a
+    rank) and the batch of 16 (that rank's shard, or the whole batch for ``shard=None``)."""
+    torch.manual_seed(0)
+    net = Net(m).double()
+    model: nn.Module = net
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(16, 5, generator=g).double(), torch.randn(16, m, generator=g).double()
+    if shard is not None:
+        model = nn.parallel.DistributedDataParallel(net)
+        x, y = x.chunk(WORLD)[shard], y.chunk(WORLD)[shard]
+    return net, model, x, y

@@ -11,8 +11,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-from _harness import WORLD, Net
-from torch import nn
+from _harness import net_and_data
 
 import mtlbal
 
@@ -36,14 +35,7 @@ def run(config: str, shard: int | None, overflow: bool = False) -> dict[str, Any
     """``STEPS`` scaled steps; ``overflow``: at step 1, rank 1 (or the single process) adds a
     term with a finite value and an infinite gradient to task t1."""
     at, make = CONFIGS[config]
-    torch.manual_seed(0)
-    net = Net().double()
-    model: nn.Module = net
-    g = torch.Generator().manual_seed(1)
-    x, y = torch.randn(16, 5, generator=g).double(), torch.randn(16, M, generator=g).double()
-    if shard is not None:
-        model = nn.parallel.DistributedDataParallel(net)
-        x, y = x.chunk(WORLD)[shard], y.chunk(WORLD)[shard]
+    net, model, x, y = net_and_data(shard, M)
     bal = mtlbal.Balancer(net.trunk, at="params" if at == "params" else net.trunk, **make())
     opt = mtlbal.wrap(torch.optim.SGD(net.parameters(), lr=0.05), bal)
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-from _harness import WORLD, Net
+from _harness import WORLD, Net, net_and_data
 from torch import Tensor, nn
 
 import mtlbal
@@ -176,14 +176,7 @@ def _set_change(shard: int | None) -> dict[str, Any]:
     """MGDA at the parameters (no per-task state): 2 steps on tasks t0, t1, t2, then 2 steps
     on t0, t1, u (a new task set); rank 1 gives its dict in reversed order throughout.
     ``shard=None``: one process on the full batch."""
-    torch.manual_seed(0)
-    net = Net().double()
-    model: nn.Module = net
-    g = torch.Generator().manual_seed(1)
-    x, y = torch.randn(16, 5, generator=g).double(), torch.randn(16, M, generator=g).double()
-    if shard is not None:
-        model = nn.parallel.DistributedDataParallel(net)
-        x, y = x.chunk(WORLD)[shard], y.chunk(WORLD)[shard]
+    net, model, x, y = net_and_data(shard, M)
     bal = mtlbal.Balancer(net.trunk, aggregator=mtlbal.aggregation.MGDA())
     opt = mtlbal.wrap(torch.optim.SGD(net.parameters(), lr=0.05), bal)
     tasks = []

@@ -86,31 +86,34 @@ def kmeans_1d(values: Tensor, k: int) -> tuple[Tensor, Tensor]:
         raise ValueError(f"k must be between 1 and the number of values ({m}), got {k}")
     work = torch.float64 if values.device.type != "mps" else torch.float32
     x, order = torch.sort(values.detach().to(work), stable=True)
+    c = x - x.mean()  # the sums of squares are shift-invariant: centring limits cancellation
     zero = x.new_zeros(1)
-    p1 = torch.cat([zero, x.cumsum(0)])
-    p2 = torch.cat([zero, (x * x).cumsum(0)])
+    p1 = torch.cat([zero, c.cumsum(0)])
+    p2 = torch.cat([zero, (c * c).cumsum(0)])
     idx = torch.arange(m, device=x.device)
-    i, j = idx[:, None], idx[None, :]
-    count = (j - i + 1).to(work)
-    valid = j >= i
-    seg = p1[j + 1] - p1[i]
-    sq = p2[j + 1] - p2[i]
+    count = (idx[None, :] - idx[:, None] + 1).to(work).clamp_min(1)
+    seg = p1[None, 1:] - p1[:-1, None]  # [start i, end j]: Σ x[i..j]
+    sq = p2[None, 1:] - p2[:-1, None]
     inf = torch.tensor(float("inf"), dtype=work, device=x.device)
-    cost = torch.where(valid, (sq - seg * seg / count.clamp_min(1)).clamp_min(0), inf)
+    # the within-group sum of squares of x[i..j]; +inf below the diagonal (no such group)
+    below = torch.full((m, m), float("inf"), dtype=work, device=x.device).tril(-1)
+    cost = torch.maximum(sq - seg * seg / count, inf.new_zeros(())) + below
     best = cost[0]  # best[j]: the optimum of x[0..j] in the current number of groups
-    starts = [torch.zeros((), dtype=torch.long, device=x.device)]
+    starts = [torch.zeros(1, dtype=torch.long, device=x.device)]
     back = []
     for _ in range(1, k):
         shifted = torch.cat([inf.view(1), best[:-1]])  # the optimum of x[0..i-1]
         cand = shifted[:, None] + cost  # [start i, end j]
-        best, arg = cand.min(dim=0)
+        arg = cand.argmin(dim=0)  # the first best start (ties: the earliest split)
+        best = cand.gather(0, arg.view(1, -1)).view(-1)
         back.append(arg)
-    end = torch.full((), m - 1, dtype=torch.long, device=x.device)
-    for arg in reversed(back):  # walk back: the last group starts at arg[end]
-        start = arg[end]
+    # walk back: the last group starts at arg[end] (gathers, not a 0-d index: no host read)
+    end = torch.full((1,), m - 1, dtype=torch.long, device=x.device)
+    for arg in reversed(back):
+        start = arg.gather(0, end)
         starts.append(start)
         end = start - 1
-    bounds = torch.sort(torch.stack(starts)).values  # [k] ascending group starts, 0 first
+    bounds = torch.sort(torch.cat(starts)).values  # [k] ascending group starts, 0 first
     labels_sorted = (idx[:, None] >= bounds[None, :]).sum(1) - 1
     sums = torch.zeros(k, dtype=work, device=x.device).index_add(0, labels_sorted, x)
     counts = torch.zeros(k, dtype=work, device=x.device).index_add(

@@ -26,6 +26,8 @@ Domain: ``cos(r, L)`` is undefined at ``L = 0``; a step whose losses are all 0 i
 naming the tasks (through the Balancer's one host sync, no read here). TorchJD's
 ``cosine_similarity`` clamps the norm product at 1e-8 instead, which only differs there.
 
+The weights are computed in float64 (``m`` numbers) and returned in the losses' dtype.
+
 Shapes: ``L`` ``[m]`` → weights ``[m]``. No state, no host sync.
 
 Example:

@@ -135,6 +135,35 @@ REGISTRY: list[Entry] = [
         lambda m: {"aggregator": A.MGDA(), "transforms": T.SparseMask(ratio=0.5)},
         extras={"masked": True},
     ),
+    # GO4Align, LDC-MTL, COSMOS, PBI (issue 10). GO4Align's β = ΣL/L_t and LDC-MTL's ratio to
+    # the first losses need positive losses; LDC-MTL pairs tasks t, t+1 (order matters)
+    Entry("GO4Align", lambda m: {"weighting": W.GO4Align(m)}, extras={"positive_losses": True}),
+    Entry("GO4Align-K1", lambda m: {"weighting": W.GO4Align(m, num_groups=1)}),
+    Entry(
+        "LDCMTL",
+        lambda m: {"weighting": W.LDCMTL(m)},
+        extras={"positive_losses": True},
+        permutation=False,
+    ),
+    Entry(
+        "LDCMTL-log+UPGrad",
+        lambda m: {
+            "weighting": W.LDCMTL(m, normalization="log_initial"),
+            "aggregator": A.UPGrad(),
+        },
+        extras={"positive_losses": True},
+        identical="scaled",
+        permutation=False,
+    ),
+    # uniform preference r = 1/m: identical losses lie on the ray, w = r
+    Entry("COSMOS", lambda m: {"weighting": W.COSMOS(lambda_=1.0)}, identical="mean"),
+    # on the ray w = ŵ = 1/√m each
+    Entry(
+        "PBI",
+        lambda m: {"weighting": W.PBI(theta=5.0)},
+        extras={"positive_losses": True},
+        identical="scaled",
+    ),
     # FULLER-style calibration needs a model with modality branches: its task level alone is
     # "PCGrad" at the cut above; both levels are tested in tests/unit/test_fuller.py.
 ]

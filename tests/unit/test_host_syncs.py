@@ -49,6 +49,12 @@ CASES: dict[str, Callable[[nn.Module], dict[str, Any]]] = {
     "equal-cut": lambda trunk: {"at": trunk},
     "pcgrad-cut": lambda trunk: {"aggregator": A.PCGrad(seed=0), "at": trunk},
     "equal-cut-diagnostics": lambda trunk: {"at": trunk, "diagnostics": True},
+    # issue 10: the domain flags ride in the one check; GO4Align's exact K-means stays on device
+    "go4align": lambda trunk: {"weighting": W.GO4Align(M, num_groups=2)},
+    "go4align-cut": lambda trunk: {"weighting": W.GO4Align(M, num_groups=2), "at": trunk},
+    "ldc-mtl": lambda trunk: {"weighting": W.LDCMTL(M)},
+    "cosmos": lambda trunk: {"weighting": W.COSMOS(1.0)},
+    "pbi": lambda trunk: {"weighting": W.PBI()},
 }
 
 

@@ -147,6 +147,9 @@ STRATEGIES: dict[str, Callable[[], Factory | None]] = {
     "FAMO": _dynamic("FAMO", role="weighting"),
     "DWA": _dynamic("DWA", role="weighting"),
     "RLW": _dynamic("RLW", role="weighting"),
+    # a published leader (NYUv2, QM9 in its paper); K = 2 groups (the official trainer's
+    # default, 1, gives every task the same weight)
+    "GO4Align": _dynamic("GO4Align", role="weighting", num_groups=2),
 }
 
 DESCRIPTIONS: dict[str, str] = {
@@ -168,6 +171,7 @@ DESCRIPTIONS: dict[str, str] = {
     "FAMO": "`weighting.FAMO()`",
     "DWA": "`weighting.DWA()` (epoch-level loss ratios)",
     "RLW": "`weighting.RLW()` (random loss weights)",
+    "GO4Align": "`weighting.GO4Align(m, num_groups=2)` (K-means groups of risk-guided indicators)",
 }
 
 ALIASES = {

@@ -76,8 +76,9 @@ In a training loop (any aggregator can follow)::
 
 Task heads receive the gradient of ``Σ_t ℓ_t`` (the weighted log-losses), as in the official
 code. Randomness (v2) comes from the strategy's own generator, not the global RNG as in the
-official code: draws differ from it but are reproducible from ``seed``. Under DDP each rank keeps
-its own epoch means (no all-reduce yet), so base losses can differ slightly across ranks.
+official code: draws differ from it but are reproducible from ``seed``. Under DDP the Balancer
+hands IGB the global losses (the rank mean), so the epoch means, the base losses and the weights
+are the same on every rank and equal one process's (tests/distributed/test_ddp_registry.py).
 """
 
 from __future__ import annotations

@@ -814,9 +814,9 @@ class Balancer:
         own = [q for q in self.parameters() if q.requires_grad]
         if own:
             own_grads = torch.autograd.grad(total, own, allow_unused=True)
-            for q, g in zip(own, own_grads):
-                if g is not None:
-                    step.writes.add(q, g if scale is None else g * scale.to(g.dtype))
+            for q_p, g_p in zip(own, own_grads):
+                if g_p is not None:
+                    step.writes.add(q_p, g_p if scale is None else g_p * scale.to(g_p.dtype))
         for q_own, g_own in weighted.param_grads:
             step.writes.add(q_own, g_own)
         info = StepInfo(step.names, raw, weighted.weights.detach(), weighted.weights.detach())

@@ -71,6 +71,8 @@ class Window:
     heads: set[int] = field(default_factory=set)
     # GradNorm at a cut without detach: Σ_k ‖∂L_t^(k)/∂z^(k)‖² ([m])
     norms2_sum: Tensor | None = None
+    # the sums that are the window's own tensors (in-place additions are safe)
+    _owned: set[int] = field(default_factory=set)
     # weak references to the micro-batches' loss tensors (their graphs are freed)
     spent: list[weakref.ref[Tensor]] = field(default_factory=list)
 
@@ -89,8 +91,11 @@ class Window:
         for p, g in grads:
             k = id(p)
             g = g.detach()
-            if k in self.sums:
-                self.sums[k] = self.sums[k] + g
+            if k in self._owned:
+                self.sums[k].add_(g)  # a buffer of the window's own: added in place
+            elif k in self.sums:
+                self.sums[k] = self.sums[k] + g  # the first micro-batch's may be a view
+                self._owned.add(k)
             else:
                 self.params[k] = p
                 self.sums[k] = g

@@ -248,3 +248,43 @@ def test_grad_scaler_window_holds_the_scaled_large_batch_gradients(at: str) -> N
     torch.testing.assert_close(info.weights, info_ref.weights, rtol=1e-9, atol=1e-12)
     for a, b in zip(ref.grads(), p.grads()):
         torch.testing.assert_close(b, a * scale, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("make", "at"),
+    [
+        (lambda: {"diagnostics": True, "weighting": mtlbal.weighting.FAMO(M)}, "cut"),
+        (lambda: {"diagnostics": True}, "params"),
+        (lambda: {"aggregator": mtlbal.aggregation.UPGrad(), "chunk_size": 1}, "params"),
+        (
+            lambda: {
+                "aggregator": mtlbal.aggregation.MGDA(),
+                "weighting": mtlbal.weighting.GradNorm(M),
+            },
+            "cut",
+        ),
+    ],
+    ids=[
+        "diagnostics-famo@cut",
+        "diagnostics@params",
+        "chunked-upgrad@params",
+        "gradnorm-mgda@cut",
+    ],
+)
+def test_other_configurations_equal_the_large_batch(make: Any, at: str) -> None:
+    big = make_problem(M, dtype=torch.float64, batch=B, seed=3)
+    small = copy.deepcopy(big)
+    one = mtlbal.Balancer(big.trunk, at=big.trunk if at == "cut" else "params", **make())
+    win = mtlbal.Balancer(
+        small.trunk, at=small.trunk if at == "cut" else "params", accumulate=2, **make()
+    )
+    one.to(dtype=torch.float64)
+    win.to(dtype=torch.float64)
+    ref = one.backward(losses_of(big, slice(0, 12)))
+    win.backward(losses_of(small, slice(0, 6)))
+    got = win.backward(losses_of(small, slice(6, 12)))
+    assert ref.gramian is not None and got.gramian is not None
+    torch.testing.assert_close(got.gramian, ref.gramian, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(got.weights, ref.weights, rtol=1e-10, atol=1e-12)
+    for a, b in zip(big.grads(), small.grads()):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)

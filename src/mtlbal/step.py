@@ -83,6 +83,10 @@ class StepInfo:
             (``extras["overflow"]``), where ``.grad`` holds the plain non-finite gradient so
             that ``scaler.step`` skips and lowers the scale exactly as for a plain step.
         step: the Balancer's step counter after this call.
+        pending: ``True`` for a micro-batch kept by an open accumulation window: nothing was
+            written (no ``.grad``, no state); ``loss_weights`` and ``weights`` are zeros.
+        micro_batches: how many micro-batches the step (or, when ``pending``, the open window
+            so far) holds; 1 without gradient accumulation.
     """
 
     tasks: tuple[str, ...]
@@ -93,6 +97,8 @@ class StepInfo:
     gramian: Tensor | None = None
     skipped: bool = False
     step: int = 0
+    pending: bool = False
+    micro_batches: int = 1
     extras: dict[str, Any] = field(default_factory=dict)
     _stats: tuple[Tensor, Tensor, Tensor] | None = field(default=None, repr=False, compare=False)
 

@@ -55,6 +55,11 @@ class LossWeighting(Stateful):
     """
 
     num_tasks: int | None = None
+    #: ``ℓ_t = c_t·L_t`` (+ an ``aux`` term) with ``c`` and ``aux`` independent of the current
+    #: losses' values (they may depend on the strategy's state, parameters and randomness).
+    #: Gradient accumulation then needs one backward per micro-batch instead of per-task
+    #: gradients (:mod:`mtlbal._accumulate`). ``False`` (the safe default) for anything else.
+    linear_in_losses: bool = False
 
     @property
     def needs_layer_grad_norms(self) -> bool:
@@ -93,6 +98,8 @@ class Equal(LossWeighting):
         >>> Equal()(torch.tensor([2.0, 3.0]))
         tensor([1., 1.])
     """
+
+    linear_in_losses = True
 
     def objectives(self, losses: Tensor, ctx: LossContext) -> WeightedLosses:
         return WeightedLosses(losses, torch.ones_like(losses).detach())

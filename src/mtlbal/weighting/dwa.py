@@ -62,6 +62,8 @@ class DWA(LossWeighting):
     prev_mean: Tensor | None
     prev2_mean: Tensor | None
 
+    linear_in_losses = True
+
     def __init__(self, num_tasks: int | None = None, *, temperature: float = 2.0) -> None:
         super().__init__()
         if temperature <= 0:

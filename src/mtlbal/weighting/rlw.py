@@ -48,6 +48,8 @@ class RLW(LossWeighting):
         reduction: ``"sum"`` (``m·softmax``, default) or ``"mean"`` (the paper's ``softmax``).
     """
 
+    linear_in_losses = True
+
     def __init__(
         self,
         num_tasks: int | None = None,

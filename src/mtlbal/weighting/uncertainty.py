@@ -60,6 +60,8 @@ class UncertaintyWeighting(LossWeighting):
 
     a: Tensor
 
+    linear_in_losses = True
+
     def __init__(
         self,
         num_tasks: int,

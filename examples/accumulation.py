@@ -84,7 +84,7 @@ def main() -> None:
     print(f"{args.steps} optimizer steps of 4 micro-batches; losses {final}")
     print(f"max |accumulated - large batch| over the parameters: {diff:.1e}")
     assert diff < 1e-9, diff
-    print("accumulation OK")
+    print("accumulation: OK")
 
 
 if __name__ == "__main__":

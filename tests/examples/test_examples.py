@@ -42,6 +42,7 @@ SCRIPTS = [
     Script("hf_trainer.py", ("--steps", "10"), needs=("transformers", "accelerate")),
     Script("ddp_torchrun.py", ("--steps", "10"), torchrun=True),
     Script("amp.py", ("--steps", "20")),
+    Script("accumulation.py", ("--steps", "5")),
 ]
 
 # gloo's loopback transport occasionally aborts a worker at teardown on a loaded machine (see

@@ -60,6 +60,7 @@ class Window:
 
     mode: AccumulationMode
     names: tuple[str, ...]
+    all_names: tuple[str, ...] = ()  # every task (a missing-task window lacks some)
     count: int = 0
     loss_sum: Tensor | None = None  # [m], float64, the raw local losses
     # linear: parameter → Σ_k ∇(Σℓ^(k) + aux); jacobian: parameter → Σ_k [m, *p.shape]

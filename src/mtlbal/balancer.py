@@ -38,7 +38,7 @@ from mtlbal import _distributed as dist_util
 from mtlbal._accumulate import AccumulationMode, Window, batched_vjp, per_task_vjp
 from mtlbal._checkpoint import balancer_state_dict, load_balancer_state_dict
 from mtlbal._graph import reachable
-from mtlbal._losses import Losses, given_tensors, normalize_losses
+from mtlbal._losses import Losses, Normalized, given_tensors, normalize_losses
 from mtlbal._transaction import StrategySnapshot
 from mtlbal.aggregation.base import Aggregator, GramianAggregator
 from mtlbal.engine.base import GradWrites, PerTaskGrads, gramian_dtype, gramian_of
@@ -73,6 +73,9 @@ class _Step:
     scale: Tensor | None = None  # the GradScaler's scale (a tensor: no host sync)
     given: list[Tensor] = field(default_factory=list)  # the user's loss tensors
     lr_factor: float = 1.0
+    # missing tasks: every task (canonical order) and the indices of `names` in it (None: all)
+    all_names: tuple[str, ...] = ()
+    present: tuple[int, ...] | None = None
 
 
 class _WindowCutGrads(PerTaskGrads):
@@ -110,6 +113,33 @@ class _WindowCutGrads(PerTaskGrads):
 
 class _Refused(Exception):
     """Internal: the step is skipped (``nonfinite="skip"``); nothing is committed."""
+
+
+def _absent(step: _Step) -> tuple[str, ...]:
+    """The tasks without a loss in this step (``()`` on a full step)."""
+    if step.present is None:
+        return ()
+    return tuple(n for n in step.all_names if n not in step.names)
+
+
+def _check_declared_tasks(
+    tasks: Sequence[str] | None, weighting: LossWeighting | None
+) -> tuple[str, ...] | None:
+    if tasks is None:
+        return None
+    if isinstance(tasks, (str, bytes)) or not isinstance(tasks, Sequence):
+        raise TypeError(f"tasks must be a sequence of task names, got {type(tasks).__name__}")
+    names = tuple(tasks)
+    if not names or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"tasks must be a non-empty sequence of str, got {list(names)!r}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"task names must be unique, got {list(names)}")
+    n = None if weighting is None else weighting.num_tasks
+    if n is not None and n != len(names):
+        raise ValueError(
+            f"{type(weighting).__name__} was built for {n} tasks, tasks= names {len(names)}"
+        )
+    return names
 
 
 def _remove_all(handles: list[Any]) -> None:
@@ -167,6 +197,10 @@ class Balancer:
             on the supported layers; one batched backward to their outputs, per-layer
             Gramians, see :mod:`mtlbal.engine.layerwise`), or ``"auto"``: ``"layerwise"`` at
             the parameters when the shared part has a supported layer, else ``"dense"``.
+        tasks: every task name, when a step may lack some of them from the start (missing
+            labels): the task set is otherwise learnt from the first step. A later step may
+            leave tasks out (a dict without them, or ``None`` for them): see
+            :meth:`backward`. With ``tasks`` given, any other name is refused.
 
     Example:
         >>> import torch, mtlbal
@@ -195,6 +229,7 @@ class Balancer:
         engine: Literal["auto", "dense", "layerwise"] = "auto",
         branches: Sequence[nn.Module] | BranchCalibration | None = None,
         accumulate: int = 1,
+        tasks: Sequence[str] | None = None,
     ) -> None:
         # ---- validate the whole configuration first: no hook exists until it has passed
         shared_list = list(shared) if not isinstance(shared, nn.Module) else [shared]
@@ -252,6 +287,7 @@ class Balancer:
         for t in tlist:
             if not isinstance(t, GradientTransform):
                 raise TypeError(f"transforms must be GradientTransforms, got {type(t).__name__}")
+        declared = _check_declared_tasks(tasks, weighting)
         calib: BranchCalibration | None = None
         if branches is not None:
             calib = (
@@ -276,7 +312,9 @@ class Balancer:
         self.select = select
         self.accumulate = accumulate
         self.step_count = 0
-        self.tasks: tuple[str, ...] | None = None
+        # every task name (canonical order): declared, or learnt from the first step
+        self.tasks: tuple[str, ...] | None = declared
+        self._declared_tasks = declared
         self._checked_for: tuple[str, ...] | None = None
         self._hooks: OrderedDict[int, Callable[..., Any]] = OrderedDict()
         self.weighting.bind(self.shared_params, self.shared_modules)
@@ -598,6 +636,7 @@ class Balancer:
             raise
         if info.skipped:  # an overflow handed to the GradScaler: no strategy state changes
             snapshot.restore()
+        info.missing = _absent(step)
         self._commit(step, info)
         return info
 
@@ -636,7 +675,9 @@ class Balancer:
         self._check_accumulation()
         window = self._window
         if window is not None:
-            if sorted(window.names) != sorted(step.names):
+            if sorted(window.names) != sorted(step.names) or sorted(window.all_names) != sorted(
+                step.all_names
+            ):
                 raise ValueError(
                     f"this micro-batch has tasks {list(step.names)}, the accumulation window "
                     f"has {list(window.names)}: every micro-batch of an optimizer step must have "
@@ -649,8 +690,12 @@ class Balancer:
                 step.values = [by_name[n] for n in window.names]
                 step.stacked = torch.stack(step.values)
                 step.raw = torch.stack([raw[n] for n in window.names])
+            if step.all_names != window.all_names:
+                step.all_names = window.all_names
+            if step.present is not None:
+                step.present = tuple(window.all_names.index(n) for n in window.names)
         else:
-            window = Window(self._accum_mode, step.names)
+            window = Window(self._accum_mode, step.names, step.all_names)
         snapshot = StrategySnapshot(self.strategies)
         try:
             part, weighted = self._micro_batch(step, window, scaler)
@@ -681,6 +726,7 @@ class Balancer:
         info = StepInfo(step.names, step.raw, zeros, zeros, step=self.step_count)
         info.pending = True
         info.micro_batches = window.count
+        info.missing = _absent(step)
         return info
 
     def _micro_batch(
@@ -695,7 +741,12 @@ class Balancer:
             if step.world > 1:
                 stacked = stacked + (step.raw - step.stacked.detach())
             ctx = StepContext(
-                step=self.step_count, tasks=step.names, losses=step.raw, lr_factor=step.lr_factor
+                step=self.step_count,
+                tasks=step.names,
+                losses=step.raw,
+                lr_factor=step.lr_factor,
+                present=step.present,
+                all_tasks=step.all_names,
             )
             weighted = self.weighting.objectives(stacked, ctx)
             if weighted.param_grads or weighted.domain is not None:
@@ -770,7 +821,12 @@ class Balancer:
             scale = scaler.scale(torch.ones((), device=raw.device, dtype=torch.float32))
             step.scale = scale
         ctx = StepContext(
-            step=self.step_count, tasks=step.names, losses=raw, lr_factor=step.lr_factor
+            step=self.step_count,
+            tasks=step.names,
+            losses=raw,
+            lr_factor=step.lr_factor,
+            present=step.present,
+            all_tasks=step.all_names,
         )
         if window.mode == "linear":
             if checking and not bool(torch.isfinite(raw).all()):  # the one host sync
@@ -779,6 +835,7 @@ class Balancer:
                 step.writes.add(p, self._combined(p, g))
             info = StepInfo(step.names, raw, weighted.weights.detach(), weighted.weights.detach())
             info.micro_batches = window.count
+            info.missing = _absent(step)
             return info
         inv = None if scale is None else 1.0 / scale
         if Need.LAYER_NORMS in self.weighting.needs:
@@ -821,6 +878,7 @@ class Balancer:
             step.writes.add(q_own, g_own)
         info = StepInfo(step.names, raw, weighted.weights.detach(), weighted.weights.detach())
         info.micro_batches = window.count
+        info.missing = _absent(step)
         domain = weighted.domain if checking else None
         ones = torch.ones(m, dtype=d.dtype, device=d.device)
         grads: PerTaskGrads | None = None
@@ -880,6 +938,7 @@ class Balancer:
     def _skipped(self, step: _Step) -> StepInfo:
         zeros = torch.zeros_like(step.raw)
         info = StepInfo(step.names, step.raw, zeros, zeros, skipped=True, step=self.step_count)
+        info.missing = _absent(step)
         self.last_info = info
         return info
 
@@ -892,7 +951,9 @@ class Balancer:
 
     def _validate_local(self, losses: Losses, world: int) -> _Step:
         self._check_not_spent(losses)
-        names, values = self._normalize(losses)
+        names, values, all_names, present = self._normalize(losses)
+        if present is not None:
+            self._check_missing_supported(names, all_names)
         captured = self._cut.take() if self._cut is not None else []
         branch_caps = self._branches.take() if self._branches is not None else None
         records = self._capture.take() if self._capture is not None else []
@@ -916,6 +977,8 @@ class Balancer:
             branch_caps=branch_caps,
             records=records,
             given=given_tensors(losses),
+            all_names=all_names,
+            present=present,
         )
         self._check_connected(step)
         return step
@@ -960,31 +1023,57 @@ class Balancer:
 
     def _agree_order(self, step: _Step) -> None:
         # the first step (and a new task set) fixes one order for every rank: rank 0's. The
-        # ranks agree on the task set and share self.tasks, so all of them take this branch
-        if self.tasks is None or sorted(self.tasks) != sorted(step.names):
-            order = tuple(dist_util.check_same_names(step.names))
-            if order != step.names:
+        # ranks agree on the task set and share self.tasks and step_count, so all of them take
+        # this branch (the first step too when the tasks were declared: tasks= may list them in
+        # another order on another rank)
+        if (
+            self.tasks is None
+            or self.step_count == 0
+            or sorted(self.tasks) != sorted(step.all_names)
+        ):
+            order = tuple(dist_util.check_same_names(step.all_names))
+            if order != step.all_names:
                 by_name = dict(zip(step.names, step.values))
+                names = tuple(n for n in order if n in by_name)
                 if self._checked_for == step.names:
-                    self._checked_for = order
-                step.names = order
-                step.values = [by_name[n] for n in order]
+                    self._checked_for = names
+                step.all_names = order
+                step.names = names
+                if step.present is not None:
+                    step.present = tuple(i for i, n in enumerate(order) if n in by_name)
+                step.values = [by_name[n] for n in names]
                 step.stacked = torch.stack(step.values)
                 step.raw = step.stacked.detach()
 
-    def _normalize(self, losses: Losses) -> tuple[tuple[str, ...], list[Tensor]]:
+    def _normalize(self, losses: Losses) -> Normalized:
         return normalize_losses(
             losses,
             expected=self.weighting.num_tasks,
             expected_by=type(self.weighting).__name__,
             known=self.tasks,
             stateful=any(getattr(s, "is_stateful", False) for s in self.strategies),
+            declared=self._declared_tasks is not None,
         )
+
+    def _check_missing_supported(self, names: tuple[str, ...], all_names: tuple[str, ...]) -> None:
+        # before anything runs: a refusal here leaves every tensor and counter as it was
+        absent = [n for n in all_names if n not in names]
+        for s in self.strategies:
+            if not s.handles_missing_tasks:
+                raise ValueError(
+                    f"{type(s).__name__} does not support a step with missing tasks: no loss for "
+                    f"task(s) {', '.join(map(repr, absent))} (present: {list(names)}); "
+                    f"{s.missing_tasks_note}"
+                )
 
     def _check_connected(self, step: _Step) -> None:
         if self.check_connected == "never":
             return
-        if self.check_connected == "first" and self._checked_for == step.names:
+        if (
+            self.check_connected == "first"
+            and self._checked_for is not None
+            and set(step.names) <= set(self._checked_for)
+        ):  # every task of this step was checked (a missing-task step checks nothing new)
             return
         bypass: set[int] = set()
         if self._cut is not None:
@@ -1082,7 +1171,12 @@ class Balancer:
         if world > 1:
             stacked = stacked + (step.raw - step.stacked.detach())
         ctx = StepContext(
-            step=self.step_count, tasks=step.names, losses=step.raw, lr_factor=step.lr_factor
+            step=self.step_count,
+            tasks=step.names,
+            losses=step.raw,
+            lr_factor=step.lr_factor,
+            present=step.present,
+            all_tasks=step.all_names,
         )
         if Need.LAYER_NORMS in self.weighting.needs:
             ctx.layer_grad_norms = self._layer_grad_norms(step)
@@ -1292,8 +1386,11 @@ class Balancer:
             leaf.grad = None
         self._spent = [weakref.ref(v) for v in step.given]
         if not info.skipped:
-            self.weighting.observe(step.raw)
-            self.tasks = step.names
+            if step.present is None:
+                self.weighting.observe(step.raw)
+            else:  # a missing-task step: the weighting's observe takes the present indices
+                self.weighting.observe(step.raw, present=step.present)
+            self.tasks = step.all_names
             self.step_count += 1
         info.step = self.step_count
         self.last_info = info

@@ -303,3 +303,53 @@ def test_other_configurations_equal_the_large_batch(make: Any, at: str) -> None:
     torch.testing.assert_close(got.weights, ref.weights, rtol=1e-10, atol=1e-12)
     for a, b in zip(big.grads(), small.grads()):
         torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("make", "at"),
+    [
+        (lambda: {"weighting": mtlbal.weighting.UncertaintyWeighting(M)}, "params"),
+        (
+            lambda: {
+                "weighting": mtlbal.weighting.GradNorm(M),
+                "aggregator": mtlbal.aggregation.NashMTL(),
+            },
+            "params",
+        ),
+        (lambda: {"aggregator": mtlbal.aggregation.GradVac(seed=0)}, "cut"),
+    ],
+    ids=["uw-linear", "gradnorm-nash-jacobian", "gradvac-cut"],
+)
+def test_missing_task_window_equals_the_large_batch(make: Any, at: str) -> None:
+    # every micro-batch of the window lacks the same task: the large batch lacking it
+    def run(p: Problem, k: int) -> tuple[mtlbal.Balancer, Any]:
+        where = p.trunk if at == "cut" else "params"
+        bal = mtlbal.Balancer(p.trunk, at=where, accumulate=k, **make())
+        bal.to(dtype=torch.float64)
+        size = B // k
+        for s in range(3):
+            for q in [*p.params(), *bal.parameters()]:
+                q.grad = None
+            for j in range(k):
+                losses: dict[str, Any] = dict(losses_of(p, slice(j * size, (j + 1) * size)))
+                if s == 1:
+                    losses["task1"] = None
+                info = bal.backward(losses)
+            assert info.missing == (("task1",) if s == 1 else ())
+            with torch.no_grad():
+                for q in [*p.params(), *bal.parameters()]:
+                    if q.grad is not None:
+                        q -= 0.1 * q.grad
+        return bal, info
+
+    big = make_problem(M, dtype=torch.float64, batch=B, seed=5)
+    small = copy.deepcopy(big)
+    b1, _ = run(big, 1)
+    b2, _ = run(small, 3)
+    for a, b in zip(big.params(), small.params()):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-11)
+    sa = _flat_state(b1.state_dict()["weighting"]) | _flat_state(b1.state_dict()["aggregator"])
+    sb = _flat_state(b2.state_dict()["weighting"]) | _flat_state(b2.state_dict()["aggregator"])
+    for key, va in sa.items():
+        if isinstance(va, Tensor) and va.is_floating_point():
+            torch.testing.assert_close(sb[key], va, rtol=1e-9, atol=1e-11, equal_nan=True)

@@ -86,12 +86,18 @@ class LossWeighting(Stateful):
     def epoch_end(self) -> None:
         """Mark the end of an epoch (IGB, DWA use epoch means)."""
 
-    def observe(self, losses: Tensor) -> None:
-        """Called after every taken step with the detached raw losses ``[m]``."""
+    def observe(self, losses: Tensor, present: tuple[int, ...] | None = None) -> None:
+        """Called after every taken step with the detached raw losses ``[m]``. On a
+        missing-task step (only for a strategy that supports them) ``losses`` holds the present
+        tasks' losses and ``present`` their indices in the full task list (as
+        ``StepContext.present``); it is passed only then, so a strategy that never supports
+        missing tasks may leave it out of its signature."""
 
 
 class Equal(LossWeighting):
     """Equal weights: ``ℓ_t = L_t`` (``w = 1``), so the result is ``∇ Σ_t L_t``.
+
+    Missing tasks: ``∇ Σ_t L_t`` over the present tasks.
 
     Example:
         >>> import torch
@@ -100,6 +106,7 @@ class Equal(LossWeighting):
     """
 
     linear_in_losses = True
+    supports_missing_tasks = True
 
     def objectives(self, losses: Tensor, ctx: LossContext) -> WeightedLosses:
         return WeightedLosses(losses, torch.ones_like(losses).detach())

@@ -51,6 +51,10 @@ Host syncs (:attr:`IGB.host_sync`): v1 none (the positivity check is returned as
 agent on the CPU, so the loss vector (``m`` floats) is copied to the host every step and the
 action copied back, and the base losses once when they are set.
 
+Missing tasks: a step without some tasks' losses is refused (``ValueError``, before anything
+changes): the epoch statistics count steps, not per-task samples, and v2's agent takes the
+whole loss vector as its state and action.
+
 State (all in ``state_dict``; a resumed run continues exactly): base losses, the running epoch
 sum/count, the epoch and step counters; for v2 also the networks, target networks, the three
 Adam optimizers, ``log α``, the replay buffer, the ring and the generator.
@@ -129,6 +133,12 @@ class IGB(LossWeighting):
 
     base_losses: Tensor | None
     epoch_sum: Tensor | None
+    supports_missing_tasks = False
+    missing_tasks_note = (
+        "IGB's epoch statistics count steps, not per-task samples, and v2's agent takes the "
+        "whole loss vector as its state and action (a subset has no defined state); give "
+        "every task a loss in every step"
+    )
 
     def __init__(
         self,
@@ -281,7 +291,7 @@ class IGB(LossWeighting):
         self._init_v2()
 
     # ------------------------------------------------------------------ epochs
-    def observe(self, losses: Tensor) -> None:
+    def observe(self, losses: Tensor, present: tuple[int, ...] | None = None) -> None:
         """Accumulate the raw losses of a taken step into the running epoch sum (on device)."""
         raw = losses.detach()
         self.epoch_sum = raw.clone() if self.epoch_sum is None else self.epoch_sum + raw

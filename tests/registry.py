@@ -152,13 +152,19 @@ REGISTRY: list[Entry] = [
     ),
     # GO4Align, LDC-MTL, COSMOS, PBI (issue 10). GO4Align's β = ΣL/L_t and LDC-MTL's ratio to
     # the first losses need positive losses; LDC-MTL pairs tasks t, t+1 (order matters)
-    Entry("GO4Align", lambda m: {"weighting": W.GO4Align(m)}, extras={"positive_losses": True}),
-    Entry("GO4Align-K1", lambda m: {"weighting": W.GO4Align(m, num_groups=1)}),
+    Entry(
+        "GO4Align",
+        lambda m: {"weighting": W.GO4Align(m)},
+        extras={"positive_losses": True},
+        missing="refuse",
+    ),
+    Entry("GO4Align-K1", lambda m: {"weighting": W.GO4Align(m, num_groups=1)}, missing="refuse"),
     Entry(
         "LDCMTL",
         lambda m: {"weighting": W.LDCMTL(m)},
         extras={"positive_losses": True},
         permutation=False,
+        missing="refuse",
     ),
     Entry(
         "LDCMTL-log+UPGrad",
@@ -169,6 +175,7 @@ REGISTRY: list[Entry] = [
         extras={"positive_losses": True},
         identical="scaled",
         permutation=False,
+        missing="refuse",
     ),
     # uniform preference r = 1/m: identical losses lie on the ray, w = r
     Entry("COSMOS", lambda m: {"weighting": W.COSMOS(lambda_=1.0)}, identical="mean"),

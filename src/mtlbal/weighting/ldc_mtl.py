@@ -98,6 +98,12 @@ class LDCMTL(LossWeighting):
     initial_losses: Tensor | None
     num_tasks: int
 
+    supports_missing_tasks = False
+    missing_tasks_note = (
+        "its router is a softmax over every task and its discrepancy penalty pairs task t with "
+        "task t+1: without a task the objective is not defined"
+    )
+
     def __init__(
         self,
         num_tasks: int,

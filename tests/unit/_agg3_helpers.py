@@ -68,7 +68,10 @@ def batches(m: int, steps: int, samples: int, seed: int = 1) -> list[list[tuple[
     gen = torch.Generator().manual_seed(seed)
     return [
         [
-            (torch.randn(6, 4, generator=gen, dtype=F64), torch.randn(6, m, generator=gen, dtype=F64))
+            (
+                torch.randn(6, 4, generator=gen, dtype=F64),
+                torch.randn(6, m, generator=gen, dtype=F64),
+            )
             for _ in range(samples)
         ]
         for _ in range(steps)

@@ -40,10 +40,8 @@ def test_matches_paper_recursion(samples: int, m: int) -> None:
         j1, j2 = (js[0], js[1]) if samples > 1 else (js[0], js[0])
         grad = np.array([j1[i] @ (j2.T @ lam) for i in range(m)]) + rho * lam
         lam = simplex_bisection(lam - gamma * grad)
-        if samples == 3:
-            d_ref = m * js[2].T @ lam
-        else:  # one sample, or the mean of two
-            d_ref = m * sum(j.T @ lam for j in js) / samples
+        # the third sample, or the mean of the one or two
+        d_ref = m * (js[2].T @ lam if samples == 3 else sum(j.T @ lam for j in js) / samples)
         big = torch.as_tensor(np.concatenate(js))
         w = agg.weights(big @ big.T)
         np.testing.assert_allclose((w @ big).numpy(), d_ref, rtol=1e-10, atol=1e-12)
@@ -174,3 +172,14 @@ def test_bad_configuration() -> None:
 @pytest.mark.parametrize("samples", [1, 3])
 def test_resume(samples: int) -> None:
     check_resume_samples(lambda: MoDo(gamma=0.5, samples=samples), 2, samples)
+
+
+def test_scale_acts_on_the_step_size() -> None:
+    # no degree of homogeneity: gradients scaled by c are the step γc² (and ρ/c²) on λ
+    gen = torch.Generator().manual_seed(9)
+    c = 3.0
+    a, b = MoDo(gamma=0.05, rho=0.2), MoDo(gamma=0.05 * c**2, rho=0.2 / c**2)
+    for _ in range(4):
+        jac = torch.randn(3, 5, dtype=F64, generator=gen)
+        torch.testing.assert_close(a(c * jac), c * b(jac), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(a.lam, b.lam, rtol=0, atol=1e-14)

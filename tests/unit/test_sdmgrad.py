@@ -46,10 +46,7 @@ def _reference(
         v = g if k == 0 else mom * v + g
         w = simplex_bisection(w - lr * v)
     coef = (w + lam * wt) / (1 + lam)
-    if samples == 3:
-        d = js[2].T @ coef
-    else:
-        d = sum(j.T @ coef for j in js) / samples
+    d = js[2].T @ coef if samples == 3 else sum(j.T @ coef for j in js) / samples
     return m * d, w
 
 

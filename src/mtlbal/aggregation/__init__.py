@@ -18,6 +18,7 @@ from mtlbal.aggregation.upgrad import UPGrad
 __all__ = [
     "IMTLG",
     "MGDA",
+    "PCD",
     "Aggregator",
     "AlignedMTL",
     "CAGrad",
@@ -27,7 +28,6 @@ __all__ = [
     "MGDASolverWarning",
     "MoDo",
     "NashMTL",
-    "PCD",
     "PCDInfeasibleWarning",
     "PCGrad",
     "SDMGrad",

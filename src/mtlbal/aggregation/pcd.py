@@ -213,7 +213,9 @@ class PCD(GramianAggregator):
         super().__init__(reduction)
         taus = np.asarray(tau.tolist() if isinstance(tau, Tensor) else tau, dtype=np.float64)
         if taus.ndim > 1 or taus.size == 0 or not np.all((taus >= 0) & (taus <= 1)):
-            raise ValueError(f"PCD: tau must be in [0, 1] (a number or one per secondary), got {tau}")
+            raise ValueError(
+                f"PCD: tau must be in [0, 1] (a number or one per secondary), got {tau}"
+            )
         if not 0 <= beta < 1:
             raise ValueError(f"PCD: beta must be in [0, 1), got {beta}")
         if not eps >= 0:

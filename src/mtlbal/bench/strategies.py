@@ -147,6 +147,9 @@ STRATEGIES: dict[str, Callable[[], Factory | None]] = {
     "FAMO": _dynamic("FAMO", role="weighting"),
     "DWA": _dynamic("DWA", role="weighting"),
     "RLW": _dynamic("RLW", role="weighting"),
+    "PCD": _dynamic("PCD", role="aggregator"),
+    "MoDo": _dynamic("MoDo", role="aggregator"),
+    "SDMGrad": _dynamic("SDMGrad", role="aggregator"),
 }
 
 DESCRIPTIONS: dict[str, str] = {
@@ -168,6 +171,9 @@ DESCRIPTIONS: dict[str, str] = {
     "FAMO": "`weighting.FAMO()`",
     "DWA": "`weighting.DWA()` (epoch-level loss ratios)",
     "RLW": "`weighting.RLW()` (random loss weights)",
+    "PCD": "`aggregation.PCD()` at the shared parameters (the first task is the primary)",
+    "MoDo": "`aggregation.MoDo()` at the shared parameters (one batch: the biased variant)",
+    "SDMGrad": "`aggregation.SDMGrad()` at the shared parameters (one batch: the biased variant)",
 }
 
 ALIASES = {

@@ -26,8 +26,9 @@ possible for ``m ≥ 3``, e.g. two opposite secondaries) are dropped for that st
 — the paper's deployment rule, reported by a :class:`PCDInfeasibleWarning` (``on_infeasible``).
 
 Solver: the dual active-set method of Goldfarb & Idnani (1983) for an identity Hessian, in
-float64 on the host (``host_sync = True``): at most ``m`` additions in practice, each an
-``[a, a]`` solve over the active set. A gradient counts as dependent on the active ones when the
+float64 on the host (``host_sync = True``): about one addition per active constraint, each
+``O(m²)`` (the inverse of the active block of ``G̃_s`` is updated by bordering on an addition
+and by its Schur complement on a drop). A gradient counts as dependent on the active ones when the
 part of it orthogonal to them has a squared norm ``≤ 1e-9`` of its own. The KKT conditions of
 the result are checked; a solver that does not reach them raises ``RuntimeError``. The
 reference implementation enumerates the working sets instead (App. B.2: exponential in ``m``);
@@ -101,6 +102,7 @@ def pcd_qp(
     mu = np.zeros(m - 1)
     atol = tol * max(float(np.max(np.diag(g))), np.finfo(np.float64).tiny)
     active: list[int] = []
+    hinv = np.zeros((0, 0))  # inverse of G_s over the active set, updated at each add / drop
     limit = max_iter if max_iter is not None else 10 * m + 10
     moves = 0
     while True:
@@ -115,9 +117,9 @@ def pcd_qp(
             if moves > limit:
                 raise RuntimeError(f"PCD: the active-set solver did not finish in {limit} moves")
             if active:
-                ga = gs[np.ix_(active, active)]
-                r = np.linalg.solve(ga, gs[active, p])  # g_p's coordinates on the active g_j
-                z2 = float(gs[p, p] - gs[p, active] @ r)  # ‖part of g_p orthogonal to them‖²
+                h = gs[active, p]
+                r = hinv @ h  # g_p's coordinates on the active g_j
+                z2 = float(gs[p, p] - h @ r)  # ‖part of g_p orthogonal to them‖²
                 blocking = r > 0
                 ratios = np.where(blocking, mu[active] / np.where(blocking, r, 1.0), np.inf)
                 k = int(np.argmin(ratios))
@@ -134,8 +136,18 @@ def pcd_qp(
                 mu[active] = mu[active] - t * r
             mu[p] += t
             if t_add <= t_drop:
+                # bordered inverse: [[H, h], [hᵀ, G_pp]]⁻¹ from H⁻¹, r = H⁻¹h and z2 (Schur)
+                n = len(active)
+                grown = np.empty((n + 1, n + 1))
+                grown[:n, :n] = hinv + np.outer(r, r) / z2
+                grown[:n, n] = grown[n, :n] = -r / z2
+                grown[n, n] = 1.0 / z2
+                hinv = grown
                 active.append(p)
                 break
+            # drop k: the inverse of H without row and column k, from H⁻¹
+            keep = [i for i in range(len(active)) if i != k]
+            hinv = hinv[np.ix_(keep, keep)] - np.outer(hinv[keep, k], hinv[k, keep]) / hinv[k, k]
             mu[active[k]] = 0.0
             del active[k]
             viol = float(gs[p] @ mu - b[p])

@@ -36,7 +36,9 @@ Defaults: ``λ = 0.3`` (the paper's experiments, LibMTL, TorchJD; the official c
 normalisation divides by ``scale² + eps`` with ``eps = 1e-8`` (LibMTL, TorchJD; the official
 code divides by ``(mean_t √(A_tt + 1e-4))²``); ``eps = 0`` makes the method exactly
 positively homogeneous (an all-zero ``A`` then gives ``A = 0``, no division). No randomness
-of its own; no host sync (sort-based projection, a fixed number of steps).
+of its own; no host sync (sort-based projection, a fixed number of steps). ``β = 10`` is a large
+step on the normalised ``A`` (eigenvalues up to about ``m``): ``w`` hops between faces of the
+simplex and is a non-smooth function of ``A`` (round-off in ``A`` can move it by ~1e-9).
 
 Example:
     >>> import torch

@@ -150,6 +150,9 @@ STRATEGIES: dict[str, Callable[[], Factory | None]] = {
     # a published leader (NYUv2, QM9 in its paper); K = 2 groups (the official trainer's
     # default, 1, gives every task the same weight)
     "GO4Align": _dynamic("GO4Align", role="weighting", num_groups=2),
+    "PCD": _dynamic("PCD", role="aggregator"),
+    "MoDo": _dynamic("MoDo", role="aggregator"),
+    "SDMGrad": _dynamic("SDMGrad", role="aggregator"),
 }
 
 DESCRIPTIONS: dict[str, str] = {
@@ -172,6 +175,9 @@ DESCRIPTIONS: dict[str, str] = {
     "DWA": "`weighting.DWA()` (epoch-level loss ratios)",
     "RLW": "`weighting.RLW()` (random loss weights)",
     "GO4Align": "`weighting.GO4Align(m, num_groups=2)` (K-means groups of risk-guided indicators)",
+    "PCD": "`aggregation.PCD()` at the shared parameters (the first task is the primary)",
+    "MoDo": "`aggregation.MoDo()` at the shared parameters (one batch: the biased variant)",
+    "SDMGrad": "`aggregation.SDMGrad()` at the shared parameters (one batch: the biased variant)",
 }
 
 ALIASES = {

@@ -148,16 +148,17 @@ REGISTRY: list[Entry] = [
         lambda m: {"aggregator": A.PCD(tau=0.2, eps=0.0)},
         identical=None,
         permutation=False,
+        missing="refuse",
     ),
     # MoDo / SDMGrad on one batch (samples=1: the biased one-batch variant; the independent
     # samples layout is tested in test_modo.py / test_sdmgrad.py). MoDo has no degree of
     # homogeneity (its step size acts on λ in absolute units): test_properties.NO_DEGREE
-    Entry("MoDo", lambda m: {"aggregator": A.MoDo()}),
+    Entry("MoDo", lambda m: {"aggregator": A.MoDo()}, missing="refuse"),
     # lr=1, not the default 10: a step of 10 on the normalised A (eigenvalues up to ~m) makes the
     # projected inner SGD bounce between faces of the simplex and amplify round-off (the DDP
     # Gramian's last bits) to ~1e-9 in 20 steps; the battery's 1e-10 comparisons need a
     # well-conditioned configuration
-    Entry("SDMGrad", lambda m: {"aggregator": A.SDMGrad(lr=1.0, eps=0.0)}),
+    Entry("SDMGrad", lambda m: {"aggregator": A.SDMGrad(lr=1.0, eps=0.0)}, missing="refuse"),
     # sparse training: half of each trunk neuron's inputs frozen (selected when the Balancer is
     # built, on the trunk's initial weights). The shared gradient is the masked one, so
     # "equal weights == sum(losses).backward()" holds only on the live entries; frozen entries

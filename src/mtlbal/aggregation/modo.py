@@ -88,6 +88,12 @@ class MoDo(GramianAggregator):
     lam: Tensor | None
     homogeneity = None
 
+    supports_missing_tasks = False
+    missing_tasks_note = (
+        "its weights λ live on the simplex of every task (and the tasks are laid out per "
+        "sample): a step without a task has no defined λ update"
+    )
+
     def __init__(
         self,
         *,

@@ -213,6 +213,12 @@ class PCD(GramianAggregator):
     sq_norm_ema: Tensor | None
     steps: Tensor
 
+    supports_missing_tasks = False
+    missing_tasks_note = (
+        "task 0 is the primary objective and the others constraints, normalised by per-task "
+        "EMAs of their gradient norms: the priority order is defined over every task"
+    )
+
     def __init__(
         self,
         *,

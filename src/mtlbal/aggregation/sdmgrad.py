@@ -125,6 +125,12 @@ class SDMGrad(GramianAggregator):
 
     w: Tensor | None
 
+    supports_missing_tasks = False
+    missing_tasks_note = (
+        "its weights live on the simplex of every task (and the tasks are laid out per "
+        "sample): a step without a task has no defined update"
+    )
+
     def __init__(
         self,
         *,

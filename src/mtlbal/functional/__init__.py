@@ -2,10 +2,16 @@
 
 from mtlbal.aggregation.aligned_mtl import aligned_mtl_balance, aligned_mtl_weights
 from mtlbal.aggregation.cagrad import cagrad_weights
+from mtlbal.aggregation.conflict_free import config_direction
+from mtlbal.aggregation.dbmtl import dbmtl_step
 from mtlbal.aggregation.dualproj import dualproj_weights
+from mtlbal.aggregation.excess_mtl import excess_mtl_step
+from mtlbal.aggregation.fairgrad import fairgrad_weights
 from mtlbal.aggregation.gradvac import gradvac_weights
 from mtlbal.aggregation.imtl import imtlg_weights
 from mtlbal.aggregation.mgda import mgda_weights, min_norm_2
+from mtlbal.aggregation.moco import moco_step, project_simplex
+from mtlbal.aggregation.momentum_config import mconfig_step
 from mtlbal.aggregation.nash_mtl import nash_mtl_weights
 from mtlbal.aggregation.pcgrad import pcgrad_weights
 from mtlbal.aggregation.upgrad import upgrad_weights
@@ -24,8 +30,12 @@ __all__ = [
     "branch_norms",
     "cagrad_weights",
     "calibrate_branch_grads",
+    "config_direction",
+    "dbmtl_step",
     "dualproj_weights",
     "dwa_weights",
+    "excess_mtl_step",
+    "fairgrad_weights",
     "famo_logit_grad",
     "famo_objectives",
     "global_mask",
@@ -34,10 +44,13 @@ __all__ = [
     "igb_reward",
     "igb_v1_weights",
     "imtlg_weights",
+    "mconfig_step",
     "mgda_weights",
     "min_norm_2",
+    "moco_step",
     "nash_mtl_weights",
     "pcgrad_weights",
+    "project_simplex",
     "psn_mask",
     "rlw_weights",
     "uncertainty_objectives",

@@ -185,12 +185,12 @@ class FairGrad(GramianAggregator):
             raise ValueError(f"tol must be > 0, got {tol}")
         if max_iter < 1:
             raise ValueError(f"max_iter must be ≥ 1, got {max_iter}")
-        self.alpha = float(alpha)
+        self.alpha = alpha
         self.tol = float(tol)
         self.max_iter = int(max_iter)
         self.on_failure: OnFailure = on_failure
         # x has degree −2α/(1+α) in J, so d = Jᵀx has degree (1−α)/(1+α)
-        self.homogeneity = (1.0 - self.alpha) / (1.0 + self.alpha)
+        self.homogeneity = (1.0 - alpha) / (1.0 + alpha)
 
     def hparams(self) -> dict[str, object]:
         return {
@@ -203,7 +203,7 @@ class FairGrad(GramianAggregator):
 
     def _weights(self, gramian: Tensor) -> Tensor:
         m = gramian.shape[0]
-        x, ok = fairgrad_weights(gramian, self.alpha, tol=self.tol, max_iter=self.max_iter)
+        x, ok = fairgrad_weights(gramian, float(self.alpha), tol=self.tol, max_iter=self.max_iter)
         if not ok:
             msg = (
                 f"FairGrad: no solution of (Gx)_i = x_i^(-1/α) (α = {self.alpha}) was found; "

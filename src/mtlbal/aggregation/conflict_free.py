@@ -11,7 +11,9 @@ the gradients' projections on it (the paper's Eq. 2, with its "projection length
 For ``m ≤ n`` and linearly independent gradients ``U x = w`` holds exactly: every task sees the
 same improvement rate ``⟨g_i, u⟩/‖g_i‖``, positive, so the update conflicts with none. With
 dependent gradients ``x`` is the least-squares (minimum-norm) solution and that guarantee is
-lost (e.g. ``g_2 = −g_1`` gives ``d = 0``).
+lost. Where ``w`` is orthogonal to the gradients' span (``g_2 = −g_1``) the exact ``x`` is 0
+and so is ``d``; the references normalise the rounding residue of ``x`` instead and return an
+arbitrary direction there (here ``x`` below ``max(m, n)·eps·‖U⁺‖‖w‖`` counts as 0).
 
 Numerics: ``U`` and its pseudo-inverse are computed in float64 (``torch.linalg.pinv``, singular
 values below ``rtol · σ_max`` dropped; ``rtol=None``: ``max(m, n) · eps(float64)``, the
@@ -67,8 +69,12 @@ def config_direction(
         raise ValueError(f"ConFIG: pref has {w.shape[0]} entries for {m} tasks")
     norms = g.norm(dim=1, keepdim=True)
     units = torch.where(norms > 0, g / torch.where(norms > 0, norms, 1.0), 0.0)
-    x = torch.linalg.pinv(units, rtol=rtol) @ w
-    nx = x.norm()
+    pinv = torch.linalg.pinv(units, rtol=rtol)
+    x = pinv @ w
+    # x = 0 exactly when w ⊥ range(U) (gradients that cancel, g_2 = −g_1): what is left is
+    # rounding, whose direction is arbitrary; below max(m, n)·eps·‖U⁺‖·‖w‖ it is taken as 0
+    floor = max(g.shape) * torch.finfo(g.dtype).eps * torch.linalg.matrix_norm(pinv, 2) * w.norm()
+    nx = torch.where(x.norm() > floor, x.norm(), 0.0)
     u = torch.where(nx > 0, x / torch.where(nx > 0, nx, 1.0), 0.0)
     return (g @ u).sum() * u
 

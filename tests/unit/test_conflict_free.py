@@ -116,10 +116,8 @@ class _PseudoMomentum:
         m_hats = torch.stack(
             [self.mom[i] / (1 - self.b1 ** self.t_grads[i]) for i in range(self.m)]
         )
-        if self.m == 2:
-            final = _official_double(m_hats[0], m_hats[1])
-        else:
-            final = _official_general(m_hats)
+        two = self.m == 2  # ConFIGOperator's allow_simplified_model
+        final = _official_double(m_hats[0], m_hats[1]) if two else _official_general(m_hats)
         fake_m = final * (1 - self.b1**self.t)
         fake_grad = (fake_m - self.b1 * self.fake_m) / (1 - self.b1)
         self.fake_m = fake_m

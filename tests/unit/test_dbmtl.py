@@ -32,10 +32,9 @@ def _paper(jacs, beta: float, sigma: float, eps: float = 1e-8):
 def _libmtl(jacs, beta: float, sigma: float):
     # DB_MTL.backward after the log-loss gradients: grad_buffer = g + β/step^σ (buffer − g),
     # alpha = max‖·‖ / (‖·‖ + 1e-8), new_grads = Σ alpha_i buffer_i
-    step, buffer = 0, torch.zeros_like(jacs[0])
+    buffer = torch.zeros_like(jacs[0])
     out = []
-    for batch_grads in jacs:
-        step += 1
+    for step, batch_grads in enumerate(jacs, start=1):
         buffer = batch_grads + (beta / step**sigma) * (buffer - batch_grads)
         u = buffer.norm(dim=-1)
         alpha = u.max() / (u + 1e-8)

@@ -85,11 +85,10 @@ def test_paper_equations(kind: str, m: int) -> None:
 def _libmtl(jacs, losses, beta=0.5, bs=0.5, gamma=0.1, gs=0.5, rho=0.0):
     # LibMTL's backward: grads normalised to the loss, y and λ updates, new_grads = yᵀλ
     m, n = jacs[0].shape
-    step, y = 0, torch.zeros(m, n, dtype=F64)
+    y = torch.zeros(m, n, dtype=F64)
     lambd = torch.ones(m, dtype=F64) / m
     out = []
-    for grads, loss in zip(jacs, losses):
-        step += 1
+    for step, (grads, loss) in enumerate(zip(jacs, losses), start=1):
         grads = grads.clone()
         for tn in range(m):
             grads[tn] = grads[tn] / (grads[tn].norm() + 1e-8) * loss[tn]
@@ -146,3 +145,21 @@ def test_state_and_errors() -> None:
 @pytest.mark.parametrize("simplex", ["softmax", "projection"])
 def test_resume(simplex: str) -> None:
     check_resume(lambda: {"aggregator": MoCo(simplex=simplex)})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("name", ["MoCo", "DBMTL", "ExcessMTL"])
+def test_declared_without_host_sync(name: str) -> None:
+    # counted with the profiler as in tests/unit/test_host_syncs.py (.item(), bool(t), …)
+    from torch.profiler import ProfilerActivity, profile
+
+    import mtlbal.aggregation as A
+    from mtlbal.step import StepContext
+
+    agg = getattr(A, name)()
+    assert agg.host_sync is False
+    jac = jacobian("full", 3, seed=4).float()
+    ctx = StepContext(losses=torch.rand(3))
+    for _ in range(2):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            agg.aggregate_jacobian(jac, ctx)
+        assert sum(e.name == "aten::_local_scalar_dense" for e in prof.events()) == 0

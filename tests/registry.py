@@ -44,6 +44,8 @@ class Entry:
     permutation: bool = True
 
 
+P = ("params",)
+
 REGISTRY: list[Entry] = [
     Entry("Equal", lambda m: {}),
     Entry(
@@ -129,23 +131,28 @@ REGISTRY: list[Entry] = [
     Entry("UPGrad", lambda m: {"aggregator": A.UPGrad()}),
     Entry("FairGrad", lambda m: {"aggregator": A.FairGrad(alpha=2.0)}, identical="scaled"),
     Entry("FairGrad-a1", lambda m: {"aggregator": A.FairGrad(alpha=1.0)}, identical="scaled"),
-    # Jacobian methods with momenta: identical tasks give a positive multiple of the gradient
-    # (MoCo's and DB-MTL's buffers start at 0) or an Adam-normalised step (M-ConFIG, None)
-    Entry("MoCo", lambda m: {"aggregator": A.MoCo()}, identical="parallel"),
+    # Jacobian methods (MoCo, ExcessMTL, DB-MTL, ConFIG, M-ConFIG) run at the parameters: a cut
+    # point's Jacobian is not gathered under DDP, and a per-entry state (momenta, squared sums)
+    # at a cut would be indexed by sample positions that hold different samples at every step.
+    # Identical tasks give a positive multiple of the gradient (MoCo's and DB-MTL's buffers
+    # start at 0: "parallel") or an Adam-normalised step (M-ConFIG: nothing holds)
+    Entry("MoCo", lambda m: {"aggregator": A.MoCo()}, at=P, identical="parallel"),
     Entry(
         "MoCo-projection",
         lambda m: {"aggregator": A.MoCo(simplex="projection", normalize="none", rho=0.1)},
+        at=P,
         identical="parallel",
     ),
     # eps = 0 (ExcessMTL, DB-MTL, M-ConFIG): exactly homogeneous; the defaults' absolute eps
     # breaks the degree (their default configurations are checked in their own test files)
-    Entry("ExcessMTL", lambda m: {"aggregator": A.ExcessMTL(robust_step_size=0.5, eps=0.0)}),
-    Entry("DBMTL", lambda m: {"aggregator": A.DBMTL(eps=0.0)}, identical="parallel"),
-    Entry("ConFIG", lambda m: {"aggregator": A.ConFIG()}),
-    Entry("MConFIG", lambda m: {"aggregator": A.MConFIG(eps=0.0)}, identical=None),
+    Entry("ExcessMTL", lambda m: {"aggregator": A.ExcessMTL(robust_step_size=0.5, eps=0.0)}, at=P),
+    Entry("DBMTL", lambda m: {"aggregator": A.DBMTL(eps=0.0)}, at=P, identical="parallel"),
+    Entry("ConFIG", lambda m: {"aggregator": A.ConFIG()}, at=P),
+    Entry("MConFIG", lambda m: {"aggregator": A.MConFIG(eps=0.0)}, at=P, identical=None),
     Entry(
         "MConFIG-cyclic",
         lambda m: {"aggregator": A.MConFIG(schedule="cyclic", eps=0.0)},
+        at=P,
         identical=None,
         permutation=False,
     ),

@@ -15,10 +15,10 @@ lost. Where ``w`` is orthogonal to the gradients' span (``g_2 = −g_1``) the ex
 and so is ``d``; the references normalise the rounding residue of ``x`` instead and return an
 arbitrary direction there (here ``x`` below ``max(m, n)·eps·‖U⁺‖‖w‖`` counts as 0).
 
-Numerics: ``U`` and its pseudo-inverse are computed in float64 (``torch.linalg.pinv``, singular
-values below ``rtol · σ_max`` dropped; ``rtol=None``: ``max(m, n) · eps(float64)``, the
-``torch``/TorchJD default). Pitfall of the references: TorchJD (``pinv``) and the official
-``conflictfree`` (``lstsq``, ``rcond = max(m, n)·eps``) work in the gradients' dtype; in
+Numerics: ``U`` and its pseudo-inverse are computed in float64 (one thin SVD, singular values
+below ``rtol · σ_max`` dropped; ``rtol=None``: ``max(m, n) · eps(float64)``, the
+``torch.linalg.pinv``/TorchJD default). Pitfall of the references: TorchJD (``pinv``) and the
+official ``conflictfree`` (``lstsq``, ``rcond = max(m, n)·eps``) work in the gradients' dtype; in
 float32 with ``n ~ 10⁶`` parameters that cutoff is ``≈ 0.12 σ_max``, so the direction of two
 gradients with cosine above ~0.97 is silently truncated to the rank-1 answer. For ``m = 2`` the
 official operator uses a closed form (``ConFIG_update_double``) that gives the same direction.
@@ -26,8 +26,9 @@ official operator uses a closed form (``ConFIG_update_double``) that gives the s
 Scale: ``d`` is already on the sum scale (identical gradients give ``Σ_t g_t``), as TorchJD's
 ``ConFIG`` (``reduction="sum"``, default); ``"mean"`` divides by ``m``. Homogeneity 1.
 
-It needs the Jacobian (``U`` is row-normalised ``J``). Host sync: the SVD in
-``torch.linalg.pinv`` checks its convergence on the host on CUDA.
+It needs the Jacobian (``U`` is row-normalised ``J``); under DDP only at the shared parameters
+(a cut point's Jacobian is not gathered). Host sync: the SVD
+(``torch.linalg.svd``) checks its convergence on the host on CUDA.
 
 Example:
     >>> import torch
@@ -69,11 +70,17 @@ def config_direction(
         raise ValueError(f"ConFIG: pref has {w.shape[0]} entries for {m} tasks")
     norms = g.norm(dim=1, keepdim=True)
     units = torch.where(norms > 0, g / torch.where(norms > 0, norms, 1.0), 0.0)
-    pinv = torch.linalg.pinv(units, rtol=rtol)
-    x = pinv @ w
+    # x = U⁺w from one thin SVD, U = P diag(σ) Qᵀ: singular values ≤ rtol·σ_max are dropped,
+    # as torch.linalg.pinv does (rtol = max(m, n)·eps by default)
+    eps = torch.finfo(g.dtype).eps
+    p, sv, qt = torch.linalg.svd(units, full_matrices=False)
+    cut = (max(g.shape) * eps if rtol is None else rtol) * sv.max()
+    keep = sv > cut
+    inv = torch.where(keep, 1.0 / torch.where(keep, sv, 1.0), 0.0)
+    x = qt.T @ (inv * (p.T @ w))
     # x = 0 exactly when w ⊥ range(U) (gradients that cancel, g_2 = −g_1): what is left is
     # rounding, whose direction is arbitrary; below max(m, n)·eps·‖U⁺‖·‖w‖ it is taken as 0
-    floor = max(g.shape) * torch.finfo(g.dtype).eps * torch.linalg.matrix_norm(pinv, 2) * w.norm()
+    floor = max(g.shape) * eps * inv.max() * w.norm()
     nx = torch.where(x.norm() > floor, x.norm(), 0.0)
     u = torch.where(nx > 0, x / torch.where(nx > 0, nx, 1.0), 0.0)
     return (g @ u).sum() * u

@@ -19,7 +19,10 @@ correction: the first update is ``(1 − β) = 10 %`` of the gradients' scale, a
 give ``m(1 − β_1)·g`` at the first step, not the sum.
 
 State (in ``state_dict``): the EMA buffer ``ĝ`` (memory as large as the Jacobian) and the step
-counter. Under the Balancer ``n`` must not change between steps (at a cut point: the batch size).
+counter. ``n`` must not change between steps. Use it at the shared parameters
+(``at="params"``): at a cut point the entries of ``ĝ`` would be (sample, feature) positions
+that hold different samples at every step (LibMTL refuses DB-MTL with ``rep_grad``), and under
+DDP a cut point's Jacobian is not gathered.
 
 Scale: the paper's sum over tasks (``reduction="sum"``, default); ``"mean"`` divides by ``m``.
 Homogeneity: degree 1 with ``eps = 0`` (a zero buffer row is guarded: it contributes 0); with

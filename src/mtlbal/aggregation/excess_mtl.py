@@ -19,7 +19,10 @@ by ``m``, TorchJD's simplex scale). The multiplicative update is done in log spa
 overflow of ``exp`` for large ``η e/b``.
 
 State (in ``state_dict``): ``S`` (memory as large as the Jacobian), the baseline ``b`` and
-``log w``. Under the Balancer ``n`` must not change between steps.
+``log w``. ``n`` must not change between steps. Use it at the shared parameters
+(``at="params"``): at a cut point the entries of ``S`` would be (sample, feature) positions
+that hold different samples at every step (the official code's ``rep_grad`` mode sums over the
+batch first; not provided), and under DDP a cut point's Jacobian is not gathered.
 
 Defaults: ``η`` (``robust_step_size``) = 1e-2 as LibMTL's and the official repository's
 command-line default (its README example uses 1; TorchJD's default is 1.0); ``ε = 1e-7`` as the

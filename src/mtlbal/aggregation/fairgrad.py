@@ -58,6 +58,7 @@ import warnings
 from typing import Literal
 
 import numpy as np
+import scipy.linalg
 import torch
 from torch import Tensor
 
@@ -97,9 +98,9 @@ def _newton(a: np.ndarray, p: float, tol: float, max_iter: int) -> tuple[np.ndar
         xp = np.power(x, -p)
         grad = a @ x - xp
         hess = a + np.diag(p * xp / x)
-        try:
-            step = -np.linalg.solve(hess, grad)
-        except np.linalg.LinAlgError:
+        try:  # the Hessian is positive definite: a Cholesky solve
+            step = -scipy.linalg.cho_solve(scipy.linalg.cho_factor(hess, check_finite=False), grad)
+        except (np.linalg.LinAlgError, scipy.linalg.LinAlgError):
             return x, np.inf
         t = 1.0
         neg = step < 0

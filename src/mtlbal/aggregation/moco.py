@@ -18,8 +18,10 @@ authors' released code and LibMTL use in practice.
 
 State (in ``state_dict``): the tracking buffer ``y`` (``[m, n]``: memory as large as the
 Jacobian), ``λ`` (``[m]``) and the step counter ``k``. It needs the Jacobian, not only the
-Gramian, and under the Balancer ``n`` must stay the same from step to step (at a cut point:
-the same batch size).
+Gramian, and ``n`` must stay the same from step to step. Use it at the shared parameters
+(``at="params"``): at a cut point the entries of ``y`` would be (sample, feature) positions
+that hold different samples at every step (LibMTL refuses MoCo with ``rep_grad``), and under
+DDP a cut point's Jacobian is not gathered.
 
 Defaults are LibMTL's (``β = 0.5, σ_β = 0.5, γ = 0.1, σ_γ = 0.5, ρ = 0``, loss normalisation,
 ``ε = 1e-8``). The authors' scripts use ``β = 0.99`` / ``0.05``, ``γ = 0.1``, ``σ = 0``, the

@@ -23,7 +23,10 @@ formed anyway, so the default ``schedule="all"`` updates every moment each step;
 saves nothing here, and is not permutation-equivariant.
 
 State (in ``state_dict``): the moments ``m`` (``[m, n]``, as large as the Jacobian), the counts
-``t_i`` and ``t``, ``f_prev`` and ``s`` (``[n]`` each). Under the Balancer ``n`` must not change.
+``t_i`` and ``t``, ``f_prev`` and ``s`` (``[n]`` each). ``n`` must not change. Use it at the
+shared parameters (``at="params"``): at a cut point the moments would be indexed by sample
+positions that hold different samples at every step, and under DDP a cut point's Jacobian is
+not gathered.
 
 Defaults: the official ``β₁ = 0.9``, ``β₂ = 0.999``, ``ε = 1e-8``. The output is already
 normalised per coordinate like an Adam step (entries of size ~1): the official documentation

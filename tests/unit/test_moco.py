@@ -139,7 +139,7 @@ def test_state_and_errors() -> None:
         agg(jacobian("full", 3, n=10, seed=3), losses=torch.ones(3, dtype=F64))
     agg.reset()
     assert agg.y is None and int(agg.steps) == 0
-    assert not MoCo.host_sync and MoCo.homogeneity is None and MoCo.scale_dependent
+    assert not MoCo.host_sync and MoCo.homogeneity is None
 
 
 @pytest.mark.parametrize("simplex", ["softmax", "projection"])

@@ -31,9 +31,9 @@ LibMTL (and this class) use the step count ``k``.
 Scale: ``λ`` is on the simplex, so ``d`` is on the mean scale; ``reduction="sum"`` (default)
 multiplies it by ``m``, as the authors' code does ("to match the sum loss"); ``"mean"`` is
 LibMTL's scale. MoCo has no degree of homogeneity: the ``λ`` step ``γ Y Yᵀ λ`` is quadratic in
-the gradients' scale, so scaling the losses changes the weights (``homogeneity = None``,
-``scale_dependent = True``). Identical tasks give a positive multiple of their gradient, not
-the sum (``y`` starts at 0 and, with the loss normalisation, ``ĝ = L·g/‖g‖``).
+the gradients' scale, so scaling the losses changes the weights (``homogeneity = None``).
+Identical tasks give a positive multiple of their gradient, not the sum (``y`` starts at 0
+and, with the loss normalisation, ``ĝ = L·g/‖g‖``).
 
 Host sync: none (the simplex projection is branch-free on the device).
 
@@ -129,8 +129,7 @@ class MoCo(Aggregator):
     """
 
     needs = frozenset({Need.GRAMIAN, Need.LOSSES})
-    homogeneity = None
-    scale_dependent = True  # no degree at all (γ Y Yᵀ λ is quadratic in the scale)
+    homogeneity = None  # no degree at any scale: γ Y Yᵀ λ is quadratic in the gradients' scale
     y: Tensor | None
     lam: Tensor | None
     steps: Tensor

@@ -157,8 +157,9 @@ class FairGrad(GramianAggregator):
     """α-fair weights ``x`` with ``G x = x^{−1/α}``.
 
     Args:
-        alpha: the fairness parameter ``α ≥ 0`` (required, as in TorchJD; the official scripts
-            use 2.0 for CelebA and QM9, the official default is 1.0).
+        alpha: the fairness parameter ``α ≥ 0`` (1.0, the official and LibMTL default, which is
+            Nash-MTL's proportional fairness; TorchJD requires it; the official scripts use 2.0
+            for CelebA and QM9).
         tol: relative residual required of the solution (1e-8).
         max_iter: Newton iterations per solve (100).
         on_failure: ``"raise"`` (default) or ``"warn"`` (warn and use the last iterate).
@@ -170,7 +171,7 @@ class FairGrad(GramianAggregator):
 
     def __init__(
         self,
-        alpha: float,
+        alpha: float = 1.0,
         *,
         tol: float = 1e-8,
         max_iter: int = 100,

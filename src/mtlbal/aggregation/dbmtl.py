@@ -1,5 +1,5 @@
-"""DB-MTL, gradient part — dual balancing (Lin, Ye, Xu, Shi, Zhang & Kwok, "Dual-Balancing for
-Multi-Task Learning", arXiv:2308.12029).
+"""DB-MTL, gradient part — dual balancing (Lin, Jiang, Ye, Zhang, Chen, Chen, Liu, Tsang & Kwok,
+"Dual-Balancing for Multi-Task Learning", Neural Networks, arXiv:2308.12029).
 
 DB-MTL balances twice: the *loss scale*, by training on ``log L_t`` (the log transform
 weighting, see :mod:`mtlbal.weighting`), and the *gradient magnitude*, by rescaling every task's
@@ -8,7 +8,8 @@ weighting, see :mod:`mtlbal.weighting`), and the *gradient magnitude*, by rescal
 balances the gradients of whatever objectives it is given.
 
 At step ``k = 1, 2, …``, with ``ĝ`` (``[m, n]``, state, 0 at the start) the EMA of the task
-gradients (the paper's Algorithm 1; LibMTL's code, by the paper's authors):
+gradients (the paper's maximum-norm normalisation with EMA gradient estimates, as its authors
+implemented it in LibMTL's ``DB_MTL``):
 
     ĝ_t ← β_k ĝ_t + (1 − β_k) g_t,          β_k = β / k^σ
     α_t = max_s ‖ĝ_s‖ / (‖ĝ_t‖ + ε)

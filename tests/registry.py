@@ -130,7 +130,6 @@ REGISTRY: list[Entry] = [
     Entry("NashMTL", lambda m: {"aggregator": A.NashMTL()}, identical="scaled"),
     Entry("UPGrad", lambda m: {"aggregator": A.UPGrad()}),
     Entry("FairGrad", lambda m: {"aggregator": A.FairGrad(alpha=2.0)}, identical="scaled"),
-    Entry("FairGrad-a1", lambda m: {"aggregator": A.FairGrad(alpha=1.0)}, identical="scaled"),
     # Jacobian methods (MoCo, ExcessMTL, DB-MTL, ConFIG, M-ConFIG) run at the parameters: a cut
     # point's Jacobian is not gathered under DDP, and a per-entry state (momenta, squared sums)
     # at a cut would be indexed by sample positions that hold different samples at every step.

@@ -10,6 +10,8 @@ at the shared part. ``"sum"``: exactly the gradient of ``Σ_t L_t``; ``"mean"``:
 (``reduction="mean"``); ``"scaled"``: a positive multiple of it, ``w̄ · ∇Σ_t L_t`` with ``w̄`` the
 mean reported weight (a method on its own scale: Nash-MTL's ``α = 1/(√m‖g‖)``, IGB's ``1/L``,
 CAGrad's ``(1+c)/(1+c²)``, MGDA-l2's ``1/‖g‖``, learned uncertainties ``e^{−s}/2``);
+``"parallel"``: at fixed parameters, a positive multiple of it that no reported weight states
+(Jacobian methods whose momentum buffers start at 0: MoCo, DB-MTL);
 ``None``: nothing of the kind holds (a random weighting draws a different weight per task).
 
 ``permutation``: permuting the tasks permutes the reported weights and leaves the shared update
@@ -48,6 +50,8 @@ class Entry:
     permutation: bool = True
     missing: str = "slice"
 
+
+P = ("params",)
 
 REGISTRY: list[Entry] = [
     Entry("Equal", lambda m: {}),
@@ -159,6 +163,32 @@ REGISTRY: list[Entry] = [
     # Gramian's last bits) to ~1e-9 in 20 steps; the battery's 1e-10 comparisons need a
     # well-conditioned configuration
     Entry("SDMGrad", lambda m: {"aggregator": A.SDMGrad(lr=1.0, eps=0.0)}, missing="refuse"),
+    Entry("FairGrad", lambda m: {"aggregator": A.FairGrad(alpha=2.0)}, identical="scaled"),
+    # Jacobian methods (MoCo, ExcessMTL, DB-MTL, ConFIG, M-ConFIG) run at the parameters: a cut
+    # point's Jacobian is not gathered under DDP, and a per-entry state (momenta, squared sums)
+    # at a cut would be indexed by sample positions that hold different samples at every step.
+    # Identical tasks give a positive multiple of the gradient (MoCo's and DB-MTL's buffers
+    # start at 0: "parallel") or an Adam-normalised step (M-ConFIG: nothing holds)
+    Entry("MoCo", lambda m: {"aggregator": A.MoCo()}, at=P, identical="parallel"),
+    Entry(
+        "MoCo-projection",
+        lambda m: {"aggregator": A.MoCo(simplex="projection", normalize="none", rho=0.1)},
+        at=P,
+        identical="parallel",
+    ),
+    # eps = 0 (ExcessMTL, DB-MTL, M-ConFIG): exactly homogeneous; the defaults' absolute eps
+    # breaks the degree (their default configurations are checked in their own test files)
+    Entry("ExcessMTL", lambda m: {"aggregator": A.ExcessMTL(robust_step_size=0.5, eps=0.0)}, at=P),
+    Entry("DBMTL", lambda m: {"aggregator": A.DBMTL(eps=0.0)}, at=P, identical="parallel"),
+    Entry("ConFIG", lambda m: {"aggregator": A.ConFIG()}, at=P),
+    Entry("MConFIG", lambda m: {"aggregator": A.MConFIG(eps=0.0)}, at=P, identical=None),
+    Entry(
+        "MConFIG-cyclic",
+        lambda m: {"aggregator": A.MConFIG(schedule="cyclic", eps=0.0)},
+        at=P,
+        identical=None,
+        permutation=False,
+    ),
     # sparse training: half of each trunk neuron's inputs frozen (selected when the Balancer is
     # built, on the trunk's initial weights). The shared gradient is the masked one, so
     # "equal weights == sum(losses).backward()" holds only on the live entries; frozen entries

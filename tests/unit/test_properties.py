@@ -172,6 +172,12 @@ class _IdenticalCheck:
             factor = 1.0
         elif self.entry.identical == "mean":
             factor = 1.0 / M
+        elif self.entry.identical == "parallel":
+            # a positive multiple of the sum that no reported weight states (a Jacobian method
+            # with momenta): the least-squares factor, then the same closeness check
+            num = sum(float((g * r).sum()) for g, r in zip(got, self.ref))
+            factor = num / sum(float((r * r).sum()) for r in self.ref)
+            assert factor > 0, f"update against the sum: factor {factor}"
         else:  # "scaled": a positive multiple of the sum, the common weight
             factor = float(w.mean())
             assert factor > 0, f"weights {w.tolist()}"
@@ -190,16 +196,21 @@ IDENTICAL = [(e, at) for e, at in CASES if e.identical is not None]
 @pytest.mark.parametrize(("entry", "at"), IDENTICAL, ids=[f"{e.name}@{at}" for e, at in IDENTICAL])
 def test_identical_tasks_give_the_sum(entry: Entry, at: str) -> None:
     tasks = Tasks(M, identical=True)
-    _run(entry, tasks, at, check=_IdenticalCheck(entry))
+    # "parallel" methods average past gradients: parallel to the current one at fixed parameters
+    _run(entry, tasks, at, check=_IdenticalCheck(entry), move=entry.identical != "parallel")
 
 
 def test_identical_declarations_are_explained() -> None:
-    # a strategy that declares nothing must be one that draws per-task randomness
+    # a strategy that declares nothing must be one that draws per-task randomness, or
+    # M-ConFIG, whose Adam-style normalisation divides each coordinate by its own scale
     for e in REGISTRY:
-        assert e.identical in ("sum", "mean", "scaled", None), e.name
+        assert e.identical in ("sum", "mean", "scaled", "parallel", None), e.name
         if e.identical is None:
-            # per-task randomness, or a method that is not symmetric in the tasks (PCD's primary)
-            assert "RLW" in e.name or "IGBv2" in e.name or e.name == "PCD", e.name
+            # per-task randomness, or a method that is not symmetric in the tasks (PCD's primary,
+            # M-ConFIG's cyclic schedule)
+            assert "RLW" in e.name or "IGBv2" in e.name or e.name == "PCD" or "MConFIG" in e.name, (
+                e.name
+            )
 
 
 @pytest.mark.parametrize(
@@ -292,8 +303,9 @@ def _aggregator_instances() -> list[A.Aggregator]:
 
 AGGS = _aggregator_instances()
 # methods with no degree of homogeneity at any scale (not an epsilon): MoDo's step size γ acts on
-# λ in absolute units (scaling the gradients by c is γ → γc², see test_modo.py)
-NO_DEGREE = {"MoDo"}
+# λ in absolute units (scaling the gradients by c is γ → γc², see test_modo.py); MoCo's λ step
+# γ·Y Yᵀλ is quadratic in the gradients' scale
+NO_DEGREE = {"MoDo", "MoCo"}
 
 
 def test_every_aggregator_class_declares_homogeneity() -> None:
@@ -317,6 +329,7 @@ def test_positive_scaling(agg: A.Aggregator, c: float) -> None:
     d1, d2 = a1(jac, losses=losses), a2(c * jac, losses=c * losses)
     if type(agg).__name__ in NO_DEGREE:
         # no degree at any scale: the update depends on the gradients' scale by design
+        assert agg.homogeneity is None
         with pytest.raises(AssertionError):
             _close(d2, c * d1, 1e-6, "degree 1")
         return
@@ -524,6 +537,36 @@ NON_DEFAULT: dict[str, dict[str, Any]] = {
         "reference": [0.0, 0.1, 0.0],
         "num_tasks": 3,
     },
+    "FairGrad": {
+        "alpha": 2.0,
+        "tol": 1e-9,
+        "max_iter": 50,
+        "on_failure": "warn",
+        "reduction": "mean",
+    },
+    "MoCo": {
+        "beta": 0.9,
+        "beta_sigma": 0.0,
+        "gamma": 0.2,
+        "gamma_sigma": 0.0,
+        "rho": 0.1,
+        "normalize": "none",
+        "simplex": "projection",
+        "eps": 0.0,
+        "reduction": "mean",
+    },
+    "ExcessMTL": {"robust_step_size": 1.0, "eps": 0.0, "reduction": "mean"},
+    "DBMTL": {"beta": 0.5, "beta_sigma": 0.5, "eps": 0.0, "reduction": "mean"},
+    "ConFIG": {"pref": [1.0, 2.0, 0.5], "rtol": 1e-10, "reduction": "mean"},
+    "MConFIG": {
+        "beta1": 0.8,
+        "beta2": 0.99,
+        "eps": 0.0,
+        "schedule": "cyclic",
+        "pref": [1.0, 2.0, 0.5],
+        "rtol": 1e-10,
+        "reduction": "mean",
+    },
     # score="grad" needs grads=/closure= (not configuration data): not rebuilt by eval(repr)
     "SparseMask": {
         "ratio": 0.25,
@@ -669,6 +712,9 @@ def test_degenerate_jacobians_permute(agg: A.GramianAggregator, kind: str) -> No
         pytest.skip("MGDA's reference solver reproduces the reference code's pair choice")
     if isinstance(agg, A.PCD):
         pytest.skip("PCD is not symmetric in the tasks: task 0 is the primary")
+    if not isinstance(agg, A.GramianAggregator):  # a Jacobian method: the update only
+        _close(a2(jac[PERM], losses=losses[PERM]), a1(jac, losses=losses), 1e-9, "update")
+        return
     w1 = a1.weights(jac @ jac.T, losses=losses)
     w2 = a2.weights(jac[PERM] @ jac[PERM].T, losses=losses[PERM])
     _close(w2, w1[PERM], 1e-9, "weights")

@@ -4,11 +4,17 @@ from mtlbal.aggregation._samples import stack_samples
 from mtlbal.aggregation.aligned_mtl import AlignedMTL
 from mtlbal.aggregation.base import Aggregator, GramianAggregator, check_gramian, check_jacobian
 from mtlbal.aggregation.cagrad import CAGrad
+from mtlbal.aggregation.conflict_free import ConFIG
+from mtlbal.aggregation.dbmtl import DBMTL
 from mtlbal.aggregation.dualproj import DualProj
+from mtlbal.aggregation.excess_mtl import ExcessMTL
+from mtlbal.aggregation.fairgrad import FairGrad, FairGradSolverWarning
 from mtlbal.aggregation.gradvac import GradVac
 from mtlbal.aggregation.imtl import IMTLG
 from mtlbal.aggregation.mgda import MGDA, MGDASolverWarning
+from mtlbal.aggregation.moco import MoCo
 from mtlbal.aggregation.modo import MoDo
+from mtlbal.aggregation.momentum_config import MConFIG
 from mtlbal.aggregation.nash_mtl import NashMTL
 from mtlbal.aggregation.pcd import PCD, PCDInfeasibleWarning
 from mtlbal.aggregation.pcgrad import PCGrad
@@ -16,16 +22,23 @@ from mtlbal.aggregation.sdmgrad import SDMGrad
 from mtlbal.aggregation.upgrad import UPGrad
 
 __all__ = [
+    "DBMTL",
     "IMTLG",
     "MGDA",
     "PCD",
     "Aggregator",
     "AlignedMTL",
     "CAGrad",
+    "ConFIG",
     "DualProj",
+    "ExcessMTL",
+    "FairGrad",
+    "FairGradSolverWarning",
     "GradVac",
     "GramianAggregator",
+    "MConFIG",
     "MGDASolverWarning",
+    "MoCo",
     "MoDo",
     "NashMTL",
     "PCDInfeasibleWarning",

@@ -93,7 +93,7 @@ class Aggregator(Stateful):
     requires: Literal["gramian", "jacobian"] = "jacobian"
     host_sync: bool = False
     needs: frozenset[Need] = frozenset({Need.GRAMIAN})
-    homogeneity: int | None = None
+    homogeneity: float | None = None
 
     def __init__(self, reduction: Reduction = "sum") -> None:
         super().__init__()

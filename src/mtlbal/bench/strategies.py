@@ -144,6 +144,9 @@ STRATEGIES: dict[str, Callable[[], Factory | None]] = {
     # the reference keeps the previous α when no solution exists (anti-parallel or zero task
     # gradients, e.g. on a Pareto front); the bench does the same, warned and counted
     "NashMTL": _dynamic("NashMTL", role="aggregator", on_failure="warn"),
+    # a published leader (Cityscapes, CelebA); α = 2 as the official CelebA/QM9 scripts. No
+    # solution exists at a Pareto-stationary point: warned (the last Newton iterate is used)
+    "FairGrad": _dynamic("FairGrad", role="aggregator", alpha=2.0, on_failure="warn"),
     "FAMO": _dynamic("FAMO", role="weighting"),
     "DWA": _dynamic("DWA", role="weighting"),
     "RLW": _dynamic("RLW", role="weighting"),
@@ -171,6 +174,7 @@ DESCRIPTIONS: dict[str, str] = {
     "IMTLG": "`aggregation.IMTLG()` at the shared parameters",
     "UPGrad": "`aggregation.UPGrad()` at the shared parameters",
     "NashMTL": '`aggregation.NashMTL(on_failure="warn")` at the shared parameters',
+    "FairGrad": '`aggregation.FairGrad(alpha=2.0, on_failure="warn")` at the shared parameters',
     "FAMO": "`weighting.FAMO()`",
     "DWA": "`weighting.DWA()` (epoch-level loss ratios)",
     "RLW": "`weighting.RLW()` (random loss weights)",

@@ -2,11 +2,17 @@
 
 from mtlbal.aggregation.aligned_mtl import aligned_mtl_balance, aligned_mtl_weights
 from mtlbal.aggregation.cagrad import cagrad_weights
+from mtlbal.aggregation.conflict_free import config_direction
+from mtlbal.aggregation.dbmtl import dbmtl_step
 from mtlbal.aggregation.dualproj import dualproj_weights
+from mtlbal.aggregation.excess_mtl import excess_mtl_step
+from mtlbal.aggregation.fairgrad import fairgrad_weights
 from mtlbal.aggregation.gradvac import gradvac_weights
 from mtlbal.aggregation.imtl import imtlg_weights
 from mtlbal.aggregation.mgda import mgda_weights, min_norm_2
+from mtlbal.aggregation.moco import moco_step, project_simplex
 from mtlbal.aggregation.modo import modo_step
+from mtlbal.aggregation.momentum_config import mconfig_step
 from mtlbal.aggregation.nash_mtl import nash_mtl_weights
 from mtlbal.aggregation.pcd import pcd_qp, pcd_weights
 from mtlbal.aggregation.pcgrad import pcgrad_weights
@@ -31,9 +37,13 @@ __all__ = [
     "branch_norms",
     "cagrad_weights",
     "calibrate_branch_grads",
+    "config_direction",
     "cosmos_weights",
+    "dbmtl_step",
     "dualproj_weights",
     "dwa_weights",
+    "excess_mtl_step",
+    "fairgrad_weights",
     "famo_logit_grad",
     "famo_objectives",
     "global_mask",
@@ -47,14 +57,17 @@ __all__ = [
     "kmeans_1d",
     "ldc_mtl_grad",
     "ldc_mtl_loss",
+    "mconfig_step",
     "mgda_weights",
     "min_norm_2",
+    "moco_step",
     "modo_step",
     "nash_mtl_weights",
     "pbi_weights",
     "pcd_qp",
     "pcd_weights",
     "pcgrad_weights",
+    "project_simplex",
     "psn_mask",
     "rlw_weights",
     "sdmgrad_step",

@@ -169,25 +169,44 @@ REGISTRY: list[Entry] = [
     # at a cut would be indexed by sample positions that hold different samples at every step.
     # Identical tasks give a positive multiple of the gradient (MoCo's and DB-MTL's buffers
     # start at 0: "parallel") or an Adam-normalised step (M-ConFIG: nothing holds)
-    Entry("MoCo", lambda m: {"aggregator": A.MoCo()}, at=P, identical="parallel"),
+    Entry("MoCo", lambda m: {"aggregator": A.MoCo()}, at=P, identical="parallel", missing="refuse"),
     Entry(
         "MoCo-projection",
         lambda m: {"aggregator": A.MoCo(simplex="projection", normalize="none", rho=0.1)},
         at=P,
         identical="parallel",
+        missing="refuse",
     ),
     # eps = 0 (ExcessMTL, DB-MTL, M-ConFIG): exactly homogeneous; the defaults' absolute eps
     # breaks the degree (their default configurations are checked in their own test files)
-    Entry("ExcessMTL", lambda m: {"aggregator": A.ExcessMTL(robust_step_size=0.5, eps=0.0)}, at=P),
-    Entry("DBMTL", lambda m: {"aggregator": A.DBMTL(eps=0.0)}, at=P, identical="parallel"),
+    Entry(
+        "ExcessMTL",
+        lambda m: {"aggregator": A.ExcessMTL(robust_step_size=0.5, eps=0.0)},
+        at=P,
+        missing="refuse",
+    ),
+    Entry(
+        "DBMTL",
+        lambda m: {"aggregator": A.DBMTL(eps=0.0)},
+        at=P,
+        identical="parallel",
+        missing="refuse",
+    ),
     Entry("ConFIG", lambda m: {"aggregator": A.ConFIG()}, at=P),
-    Entry("MConFIG", lambda m: {"aggregator": A.MConFIG(eps=0.0)}, at=P, identical=None),
+    Entry(
+        "MConFIG",
+        lambda m: {"aggregator": A.MConFIG(eps=0.0)},
+        at=P,
+        identical=None,
+        missing="refuse",
+    ),
     Entry(
         "MConFIG-cyclic",
         lambda m: {"aggregator": A.MConFIG(schedule="cyclic", eps=0.0)},
         at=P,
         identical=None,
         permutation=False,
+        missing="refuse",
     ),
     # sparse training: half of each trunk neuron's inputs frozen (selected when the Balancer is
     # built, on the trunk's initial weights). The shared gradient is the masked one, so

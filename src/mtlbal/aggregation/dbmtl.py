@@ -84,6 +84,12 @@ class DBMTL(Aggregator):
     buffer: Tensor | None
     steps: Tensor
 
+    supports_missing_tasks = False
+    missing_tasks_note = (
+        "its gradient EMA and the max-norm scale are taken over every task each step (not "
+        "implemented for a step without some tasks)"
+    )
+
     def __init__(
         self,
         *,

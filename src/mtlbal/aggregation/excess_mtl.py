@@ -104,6 +104,12 @@ class ExcessMTL(Aggregator):
     baseline: Tensor | None
     log_w: Tensor | None
 
+    supports_missing_tasks = False
+    missing_tasks_note = (
+        "its robust weights are a normalised exponential over every task's excess risk "
+        "(not implemented for a step without some tasks)"
+    )
+
     def __init__(
         self, *, robust_step_size: float = 1e-2, eps: float = 1e-7, reduction: Reduction = "sum"
     ) -> None:

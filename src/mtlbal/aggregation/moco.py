@@ -134,6 +134,12 @@ class MoCo(Aggregator):
     lam: Tensor | None
     steps: Tensor
 
+    supports_missing_tasks = False
+    missing_tasks_note = (
+        "its λ lives on the simplex of every task and its tracking buffer y is updated for every "
+        "task each step (not implemented for a step without some tasks)"
+    )
+
     def __init__(
         self,
         *,

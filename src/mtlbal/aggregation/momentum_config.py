@@ -133,6 +133,12 @@ class MConFIG(Aggregator):
     s: Tensor | None
     calls: Tensor
 
+    supports_missing_tasks = False
+    missing_tasks_note = (
+        "its per-task momenta and update schedule cover every task (not implemented for a step "
+        "without some tasks)"
+    )
+
     def __init__(
         self,
         *,

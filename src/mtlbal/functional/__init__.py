@@ -13,10 +13,15 @@ from mtlbal.transforms.branch_calibration import branch_norms, calibrate_branch_
 from mtlbal.transforms.sparse_mask import global_mask, psn_mask
 from mtlbal.weighting.dwa import dwa_weights
 from mtlbal.weighting.famo import famo_logit_grad, famo_objectives
+from mtlbal.weighting.geometric_mean import geometric_mean_weights
 from mtlbal.weighting.gradnorm import gradnorm_loss
 from mtlbal.weighting.igb import igb_reward, igb_v1_weights
+from mtlbal.weighting.imtl_l import imtl_l_objectives
 from mtlbal.weighting.rlw import rlw_weights
+from mtlbal.weighting.scale_invariant import scale_invariant_objectives
+from mtlbal.weighting.stch import stch_scalarization, stch_weights
 from mtlbal.weighting.uncertainty import uncertainty_objectives
+from mtlbal.weighting.uw_so import uw_so_weights
 
 __all__ = [
     "aligned_mtl_balance",
@@ -28,11 +33,13 @@ __all__ = [
     "dwa_weights",
     "famo_logit_grad",
     "famo_objectives",
+    "geometric_mean_weights",
     "global_mask",
     "gradnorm_loss",
     "gradvac_weights",
     "igb_reward",
     "igb_v1_weights",
+    "imtl_l_objectives",
     "imtlg_weights",
     "mgda_weights",
     "min_norm_2",
@@ -40,6 +47,10 @@ __all__ = [
     "pcgrad_weights",
     "psn_mask",
     "rlw_weights",
+    "scale_invariant_objectives",
+    "stch_scalarization",
+    "stch_weights",
     "uncertainty_objectives",
     "upgrad_weights",
+    "uw_so_weights",
 ]

@@ -3,20 +3,30 @@
 from mtlbal.weighting.base import Equal, LossContext, LossWeighting, WeightedLosses
 from mtlbal.weighting.dwa import DWA
 from mtlbal.weighting.famo import FAMO
+from mtlbal.weighting.geometric_mean import GeometricMean
 from mtlbal.weighting.gradnorm import GradNorm
 from mtlbal.weighting.igb import IGB
+from mtlbal.weighting.imtl_l import IMTLL
 from mtlbal.weighting.rlw import RLW
+from mtlbal.weighting.scale_invariant import ScaleInvariant
+from mtlbal.weighting.stch import STCH
 from mtlbal.weighting.uncertainty import UncertaintyWeighting
+from mtlbal.weighting.uw_so import UWSO
 
 __all__ = [
     "DWA",
     "FAMO",
     "IGB",
+    "IMTLL",
     "RLW",
+    "STCH",
+    "UWSO",
     "Equal",
+    "GeometricMean",
     "GradNorm",
     "LossContext",
     "LossWeighting",
+    "ScaleInvariant",
     "UncertaintyWeighting",
     "WeightedLosses",
 ]

@@ -17,10 +17,14 @@ Scale: the paper's weights sum to 1 (``reduction="mean"``); ``reduction="sum"`` 
 library's convention) multiplies them by ``m``, so that equal losses give ``w = 1`` and the
 gradient of ``Σ_t L_t``.
 
-``ε = 1e-8`` (``eps``) as the authors' code (``1 / (losses + 1e-8)``). Domain: ``L_t + ε > 0``,
-and ``1/((L_t + ε)·T)`` must be finite in the dtype (with ``eps=0`` a tiny float32 loss
-overflows it); otherwise the step is refused naming the task (folded into the Balancer's one host
-sync).
+``ε = 1e-8`` (``eps``) as the authors' code (``1 / (losses + 1e-8)``). Domain: ``L_t + ε > 0``;
+otherwise the step is refused naming the task (folded into the Balancer's one host sync).
+
+Numerics: the logits ``1/((L_t + ε)T)`` are large for small losses (``1e8/T`` at ``L → 0``), and
+the direct formula (the authors') loses ``|logit|·2⁻⁵²`` to rounding in each, hence up to
+``~1e-7`` relative in the weights of float64 losses near ``1e-8``; here the shifted logits are
+formed as ``(L_min − L_t)/((L_t + ε)(L_min + ε)T)``, accurate to a few ulps, and no inverse
+overflows even with ``eps=0`` (see :func:`uw_so_weights`).
 
 Shapes: ``L`` ``[m]`` → weights ``[m]``. Stateless; no host sync.
 
@@ -43,9 +47,20 @@ __all__ = ["UWSO", "uw_so_weights"]
 
 
 def uw_so_weights(losses: Tensor, temperature: float = 1.0, eps: float = 1e-8) -> Tensor:
-    """``softmax(1 / ((L + ε)·T))`` (``[m]``, summing to 1) of the detached ``losses``."""
-    inv = 1.0 / (losses.detach() + eps)
-    return torch.softmax(inv / temperature, dim=0)
+    """``softmax(1 / ((L + ε)·T))`` (``[m]``, summing to 1) of the detached ``losses``.
+
+    The logits are shifted by the largest one before the softmax (which does not change it),
+    and the shifted logits are formed without the inverses themselves:
+
+        1/((L_t + ε)T) − 1/((L_min + ε)T) = (L_min − L_t) / ((L_t + ε)(L_min + ε)T),
+
+    so that ``ε`` cancels exactly and nothing overflows: the weights are accurate to a few ulps
+    even for tiny losses, where the direct formula loses ``|1/(L·T)|·2⁻⁵²`` in every logit."""
+    raw = losses.detach()
+    lo = raw.min()
+    shifted = (lo - raw) / ((raw + eps) * (lo + eps) * temperature)
+    shifted = torch.where(raw == lo, torch.zeros_like(shifted), shifted)
+    return torch.softmax(shifted, dim=0)
 
 
 class UWSO(LossWeighting):
@@ -98,11 +113,10 @@ class UWSO(LossWeighting):
 
     def objectives(self, losses: Tensor, ctx: LossContext) -> WeightedLosses:
         w = self._weights(losses)
-        raw = losses.detach()
-        ok = (raw + self.eps > 0) & torch.isfinite(1.0 / ((raw + self.eps) * self.temperature))
+        ok = losses.detach() + self.eps > 0
         what = (
             f"UWSO weights by softmax(1/((L + eps)·T)) (eps={self.eps}, T={self.temperature}) "
-            "and needs L + eps > 0 with a finite inverse; pass eps=... or use a positive loss"
+            "and needs L + eps > 0; pass eps=... or use a positive loss"
         )
         return WeightedLosses(w * losses, w, domain=(ok, what))
 

@@ -84,7 +84,9 @@ def test_kernel_and_equal_losses() -> None:
     torch.testing.assert_close(w, torch.tensor([1.0, 0.25], dtype=F64))
     # equal losses: w = 1 under the sum convention, whatever their value
     for v in (1e-30, 1.0, 1e30):
-        torch.testing.assert_close(GeometricMean()(torch.full((5,), v, dtype=F64)), torch.ones(5, dtype=F64))
+        torch.testing.assert_close(
+            GeometricMean()(torch.full((5,), v, dtype=F64)), torch.ones(5, dtype=F64)
+        )
 
 
 @pytest.mark.parametrize("bad", [0.0, -1.0])

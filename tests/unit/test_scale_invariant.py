@@ -32,7 +32,9 @@ from ._loss_level_helpers import (
 )
 
 
-def reference(losses: torch.Tensor, eps: float, c: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+def reference(
+    losses: torch.Tensor, eps: float, c: list[float]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(c_t·ln(L_t + ε), c_t/(L_t + ε)) in 60-digit decimals."""
     ls = [D(v) + D(eps) for v in losses.tolist()]
     return (

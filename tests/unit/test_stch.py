@@ -13,7 +13,7 @@ from torchjd.scalarization import STCH as TorchJDSTCH
 
 import mtlbal
 from mtlbal.functional import stch_scalarization, stch_weights
-from mtlbal.weighting import STCH, LossContext
+from mtlbal.weighting import STCH
 
 from ._loss_level_helpers import (
     F64,
@@ -32,7 +32,13 @@ MUS = (0.01, 0.1, 1.0)
 
 
 def reference(
-    L: torch.Tensor, z: torch.Tensor, lam: torch.Tensor, mu: float, transform: str, eps: float, k: float
+    L: torch.Tensor,
+    z: torch.Tensor,
+    lam: torch.Tensor,
+    mu: float,
+    transform: str,
+    eps: float,
+    k: float,
 ) -> torch.Tensor:
     """∂/∂L_t of k·μ·log Σ_s exp(λ_s (f_s − f(z_s)) / μ) = k·λ_t·p_t·f'(L_t), with
     p = softmax(λ(f − f(z))/μ), f = log(L/z + ε) (z* = 0) or L − z; 60-digit decimals (the
@@ -124,7 +130,9 @@ def test_parity_with_torchjd(kind: str, m: int) -> None:
                 theirs = TorchJDSTCH(mu, weights=weights, reference=z)(x)
                 (gt,) = torch.autograd.grad(theirs, x)
                 pref = [1.0 / m] * m if weights is None else weights.tolist()
-                ours = STCH(mu=mu, pref=pref, reference=z.tolist(), transform="none", reduction="mean")
+                ours = STCH(
+                    mu=mu, pref=pref, reference=z.tolist(), transform="none", reduction="mean"
+                )
                 go, _ = grad_wrt_losses(ours, L)
                 lam_ = torch.tensor(pref, dtype=F64)
                 tol = exponent_tol(lam_ * (L - z) / mu)  # both round λ(L − z)/μ

@@ -92,7 +92,9 @@ def test_temperature_limits_and_equal_losses() -> None:
 
 def test_kernel_and_uw_o() -> None:
     L = torch.tensor([1.0, 0.5], dtype=F64)
-    torch.testing.assert_close(uw_so_weights(L, 1.0, 0.0), torch.softmax(torch.tensor([1.0, 2.0], dtype=F64), 0))
+    torch.testing.assert_close(
+        uw_so_weights(L, 1.0, 0.0), torch.softmax(torch.tensor([1.0, 2.0], dtype=F64), 0)
+    )
     # without the softmax the analytical weights 1/L are ScaleInvariant's (UW-O)
     torch.testing.assert_close(ScaleInvariant(eps=0.0)(L), 1 / L)
 

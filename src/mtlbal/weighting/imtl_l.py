@@ -90,7 +90,7 @@ class IMTLL(LossWeighting):
         m = losses.shape[0]
         if m != self.num_tasks:
             raise ValueError(f"IMTLL was built for {self.num_tasks} tasks, got {m} losses")
-        s = self.log_scales
+        s: Tensor = self.log_scales
         if self.max_log_scale is not None:
             s = s.clamp_max(self.max_log_scale)
         return s.to(losses.dtype)

@@ -250,9 +250,7 @@ class STCH(LossWeighting):
             if self.transform == "log":
                 f = torch.log(losses + self.eps if self.eps else losses)
                 ok = raw + self.eps > 0
-                what = (
-                    f"STCH's warm-up takes log(L + eps) (eps={self.eps}) and needs L + eps > 0"
-                )
+                what = f"STCH's warm-up takes log(L + eps) (eps={self.eps}) and needs L + eps > 0"
             else:
                 f, ok, what = losses, torch.ones_like(raw, dtype=torch.bool), ""
             c = torch.full_like(raw, k / m)

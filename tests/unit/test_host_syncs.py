@@ -49,6 +49,13 @@ CASES: dict[str, Callable[[nn.Module], dict[str, Any]]] = {
     "equal-cut": lambda trunk: {"at": trunk},
     "pcgrad-cut": lambda trunk: {"aggregator": A.PCGrad(seed=0), "at": trunk},
     "equal-cut-diagnostics": lambda trunk: {"at": trunk, "diagnostics": True},
+    # loss-level methods with a domain: its check rides in the one sync
+    "geometric-mean": lambda trunk: {"weighting": W.GeometricMean(M)},
+    "scale-invariant": lambda trunk: {"weighting": W.ScaleInvariant(M)},
+    "uw-so": lambda trunk: {"weighting": W.UWSO(M)},
+    "imtl-l": lambda trunk: {"weighting": W.IMTLL(M)},
+    "stch": lambda trunk: {"weighting": W.STCH(M)},
+    "stch-reference": lambda trunk: {"weighting": W.STCH(M, reference=[1.0] * M)},
 }
 
 

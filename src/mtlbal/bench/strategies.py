@@ -147,6 +147,12 @@ STRATEGIES: dict[str, Callable[[], Factory | None]] = {
     "FAMO": _dynamic("FAMO", role="weighting"),
     "DWA": _dynamic("DWA", role="weighting"),
     "RLW": _dynamic("RLW", role="weighting"),
+    # log-loss and analytical-uncertainty baselines that several studies find hard to beat
+    "SI": _dynamic("ScaleInvariant", role="weighting"),
+    "UWSO": _dynamic("UWSO", role="weighting"),
+    "GLS": _dynamic("GeometricMean", role="weighting"),
+    "IMTLL": _dynamic("IMTLL", role="weighting"),
+    "STCH": _dynamic("STCH", role="weighting"),
 }
 
 DESCRIPTIONS: dict[str, str] = {
@@ -168,6 +174,11 @@ DESCRIPTIONS: dict[str, str] = {
     "FAMO": "`weighting.FAMO()`",
     "DWA": "`weighting.DWA()` (epoch-level loss ratios)",
     "RLW": "`weighting.RLW()` (random loss weights)",
+    "SI": "`weighting.ScaleInvariant()` (Σ log(L + 1e-8): the scale-invariant baseline)",
+    "UWSO": "`weighting.UWSO()` (softmax of the inverse losses, T = 1)",
+    "GLS": "`weighting.GeometricMean()` (geometric mean of the losses, × m)",
+    "IMTLL": "`weighting.IMTLL(m)` (learnable loss scales e^s·L − s)",
+    "STCH": "`weighting.STCH()` (smooth Tchebycheff of log(L/z); Σ log L until epoch 5)",
 }
 
 ALIASES = {
@@ -181,6 +192,11 @@ ALIASES = {
     "IGB-v2": "IGBv2",
     "IMTL-G": "IMTLG",
     "Nash-MTL": "NashMTL",
+    "ScaleInvariant": "SI",
+    "LogLoss": "SI",
+    "UW-SO": "UWSO",
+    "GeometricMean": "GLS",
+    "IMTL-L": "IMTLL",
 }
 
 

@@ -1,4 +1,4 @@
-"""STCH — smooth Tchebycheff scalarization (Lin, Zhang, Yang, Zhang & Zhang, "Smooth Tchebycheff
+"""STCH — smooth Tchebycheff scalarization (Lin et al., "Smooth Tchebycheff
 Scalarization for Multi-Objective Optimization", ICML 2024, arXiv:2402.19078).
 
 The Tchebycheff scalarization ``max_t λ_t (f_t − z*_t)`` is smoothed into
@@ -285,7 +285,7 @@ class STCH(LossWeighting):
         f, c, ok, what = self._parts(losses)
         w = self._weights(losses, f, c).detach()
         ok = ok & torch.isfinite(w)
-        what = (what + "; " if what else "STCH ") + "its weights must be finite in the dtype"
+        what = (what + "; " if what else "STCH ") + "needs weights the dtype can hold"
         return WeightedLosses(c * f, w, domain=(ok, what))
 
     def current_weights(self, losses: Tensor) -> Tensor:

@@ -77,8 +77,8 @@ def inputs(kind: str, m: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, to
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("m", MS)
-@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("m", (2, 5, 16))
+@pytest.mark.parametrize("seed", SEEDS[:2])
 def test_gradient_is_the_papers(kind: str, m: int, seed: int) -> None:
     L, z, lam = inputs(kind, m, seed)
     for mu in MUS:

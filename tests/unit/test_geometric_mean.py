@@ -95,9 +95,9 @@ def test_non_positive_loss_is_refused_naming_the_task(bad: float) -> None:
 
 
 def test_overflowing_weight_is_outside_the_domain() -> None:
-    # float32: 1e-44 (subnormal) next to 1e38 gives a weight ~1e41, beyond float32
-    out = GeometricMean().objectives(torch.tensor([1e-44, 1e38]), LossContext())
-    assert out.domain is not None and out.domain[0].tolist() == [False, True]
+    # float32: 1e-37 next to two losses of 1e38 gives a weight 3·e^115, beyond float32
+    out = GeometricMean().objectives(torch.tensor([1e-37, 1e38, 1e38]), LossContext())
+    assert out.domain is not None and out.domain[0].tolist() == [False, True, True]
 
 
 def test_bad_arguments() -> None:

@@ -123,8 +123,9 @@ def test_zero_loss_with_eps_and_overflow() -> None:
     out = ScaleInvariant().objectives(torch.tensor([0.0, 1.0]), LossContext())
     assert out.domain is not None and out.domain[0].tolist() == [True, True]
     torch.testing.assert_close(out.weights[0], torch.tensor(1e8))
-    # eps=0 and a subnormal float32 loss: 1/L overflows, refused
-    out = ScaleInvariant(eps=0.0).objectives(torch.tensor([1e-44, 1.0]), LossContext())
+    # eps=0 in float32: c/L = 1e10/1e-30 overflows, refused
+    si = ScaleInvariant(eps=0.0, weights=[1e10, 1.0])
+    out = si.objectives(torch.tensor([1e-30, 1.0]), LossContext())
     assert out.domain is not None and out.domain[0].tolist() == [False, True]
 
 

@@ -105,12 +105,14 @@ def test_outside_the_domain_is_refused_naming_the_task(eps: float, bad: float) -
 
 
 def test_tiny_losses_do_not_overflow() -> None:
-    # eps=0 and a subnormal float32 loss: 1/L would overflow; the weights are still exact
-    out = UWSO(eps=0.0, reduction="mean").objectives(torch.tensor([1e-44, 1.0]), LossContext())
+    # float32, eps=0, T=0.01: 1/(L·T) = 1e39 would overflow; the weights are still exact
+    # (normal numbers only: another test may have set flush-to-zero for subnormals)
+    ws = UWSO(eps=0.0, temperature=0.01, reduction="mean")
+    out = ws.objectives(torch.tensor([1e-37, 1.0]), LossContext())
     assert out.domain is not None and out.domain[0].tolist() == [True, True]
     torch.testing.assert_close(out.weights, torch.tensor([1.0, 0.0]))
-    # two equal subnormal losses: equal weights (no 0/0)
-    w = UWSO(eps=0.0)(torch.tensor([1e-44, 1e-44, 1.0]))
+    # two equal tiny losses: equal weights (no 0/0)
+    w = UWSO(eps=0.0, temperature=0.01)(torch.tensor([1e-37, 1e-37, 1.0]))
     torch.testing.assert_close(w, torch.tensor([1.5, 1.5, 0.0]))
 
 

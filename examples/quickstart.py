@@ -1,9 +1,12 @@
 """Quick start: three tasks on one shared trunk, uncertainty weighting + MGDA-UB at the trunk.
 
-Run: ``python examples/quickstart.py`` (a few seconds on a CPU).
+Run: ``python examples/quickstart.py`` (a few seconds on a CPU; ``--steps 50`` for fewer steps).
+examples/plain_loop.py is a fuller loop: a DataLoader, epochs, evaluation, logging, a checkpoint.
 """
 
 from __future__ import annotations
+
+import argparse
 
 import torch
 from torch import nn
@@ -67,4 +70,9 @@ def main(steps: int = 200, seed: int = 0) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    print(main())
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    print(main(steps=args.steps, seed=args.seed))
+    print("quickstart: OK")

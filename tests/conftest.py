@@ -67,6 +67,24 @@ def make_problem(
     return Problem(trunk, heads, x, ys)
 
 
+def assert_same(a: Any, b: Any, where: str = "") -> None:
+    """Bitwise equality of nested containers of tensors (dtype and shape included)."""
+    if isinstance(a, Tensor):
+        assert isinstance(b, Tensor), where
+        assert a.dtype == b.dtype and a.shape == b.shape, where
+        assert torch.equal(a, b), f"{where} changed"
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), where
+        for k in a:
+            assert_same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert type(a) is type(b) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
 @pytest.fixture
 def problem_factory() -> Callable[..., Problem]:
     return make_problem

@@ -16,6 +16,12 @@ CAGrad's ``(1+c)/(1+c²)``, MGDA-l2's ``1/‖g‖``, learned uncertainties ``e^{
 unchanged. ``False`` for methods that draw random numbers in task order (RLW's weights,
 PCGrad's and GradVac's visiting orders) or whose weights come from a network that is not
 symmetric in its inputs (IGB v2's SAC agent).
+
+``missing``: a step in which some tasks have no loss (tests/unit/test_missing_tasks.py).
+``"slice"``: supported, and equal to the same strategy built for the present tasks only with the
+present tasks' slice of the state; ``"own"``: supported, checked against its equation in its own
+test (GradNorm: its renormalisation is over every task, so a sliced strategy differs);
+``"refuse"``: refused before anything changes.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ class Entry:
     extras: dict[str, Any] = field(default_factory=dict)
     identical: str | None = "sum"
     permutation: bool = True
+    missing: str = "slice"
 
 
 REGISTRY: list[Entry] = [
@@ -54,7 +61,7 @@ REGISTRY: list[Entry] = [
         lambda m: {"weighting": W.UncertaintyWeighting(m, form="simple")},
         identical="scaled",
     ),
-    Entry("GradNorm", lambda m: {"weighting": W.GradNorm(m, alpha=1.5)}),
+    Entry("GradNorm", lambda m: {"weighting": W.GradNorm(m, alpha=1.5)}, missing="own"),
     Entry("DWA", lambda m: {"weighting": W.DWA(m)}, epoch_every=2),
     Entry("RLW", lambda m: {"weighting": W.RLW(m, seed=5)}, identical=None, permutation=False),
     Entry(
@@ -65,7 +72,12 @@ REGISTRY: list[Entry] = [
     ),
     # FAMO's logit step needs balancer.update(re-evaluated losses) after optimizer.step();
     # without it the battery still exercises objectives + state (the logits stay at 0)
-    Entry("FAMO", lambda m: {"weighting": W.FAMO(m)}, extras={"update_after_step": True}),
+    Entry(
+        "FAMO",
+        lambda m: {"weighting": W.FAMO(m)},
+        extras={"update_after_step": True},
+        missing="refuse",
+    ),
     Entry("MGDA", lambda m: {"aggregator": A.MGDA()}),
     Entry("MGDA-l2", lambda m: {"aggregator": A.MGDA(normalization="l2")}, identical="scaled"),
     Entry("PCGrad", lambda m: {"aggregator": A.PCGrad(seed=3)}, permutation=False),
@@ -83,6 +95,7 @@ REGISTRY: list[Entry] = [
         lambda m: {"weighting": W.IGB(m, base_epoch=0)},
         epoch_every=2,
         extras={"positive_losses": True},
+        missing="refuse",
         identical="scaled",
     ),
     Entry(
@@ -103,6 +116,7 @@ REGISTRY: list[Entry] = [
         },
         epoch_every=2,
         extras={"positive_losses": True},
+        missing="refuse",
         identical=None,
         permutation=False,
     ),
@@ -111,6 +125,7 @@ REGISTRY: list[Entry] = [
         lambda m: {"weighting": W.IGB(m, base_epoch=0), "aggregator": A.AlignedMTL()},
         epoch_every=2,
         extras={"positive_losses": True},
+        missing="refuse",
         identical="scaled",
     ),
     Entry(
@@ -125,6 +140,25 @@ REGISTRY: list[Entry] = [
     Entry("IMTLG", lambda m: {"aggregator": A.IMTLG()}),
     Entry("NashMTL", lambda m: {"aggregator": A.NashMTL()}, identical="scaled"),
     Entry("UPGrad", lambda m: {"aggregator": A.UPGrad()}),
+    # PCD: task 0 is the primary, the others are constraints; identical tasks give g_0 (weights
+    # (1, 0, …): not alike, nothing of the sum), and permuting the tasks changes the primary
+    # (eps=0: exactly homogeneous; the default eps=1e-8 is exercised in test_properties.AGGS)
+    Entry(
+        "PCD",
+        lambda m: {"aggregator": A.PCD(tau=0.2, eps=0.0)},
+        identical=None,
+        permutation=False,
+        missing="refuse",
+    ),
+    # MoDo / SDMGrad on one batch (samples=1: the biased one-batch variant; the independent
+    # samples layout is tested in test_modo.py / test_sdmgrad.py). MoDo has no degree of
+    # homogeneity (its step size acts on λ in absolute units): test_properties.NO_DEGREE
+    Entry("MoDo", lambda m: {"aggregator": A.MoDo()}, missing="refuse"),
+    # lr=1, not the default 10: a step of 10 on the normalised A (eigenvalues up to ~m) makes the
+    # projected inner SGD bounce between faces of the simplex and amplify round-off (the DDP
+    # Gramian's last bits) to ~1e-9 in 20 steps; the battery's 1e-10 comparisons need a
+    # well-conditioned configuration
+    Entry("SDMGrad", lambda m: {"aggregator": A.SDMGrad(lr=1.0, eps=0.0)}, missing="refuse"),
     # loss-level methods of issue 10; the log-based ones need positive losses
     Entry(
         "GeometricMean",
@@ -151,12 +185,14 @@ REGISTRY: list[Entry] = [
         epoch_every=2,
         extras={"positive_losses": True},
         identical="scaled",
+        missing="refuse",
     ),
     Entry(
         "STCH-reference",
         lambda m: {"weighting": W.STCH(m, mu=0.5, reference=[0.5] * m, reduction="mean")},
         extras={"positive_losses": True},
         identical="scaled",
+        missing="refuse",
     ),
     # sparse training: half of each trunk neuron's inputs frozen (selected when the Balancer is
     # built, on the trunk's initial weights). The shared gradient is the masked one, so
@@ -167,6 +203,42 @@ REGISTRY: list[Entry] = [
         "SparseMask+MGDA",
         lambda m: {"aggregator": A.MGDA(), "transforms": T.SparseMask(ratio=0.5)},
         extras={"masked": True},
+    ),
+    # GO4Align, LDC-MTL, COSMOS, PBI (issue 10). GO4Align's β = ΣL/L_t and LDC-MTL's ratio to
+    # the first losses need positive losses; LDC-MTL pairs tasks t, t+1 (order matters)
+    Entry(
+        "GO4Align",
+        lambda m: {"weighting": W.GO4Align(m)},
+        extras={"positive_losses": True},
+        missing="refuse",
+    ),
+    Entry("GO4Align-K1", lambda m: {"weighting": W.GO4Align(m, num_groups=1)}, missing="refuse"),
+    Entry(
+        "LDCMTL",
+        lambda m: {"weighting": W.LDCMTL(m)},
+        extras={"positive_losses": True},
+        permutation=False,
+        missing="refuse",
+    ),
+    Entry(
+        "LDCMTL-log+UPGrad",
+        lambda m: {
+            "weighting": W.LDCMTL(m, normalization="log_initial"),
+            "aggregator": A.UPGrad(),
+        },
+        extras={"positive_losses": True},
+        identical="scaled",
+        permutation=False,
+        missing="refuse",
+    ),
+    # uniform preference r = 1/m: identical losses lie on the ray, w = r
+    Entry("COSMOS", lambda m: {"weighting": W.COSMOS(lambda_=1.0)}, identical="mean"),
+    # on the ray w = ŵ = 1/√m each
+    Entry(
+        "PBI",
+        lambda m: {"weighting": W.PBI(theta=5.0)},
+        extras={"positive_losses": True},
+        identical="scaled",
     ),
     # FULLER-style calibration needs a model with modality branches: its task level alone is
     # "PCGrad" at the cut above; both levels are tested in tests/unit/test_fuller.py.

@@ -66,9 +66,17 @@ def check_same_names(names: Sequence[str]) -> list[str]:
     sets = [sorted(x) for x in every]
     if any(s != sets[0] for s in sets[1:]) or any(len(x) != len(set(x)) for x in every):
         listing = "; ".join(f"rank {r}: {x}" for r, x in enumerate(every))
+        hint = ""
+        if all(set(x) <= set(every[0]) or set(x) >= set(every[0]) for x in every):
+            hint = (
+                ". Missing tasks under DDP: every rank must leave out the same tasks (a task "
+                "whose labels are missing on some ranks only is refused: its global loss would "
+                "be over part of the ranks); agree on the present tasks across ranks first, "
+                "e.g. give a task None on every rank unless all ranks have its labels"
+            )
         raise ValueError(
             f"the ranks disagree on the tasks of this step ({listing}): every rank must pass "
-            "the same task names (in any order)"
+            f"the same task names (in any order){hint}"
         )
     return every[0]
 

@@ -66,6 +66,15 @@ class Stateful(nn.Module):
     #: where a fresh (or reset) random stream starts, the saved generator state says where it is
     config_not_compared: tuple[str, ...] = ("seed",)
 
+    #: whether a step may leave some tasks out (missing labels: see "Missing tasks" in the
+    #: concepts page). ``True``: the strategy reads ``StepContext.present`` and touches only the
+    #: present tasks' state; ``False``: such a step is refused, with :attr:`missing_tasks_note`
+    #: as the reason; ``None`` (default): supported exactly when the strategy keeps no state
+    #: (:attr:`is_stateful` is false), since it then only ever sees the present tasks' losses
+    supports_missing_tasks: bool | None = None
+    #: why a strategy that does not support missing tasks cannot (shown in the refusal)
+    missing_tasks_note: str = "it keeps per-task state and does not declare supports_missing_tasks"
+
     def __init__(self) -> None:
         super().__init__()
         self._state_defaults: dict[str, Tensor | None] = {}
@@ -105,6 +114,13 @@ class Stateful(nn.Module):
     def is_stateful(self) -> bool:
         """Whether the strategy carries state across steps (declared state or parameters)."""
         return bool(self._state_defaults) or any(True for _ in self.parameters())
+
+    @property
+    def handles_missing_tasks(self) -> bool:
+        """Whether a step without some tasks' losses is accepted (``supports_missing_tasks``,
+        or, when that is ``None``, a strategy without state)."""
+        flag = self.supports_missing_tasks
+        return (not self.is_stateful) if flag is None else bool(flag)
 
     def reset(self) -> None:
         """Put every declared state back to its default. Parameters are left to the subclass."""

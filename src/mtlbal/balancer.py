@@ -35,12 +35,13 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from mtlbal import _distributed as dist_util
+from mtlbal._accumulate import AccumulationMode, Window, batched_vjp, per_task_vjp
 from mtlbal._checkpoint import balancer_state_dict, load_balancer_state_dict
 from mtlbal._graph import reachable
-from mtlbal._losses import Losses, given_tensors, normalize_losses
+from mtlbal._losses import Losses, Normalized, given_tensors, normalize_losses
 from mtlbal._transaction import StrategySnapshot
 from mtlbal.aggregation.base import Aggregator, GramianAggregator
-from mtlbal.engine.base import GradWrites, PerTaskGrads
+from mtlbal.engine.base import GradWrites, PerTaskGrads, gramian_dtype, gramian_of
 from mtlbal.engine.branches import BranchStage
 from mtlbal.engine.cut import CutPerTaskGrads, CutPoint, check_selector, split_task_grads
 from mtlbal.engine.dense import DensePerTaskGrads, batched_grads, task_grad_norms
@@ -72,10 +73,73 @@ class _Step:
     scale: Tensor | None = None  # the GradScaler's scale (a tensor: no host sync)
     given: list[Tensor] = field(default_factory=list)  # the user's loss tensors
     lr_factor: float = 1.0
+    # missing tasks: every task (canonical order) and the indices of `names` in it (None: all)
+    all_names: tuple[str, ...] = ()
+    present: tuple[int, ...] | None = None
+
+
+class _WindowCutGrads(PerTaskGrads):
+    """An accumulation window's per-task gradients at a cut point: the Gramian of the
+    objectives at the representation (``D Ḡ Dᵀ``) and the mean per-task gradients of the
+    trunk's parameters ``∇_trunk L̄_s``; weights ``w`` are written as ``Σ_s (wᵀD)_s ∇L̄_s``."""
+
+    def __init__(
+        self,
+        trunk: list[tuple[Tensor, Tensor]],
+        d: Tensor,
+        gram: Tensor,
+        combined: Callable[[Tensor, Tensor], Tensor],
+    ) -> None:
+        self.trunk = trunk
+        self.d = d
+        self._gram = gram
+        self.combined = combined
+        self.m = int(d.shape[0])
+
+    def gramian(self) -> Tensor:
+        return self._gram
+
+    def jacobian(self) -> Tensor:
+        raise NotImplementedError("an accumulation window at a cut point keeps no Jacobian")
+
+    def write_weights(self, w: Tensor, writes: GradWrites) -> None:
+        v = w.to(self.d.dtype) @ self.d
+        for p, g in self.trunk:
+            writes.add(p, self.combined(p, torch.tensordot(v.to(g.dtype), g, dims=1)))
+
+    def write_direction(self, g: Tensor, writes: GradWrites) -> None:
+        raise NotImplementedError("an accumulation window at a cut point keeps no Jacobian")
 
 
 class _Refused(Exception):
     """Internal: the step is skipped (``nonfinite="skip"``); nothing is committed."""
+
+
+def _absent(step: _Step) -> tuple[str, ...]:
+    """The tasks without a loss in this step (``()`` on a full step)."""
+    if step.present is None:
+        return ()
+    return tuple(n for n in step.all_names if n not in step.names)
+
+
+def _check_declared_tasks(
+    tasks: Sequence[str] | None, weighting: LossWeighting | None
+) -> tuple[str, ...] | None:
+    if tasks is None:
+        return None
+    if isinstance(tasks, (str, bytes)) or not isinstance(tasks, Sequence):
+        raise TypeError(f"tasks must be a sequence of task names, got {type(tasks).__name__}")
+    names = tuple(tasks)
+    if not names or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"tasks must be a non-empty sequence of str, got {list(names)!r}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"task names must be unique, got {list(names)}")
+    n = None if weighting is None else weighting.num_tasks
+    if n is not None and n != len(names):
+        raise ValueError(
+            f"{type(weighting).__name__} was built for {n} tasks, tasks= names {len(names)}"
+        )
+    return names
 
 
 def _remove_all(handles: list[Any]) -> None:
@@ -133,6 +197,10 @@ class Balancer:
             on the supported layers; one batched backward to their outputs, per-layer
             Gramians, see :mod:`mtlbal.engine.layerwise`), or ``"auto"``: ``"layerwise"`` at
             the parameters when the shared part has a supported layer, else ``"dense"``.
+        tasks: every task name, when a step may lack some of them from the start (missing
+            labels): the task set is otherwise learnt from the first step. A later step may
+            leave tasks out (a dict without them, or ``None`` for them): see
+            :meth:`backward`. With ``tasks`` given, any other name is refused.
 
     Example:
         >>> import torch, mtlbal
@@ -160,6 +228,8 @@ class Balancer:
         chunk_size: int | None = None,
         engine: Literal["auto", "dense", "layerwise"] = "auto",
         branches: Sequence[nn.Module] | BranchCalibration | None = None,
+        accumulate: int = 1,
+        tasks: Sequence[str] | None = None,
     ) -> None:
         # ---- validate the whole configuration first: no hook exists until it has passed
         shared_list = list(shared) if not isinstance(shared, nn.Module) else [shared]
@@ -184,6 +254,16 @@ class Balancer:
             raise ValueError(f"unknown engine {engine!r}")
         if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
             raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+        if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1:
+            raise ValueError(f"accumulate must be a positive int, got {accumulate!r}")
+        if accumulate > 1 and engine == "layerwise":
+            raise ValueError(
+                "engine='layerwise' forms Gramians per batch, which do not add up over "
+                "micro-batches: gradient accumulation keeps dense per-task gradients (use "
+                "engine='dense' or 'auto')"
+            )
+        if accumulate > 1 and branches is not None:
+            raise ValueError("modality branches (FULLER) do not support gradient accumulation yet")
         if weighting is not None and not isinstance(weighting, LossWeighting):
             raise TypeError(
                 f"weighting must be an mtlbal.weighting strategy, got {type(weighting).__name__}"
@@ -207,6 +287,7 @@ class Balancer:
         for t in tlist:
             if not isinstance(t, GradientTransform):
                 raise TypeError(f"transforms must be GradientTransforms, got {type(t).__name__}")
+        declared = _check_declared_tasks(tasks, weighting)
         calib: BranchCalibration | None = None
         if branches is not None:
             calib = (
@@ -229,8 +310,11 @@ class Balancer:
         self.engine = engine
         self.at: Literal["params"] | nn.Module = at
         self.select = select
+        self.accumulate = accumulate
         self.step_count = 0
-        self.tasks: tuple[str, ...] | None = None
+        # every task name (canonical order): declared, or learnt from the first step
+        self.tasks: tuple[str, ...] | None = declared
+        self._declared_tasks = declared
         self._checked_for: tuple[str, ...] | None = None
         self._hooks: OrderedDict[int, Callable[..., Any]] = OrderedDict()
         self.weighting.bind(self.shared_params, self.shared_modules)
@@ -249,6 +333,11 @@ class Balancer:
         for st in self.strategies:
             needs.update(getattr(st, "needs", frozenset()))
         self.needs: frozenset[Need] = frozenset(needs)
+        self._accum_mode: AccumulationMode = self._accumulation_mode()
+        if accumulate > 1:
+            self._check_accumulation()
+        # the open accumulation window (mtlbal._accumulate), if any
+        self._window: Window | None = None
         self.last_info: StepInfo | None = None
         # the loss tensors of the last committed step (their graph is freed): passing one again
         # is refused before anything runs
@@ -267,7 +356,12 @@ class Balancer:
                 self._cut = CutPoint(at, detach=self._needs_grads, select=select)
             # the layer-wise engine's forward hooks exist only when per-task gradients at the
             # parameters will be needed: loss-level strategies keep a hook-free forward
-            if engine in ("auto", "layerwise") and at == "params" and self._needs_grads:
+            if (
+                engine in ("auto", "layerwise")
+                and at == "params"
+                and self._needs_grads
+                and accumulate == 1
+            ):
                 capture = LayerwiseCapture(self.shared_modules)
                 if capture.modules or engine == "layerwise":
                     self._capture = capture
@@ -364,6 +458,12 @@ class Balancer:
         the same batch after ``optimizer.step()`` (no gradient needed). Does nothing after a
         skipped step. Tasks are matched by name (a dict in another order is reordered); under
         DDP the strategies see the rank mean. All-or-nothing like :meth:`backward`."""
+        if self._window is not None:
+            raise ValueError(
+                "update() while an accumulation window is open: call it after the window's "
+                "last micro-batch and optimizer.step(), with the losses re-evaluated on the "
+                "window's micro-batches (their mean)"
+            )
         if self.last_info is None:
             raise ValueError("update() needs a previous backward() on this Balancer")
         if self.last_info.skipped:
@@ -427,7 +527,9 @@ class Balancer:
         """Restore :meth:`state_dict`'s output, all of it checked before anything is assigned
         (a refused state raises ``ValueError`` and changes nothing); ``strict`` as for
         ``torch.nn.Module``. See :func:`mtlbal._checkpoint.load_balancer_state_dict`."""
-        return load_balancer_state_dict(self, state, strict)
+        out = load_balancer_state_dict(self, state, strict)
+        self._window = None  # a loaded state starts between optimizer steps
+        return out
 
     def __repr__(self) -> str:
         at = "params" if self.at == "params" else type(self.at).__name__
@@ -458,6 +560,7 @@ class Balancer:
         state = dict(self.__dict__)
         state.pop("_finalizer", None)
         state["_spent"] = []  # weak references to per-step tensors
+        state["_window"] = None  # an open window's sums hold this step's gradients
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -466,11 +569,18 @@ class Balancer:
         self._shared_ids = {id(p) for p in self.shared_params}
         self._spent = []
         self.__dict__.setdefault("_batched_backward", BatchedBackward())
+        self.__dict__.setdefault("_window", None)
+        self.__dict__.setdefault("accumulate", 1)
         self._finalizer = weakref.finalize(self, _remove_all, self._handles())
 
     # ------------------------------------------------------------------ the step
     def backward(
-        self, losses: Losses, *, scaler: Any | None = None, lr_factor: float | None = None
+        self,
+        losses: Losses,
+        *,
+        scaler: Any | None = None,
+        lr_factor: float | None = None,
+        last: bool | None = None,
     ) -> StepInfo:
         """Fill ``.grad`` of every parameter the losses reach; return what was done.
 
@@ -494,12 +604,26 @@ class Balancer:
             lr_factor: ``lr_0 / lr_now`` of the optimizer, for strategies that declare
                 ``Need.LR_FACTOR`` (IGB v2's reward scale); :func:`mtlbal.wrap` passes it.
                 Default 1.0 (a constant learning rate).
+            last: gradient accumulation (see the ``accumulate`` argument of the Balancer and
+                :mod:`mtlbal._accumulate`): ``losses`` are one micro-batch's, and this call
+                closes the window (``True``: solve over the micro-batches so far and write
+                ``.grad``) or not (``False``: keep them, write nothing, ``info.pending``).
+                Default ``None``: close when the window holds ``accumulate`` micro-batches
+                (every call when ``accumulate=1``).
         """
+        if last is not None and not isinstance(last, bool):
+            raise TypeError(f"last must be True, False or None, got {last!r}")
+        window = self._window
+        count = 1 if window is None else window.count + 1
+        closing = last if last is not None else count >= self.accumulate
         try:
             step = self._validate(losses)
         except _Refused as r:  # under DDP: a non-finite loss on some rank, skipped by all
+            self._window = None  # the whole window is skipped
             return self._skipped(r.args[0])
         step.lr_factor = 1.0 if lr_factor is None else float(lr_factor)
+        if window is not None or not closing:
+            return self._accumulate_step(step, scaler, closing)
         snapshot = StrategySnapshot(self.strategies)
         try:
             info = self._solve(step, scaler)
@@ -512,12 +636,309 @@ class Balancer:
             raise
         if info.skipped:  # an overflow handed to the GradScaler: no strategy state changes
             snapshot.restore()
+        info.missing = _absent(step)
         self._commit(step, info)
         return info
+
+    # ---- gradient accumulation (mtlbal._accumulate)
+    def _accumulation_mode(self) -> AccumulationMode:
+        if isinstance(self.at, nn.Module) and self._needs_grads:
+            return "cut"
+        if (
+            not self._needs_grads
+            and getattr(self.weighting, "linear_in_losses", False)
+            and Need.LAYER_NORMS not in self.weighting.needs
+        ):
+            return "linear"
+        return "jacobian"
+
+    def _check_accumulation(self) -> None:
+        if self._branches_configured():
+            raise ValueError("modality branches (FULLER) do not support gradient accumulation yet")
+        agg = self.aggregator
+        if (
+            self._accum_mode == "cut"
+            and agg is not None
+            and Need.GRAMIAN in agg.needs
+            and not isinstance(agg, GramianAggregator)
+        ):
+            raise ValueError(
+                f"{type(agg).__name__} needs the Jacobian at the cut point, which gradient "
+                "accumulation would have to keep for the whole window (with every "
+                "micro-batch's graph): use at='params', or a Gramian-based aggregator at the cut"
+            )
+
+    def _branches_configured(self) -> bool:
+        return getattr(self, "_branches", None) is not None
+
+    def _accumulate_step(self, step: _Step, scaler: Any | None, closing: bool) -> StepInfo:
+        self._check_accumulation()
+        window = self._window
+        if window is not None:
+            if sorted(window.names) != sorted(step.names) or sorted(window.all_names) != sorted(
+                step.all_names
+            ):
+                raise ValueError(
+                    f"this micro-batch has tasks {list(step.names)}, the accumulation window "
+                    f"has {list(window.names)}: every micro-batch of an optimizer step must have "
+                    "the same tasks"
+                )
+            if step.names != window.names:
+                by_name = dict(zip(step.names, step.values))
+                raw = dict(zip(step.names, step.raw.unbind(0)))
+                step.names = window.names
+                step.values = [by_name[n] for n in window.names]
+                step.stacked = torch.stack(step.values)
+                step.raw = torch.stack([raw[n] for n in window.names])
+            if step.all_names != window.all_names:
+                step.all_names = window.all_names
+            if step.present is not None:
+                step.present = tuple(window.all_names.index(n) for n in window.names)
+        else:
+            window = Window(self._accum_mode, step.names, step.all_names)
+        snapshot = StrategySnapshot(self.strategies)
+        try:
+            part, weighted = self._micro_batch(step, window, scaler)
+            if not closing:
+                snapshot.restore()  # a pending micro-batch leaves the strategies as they were
+                window.add(step.raw, **part)
+                window.spent.extend(weakref.ref(v) for v in step.given)
+                self._window = window
+                return self._pending(step, window)
+            self._window = None  # closing: the window is consumed, whatever happens next
+            window.add(step.raw, **part)
+            info = self._close(step, window, weighted, scaler)
+            snapshot.verify()
+        except _Refused:
+            snapshot.restore()
+            return self._skipped(step)
+        except BaseException:
+            snapshot.restore()
+            raise
+        if info.skipped:
+            snapshot.restore()
+        step.given = [v for v in (r() for r in window.spent) if v is not None] + step.given
+        self._commit(step, info)
+        return info
+
+    def _pending(self, step: _Step, window: Window) -> StepInfo:
+        zeros = torch.zeros_like(step.raw)
+        info = StepInfo(step.names, step.raw, zeros, zeros, step=self.step_count)
+        info.pending = True
+        info.micro_batches = window.count
+        info.missing = _absent(step)
+        return info
+
+    def _micro_batch(
+        self, step: _Step, window: Window, scaler: Any | None
+    ) -> tuple[dict[str, Any], Any]:
+        """One micro-batch's contribution to the window (nothing stored here)."""
+        scale = None
+        if scaler is not None:
+            scale = scaler.scale(torch.ones((), device=step.raw.device, dtype=torch.float32))
+        if window.mode == "linear":
+            stacked = step.stacked
+            if step.world > 1:
+                stacked = stacked + (step.raw - step.stacked.detach())
+            ctx = StepContext(
+                step=self.step_count,
+                tasks=step.names,
+                losses=step.raw,
+                lr_factor=step.lr_factor,
+                present=step.present,
+                all_tasks=step.all_names,
+            )
+            weighted = self.weighting.objectives(stacked, ctx)
+            if weighted.param_grads or weighted.domain is not None:
+                raise RuntimeError(
+                    f"{type(self.weighting).__name__} declares linear_in_losses but returned "
+                    "parameter gradients or a loss domain: it is not linear in the losses"
+                )
+            total = weighted.objectives.sum()
+            if weighted.aux is not None:
+                total = total + weighted.aux
+            if scale is not None:
+                total = total * scale.to(total.dtype)
+            leaves, _ = reachable([total], set())
+            grads = torch.autograd.grad(total, leaves, allow_unused=True, materialize_grads=True)
+            return {"grads": list(zip(leaves, grads))}, weighted
+        values = step.values
+        stacked = step.stacked
+        if scale is not None:
+            values = [v * scale.to(v.dtype) for v in values]
+            stacked = torch.stack(values)
+        if window.mode == "jacobian":
+            norms2 = None
+            if Need.LAYER_NORMS in self.weighting.needs and self._cut is not None:
+                zs = [z for z, _ in step.captured]
+                norms2 = task_grad_norms(step.values, zs).pow(2)
+            leaves, _ = reachable([stacked], set())
+            per_task = batched_grads(
+                stacked, leaves, chunk_size=self.chunk_size, mode=self._batched_backward
+            )
+            return {"grads": list(zip(leaves, per_task)), "norms2": norms2}, None
+        # "cut": per-task gradients at the representation (each loss visits its own head),
+        # their Gramian, and the per-task gradients of the trunk
+        outs = [z for z, _ in step.captured]
+        cut_leaves = [leaf for _, leaf in step.captured]
+        cut_ids = {id(x) for x in cut_leaves}
+        reached, _ = reachable([stacked], set())
+        heads = [q for q in reached if id(q) not in cut_ids]
+        rows = [
+            torch.autograd.grad(
+                v,
+                cut_leaves + heads,
+                retain_graph=True,
+                allow_unused=True,
+                materialize_grads=True,
+            )
+            for v in values
+        ]
+        per_input = [torch.stack([r[i] for r in rows]) for i in range(len(cut_leaves) + len(heads))]
+        z_grads = per_input[: len(cut_leaves)]
+        m = len(values)
+        gram = gramian_of(z_grads, m)
+        trunk, _ = reachable(outs, set())
+        trunk_grads: list[Tensor] = []
+        if trunk:
+            trunk_grads = self._batched_backward.run(
+                lambda retain: batched_vjp(outs, trunk, z_grads, m, retain),
+                lambda: per_task_vjp(outs, trunk, z_grads, m),
+                False,
+            )
+        pairs = list(zip(heads, per_input[len(cut_leaves) :])) + list(zip(trunk, trunk_grads))
+        return {"grads": pairs, "gram": gram, "heads": heads}, None
+
+    def _close(self, step: _Step, window: Window, weighted: Any, scaler: Any | None) -> StepInfo:
+        """Solve once over the window and stage the writes (stages 2–4 on the large batch)."""
+        world = step.world
+        checking = self.nonfinite != "off" or scaler is not None
+        mean64, pairs = window.means(world)
+        raw = mean64.to(step.raw.dtype)
+        step.raw = raw
+        scale = None
+        if scaler is not None:
+            scale = scaler.scale(torch.ones((), device=raw.device, dtype=torch.float32))
+            step.scale = scale
+        ctx = StepContext(
+            step=self.step_count,
+            tasks=step.names,
+            losses=raw,
+            lr_factor=step.lr_factor,
+            present=step.present,
+            all_tasks=step.all_names,
+        )
+        if window.mode == "linear":
+            if checking and not bool(torch.isfinite(raw).all()):  # the one host sync
+                self._refuse(step, None)
+            for p, g in pairs:
+                step.writes.add(p, self._combined(p, g))
+            info = StepInfo(step.names, raw, weighted.weights.detach(), weighted.weights.detach())
+            info.micro_batches = window.count
+            info.missing = _absent(step)
+            return info
+        inv = None if scale is None else 1.0 / scale
+        if Need.LAYER_NORMS in self.weighting.needs:
+            if window.mode == "cut":
+                diag = window.gram_mean(world).diagonal()
+                norms = diag.sqrt() if inv is None else diag.sqrt() * inv.to(diag.dtype)
+            elif self._cut is not None:
+                norms = window.norms(world)
+            else:
+                wanted = {id(q) for q in self.weighting.grad_norm_params()}
+                sq = [g.reshape(g.shape[0], -1).pow(2).sum(1) for p, g in pairs if id(p) in wanted]
+                norms = torch.stack(sq).sum(0).sqrt() if sq else torch.zeros_like(raw)
+                if inv is not None:
+                    norms = norms * inv.to(norms.dtype)
+            ctx.layer_grad_norms = norms.to(raw.dtype).detach()
+        leaf = raw.detach().clone().requires_grad_(True)
+        weighted = self.weighting.objectives(leaf, ctx)
+        objectives = weighted.objectives
+        m = len(step.names)
+        d = torch.stack(
+            [
+                torch.autograd.grad(
+                    objectives[t],
+                    leaf,
+                    retain_graph=True,
+                    allow_unused=True,
+                    materialize_grads=True,
+                )[0]
+                for t in range(m)
+            ]
+        ).detach()  # D[t, s] = ∂ℓ_t/∂L̄_s
+        total = objectives.sum() if weighted.aux is None else objectives.sum() + weighted.aux
+        own = [q for q in self.parameters() if q.requires_grad]
+        if own:
+            own_grads = torch.autograd.grad(total, own, allow_unused=True)
+            for q_p, g_p in zip(own, own_grads):
+                if g_p is not None:
+                    step.writes.add(q_p, g_p if scale is None else g_p * scale.to(g_p.dtype))
+        for q_own, g_own in weighted.param_grads:
+            step.writes.add(q_own, g_own)
+        info = StepInfo(step.names, raw, weighted.weights.detach(), weighted.weights.detach())
+        info.micro_batches = window.count
+        info.missing = _absent(step)
+        domain = weighted.domain if checking else None
+        ones = torch.ones(m, dtype=d.dtype, device=d.device)
+        grads: PerTaskGrads | None = None
+        if window.mode == "cut":
+            trunk = [(p, g) for p, g in pairs if id(p) not in window.heads]
+            for q, g in pairs:
+                if id(q) in window.heads:
+                    step.writes.add(q, torch.tensordot((ones @ d).to(g.dtype), g, dims=1))
+            d64 = d.to(torch.float64)  # the Gramian sums are kept in float64
+            gram_l = d64 @ window.gram_mean(world) @ d64.T
+            grads = _WindowCutGrads(trunk, d64, gram_l, self._combined)
+        else:
+            per_task = [(p, torch.tensordot(d.to(g.dtype), g, dims=1)) for p, g in pairs]
+            if self._needs_grads:
+                shared = [(p, g) for p, g in per_task if id(p) in self._shared_ids]
+                for q, g in per_task:
+                    if id(q) not in self._shared_ids:
+                        step.writes.add(q, g.sum(0))
+                grads = DensePerTaskGrads(
+                    [p for p, _ in shared],
+                    [self._per_task_transforms(p, g) for p, g in shared],
+                )
+            else:
+                for p, g in per_task:
+                    step.writes.add(p, self._combined(p, g.sum(0)))
+        if grads is None:
+            if checking:
+                ok = torch.isfinite(raw).all()
+                if domain is not None:
+                    ok = ok & domain[0].all()
+                if not bool(ok):  # the one host sync
+                    self._refuse(step, domain)
+            return info
+        gram = grads.gramian()
+        if checking:
+            finite = torch.isfinite(gram.diagonal()).all() & torch.isfinite(raw).all()
+            if domain is not None:
+                finite = finite & domain[0].all()
+            if not bool(finite):  # the one host sync
+                self._refuse(step, domain)
+                return self._nonfinite_grads(step, grads, gram, info, scaler)
+        unscaled = gram if scale is None else gram / (scale.to(gram.dtype) ** 2)
+        # reported in the dtype a one-batch step reports (the solve below takes float64)
+        info.gramian = unscaled.detach().to(gramian_dtype(raw.dtype))
+        self._aggregate(step, grads, unscaled, info, ctx)
+        return info
+
+    def _combined(self, p: Tensor, g: Tensor) -> Tensor:
+        """The transforms' ``combined`` on the gradient reaching a shared parameter, where no
+        per-task gradient of it was formed (the accumulation window's direct writes)."""
+        if id(p) in self._shared_ids:
+            for t in self.transforms:
+                if t.applies_to(p):
+                    g = t.combined(p, g)
+        return g
 
     def _skipped(self, step: _Step) -> StepInfo:
         zeros = torch.zeros_like(step.raw)
         info = StepInfo(step.names, step.raw, zeros, zeros, skipped=True, step=self.step_count)
+        info.missing = _absent(step)
         self.last_info = info
         return info
 
@@ -530,7 +951,9 @@ class Balancer:
 
     def _validate_local(self, losses: Losses, world: int) -> _Step:
         self._check_not_spent(losses)
-        names, values = self._normalize(losses)
+        names, values, all_names, present = self._normalize(losses)
+        if present is not None:
+            self._check_missing_supported(names, all_names)
         captured = self._cut.take() if self._cut is not None else []
         branch_caps = self._branches.take() if self._branches is not None else None
         records = self._capture.take() if self._capture is not None else []
@@ -554,6 +977,8 @@ class Balancer:
             branch_caps=branch_caps,
             records=records,
             given=given_tensors(losses),
+            all_names=all_names,
+            present=present,
         )
         self._check_connected(step)
         return step
@@ -598,31 +1023,57 @@ class Balancer:
 
     def _agree_order(self, step: _Step) -> None:
         # the first step (and a new task set) fixes one order for every rank: rank 0's. The
-        # ranks agree on the task set and share self.tasks, so all of them take this branch
-        if self.tasks is None or sorted(self.tasks) != sorted(step.names):
-            order = tuple(dist_util.check_same_names(step.names))
-            if order != step.names:
+        # ranks agree on the task set and share self.tasks and step_count, so all of them take
+        # this branch (the first step too when the tasks were declared: tasks= may list them in
+        # another order on another rank)
+        if (
+            self.tasks is None
+            or self.step_count == 0
+            or sorted(self.tasks) != sorted(step.all_names)
+        ):
+            order = tuple(dist_util.check_same_names(step.all_names))
+            if order != step.all_names:
                 by_name = dict(zip(step.names, step.values))
+                names = tuple(n for n in order if n in by_name)
                 if self._checked_for == step.names:
-                    self._checked_for = order
-                step.names = order
-                step.values = [by_name[n] for n in order]
+                    self._checked_for = names
+                step.all_names = order
+                step.names = names
+                if step.present is not None:
+                    step.present = tuple(i for i, n in enumerate(order) if n in by_name)
+                step.values = [by_name[n] for n in names]
                 step.stacked = torch.stack(step.values)
                 step.raw = step.stacked.detach()
 
-    def _normalize(self, losses: Losses) -> tuple[tuple[str, ...], list[Tensor]]:
+    def _normalize(self, losses: Losses) -> Normalized:
         return normalize_losses(
             losses,
             expected=self.weighting.num_tasks,
             expected_by=type(self.weighting).__name__,
             known=self.tasks,
             stateful=any(getattr(s, "is_stateful", False) for s in self.strategies),
+            declared=self._declared_tasks is not None,
         )
+
+    def _check_missing_supported(self, names: tuple[str, ...], all_names: tuple[str, ...]) -> None:
+        # before anything runs: a refusal here leaves every tensor and counter as it was
+        absent = [n for n in all_names if n not in names]
+        for s in self.strategies:
+            if not s.handles_missing_tasks:
+                raise ValueError(
+                    f"{type(s).__name__} does not support a step with missing tasks: no loss for "
+                    f"task(s) {', '.join(map(repr, absent))} (present: {list(names)}); "
+                    f"{s.missing_tasks_note}"
+                )
 
     def _check_connected(self, step: _Step) -> None:
         if self.check_connected == "never":
             return
-        if self.check_connected == "first" and self._checked_for == step.names:
+        if (
+            self.check_connected == "first"
+            and self._checked_for is not None
+            and set(step.names) <= set(self._checked_for)
+        ):  # every task of this step was checked (a missing-task step checks nothing new)
             return
         bypass: set[int] = set()
         if self._cut is not None:
@@ -720,7 +1171,12 @@ class Balancer:
         if world > 1:
             stacked = stacked + (step.raw - step.stacked.detach())
         ctx = StepContext(
-            step=self.step_count, tasks=step.names, losses=step.raw, lr_factor=step.lr_factor
+            step=self.step_count,
+            tasks=step.names,
+            losses=step.raw,
+            lr_factor=step.lr_factor,
+            present=step.present,
+            all_tasks=step.all_names,
         )
         if Need.LAYER_NORMS in self.weighting.needs:
             ctx.layer_grad_norms = self._layer_grad_norms(step)
@@ -930,8 +1386,11 @@ class Balancer:
             leaf.grad = None
         self._spent = [weakref.ref(v) for v in step.given]
         if not info.skipped:
-            self.weighting.observe(step.raw)
-            self.tasks = step.names
+            if step.present is None:
+                self.weighting.observe(step.raw)
+            else:  # a missing-task step: the weighting's observe takes the present indices
+                self.weighting.observe(step.raw, present=step.present)
+            self.tasks = step.all_names
             self.step_count += 1
         info.step = self.step_count
         self.last_info = info

@@ -18,7 +18,9 @@ Names (``prefix`` defaults to ``"mtlbal"``; tasks as in ``info.tasks``):
 ========================================  ==================================================
 
 Entries whose value the step did not compute (no Gramian: no ``grad_norm``, ``cosine``,
-``conflict``; no Gramian method: no ``grad_weight``) are absent, never ``NaN``.
+``conflict``; no Gramian method: no ``grad_weight``) are absent, never ``NaN``. So are the
+per-task entries of a task without a loss in the step (``info.missing``, see "Missing tasks" in
+the concepts page).
 
 :func:`info_to_dict` reads the device once: every tensor is flattened into one float64 vector
 (float32 on MPS) on the losses' device, and that vector is read with a single ``.tolist()``. A

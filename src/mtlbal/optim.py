@@ -155,15 +155,19 @@ class BalancedOptimizer(Optimizer):
     def defaults(self, value: dict[str, Any]) -> None:
         self.optimizer.defaults = value
 
-    def backward(self, losses: Losses, *, scaler: Any | None = None) -> StepInfo:
-        """``balancer.backward(losses, scaler=scaler, lr_factor=...)``: fill ``.grad``, return
-        the step info (the learning-rate factor of the wrapped optimizer is passed along).
+    def backward(
+        self, losses: Losses, *, scaler: Any | None = None, last: bool | None = None
+    ) -> StepInfo:
+        """``balancer.backward(losses, scaler=scaler, lr_factor=..., last=last)``: fill
+        ``.grad``, return the step info (the learning-rate factor of the wrapped optimizer is
+        passed along). With gradient accumulation (``Balancer(accumulate=K)``), call
+        :meth:`step` once the window has closed (``info.pending`` is ``False``).
 
         With a ``scaler``, call ``scaler.step(opt)`` next (not ``opt.step()``): the scaler
         unscales the model's gradients, the wrapper those of the strategy parameters.
         """
         self._pending["scaler"] = scaler
-        return self.balancer.backward(losses, scaler=scaler, lr_factor=self.lr_factor())
+        return self.balancer.backward(losses, scaler=scaler, lr_factor=self.lr_factor(), last=last)
 
     def epoch_end(self) -> None:
         """``balancer.epoch_end()``: mark the end of a training epoch (IGB, DWA)."""
@@ -181,6 +185,16 @@ class BalancedOptimizer(Optimizer):
         unscaled here; if any is not finite the whole step is skipped (returns ``None``) and the
         scaler's next ``update()`` lowers the scale.
         """
+        if closure is None:
+            self._check_window_closed()
+        else:  # the closure runs the backward (Lightning's automatic optimization): check after
+            inner = closure
+
+            def closure() -> float:
+                out = inner()
+                self._check_window_closed()
+                return out
+
         scaler, self._pending["scaler"] = self._pending["scaler"], None
         if scaler is not None and not self._unscale_strategy_grads(scaler):
             return None
@@ -189,6 +203,16 @@ class BalancedOptimizer(Optimizer):
             self.balancer_optimizer.step()
         self.balancer.after_step()
         return loss
+
+    def _check_window_closed(self) -> None:
+        window = getattr(self.balancer, "_window", None)
+        if window is not None:
+            raise RuntimeError(
+                f"step() with an open accumulation window ({window.count} micro-batch(es) kept, "
+                f"accumulate={self.balancer.accumulate}): the gradients are written when the "
+                "window closes; pass the remaining micro-batches, or close it early with "
+                "backward(losses, last=True)"
+            )
 
     def _unscale_strategy_grads(self, scaler: Any) -> bool:
         """Unscale the separately stepped strategy parameters' gradients; True if all finite."""

@@ -44,9 +44,17 @@ class StepContext:
 
     Attributes:
         step: index of the step being taken (0 for the first one).
-        tasks: the task names of this step, in the canonical order.
-        losses: ``[m]`` detached raw losses (under DDP: the rank mean, the loss of the
-            concatenated batch).
+        tasks: the task names of this step (the present ones), in the canonical order.
+        losses: ``[m]`` detached raw losses of those tasks (under DDP: the rank mean, the loss
+            of the concatenated batch).
+        present: ``None`` when every task of the Balancer has a loss in this step; on a
+            missing-task step (some tasks without labels), the indices of ``tasks`` in
+            ``all_tasks`` (a sorted tuple of ``m' < len(all_tasks)`` ints). Everything else in
+            the context (``losses``, ``layer_grad_norms``, the Gramian a solver receives) is
+            ``[m']``: of the present tasks only. A strategy with per-task state reads and
+            writes the entries ``present`` of it and declares ``supports_missing_tasks = True``.
+        all_tasks: every task name of the Balancer, in the canonical order (equal to ``tasks``
+            when ``present`` is ``None``).
         layer_grad_norms: ``[m]`` detached norms ``‖∇_W L_t‖`` (``Need.LAYER_NORMS``).
         lr_factor: ``lr_0 / lr_now`` of the optimizer (``Need.LR_FACTOR``; 1.0 when unknown).
         extras: free-form per-step values for user strategies.
@@ -58,6 +66,13 @@ class StepContext:
     layer_grad_norms: Any = None
     lr_factor: float = 1.0
     extras: dict[str, Any] = field(default_factory=dict)
+    present: tuple[int, ...] | None = None
+    all_tasks: tuple[str, ...] | None = None
+
+    def num_all_tasks(self, m: int) -> int:
+        """The number of tasks of the Balancer: ``len(all_tasks)``, or ``m`` (the losses' count)
+        outside a Balancer."""
+        return m if self.all_tasks is None else len(self.all_tasks)
 
 
 @dataclass
@@ -65,7 +80,8 @@ class StepInfo:
     """What one :meth:`Balancer.backward` did. Tensors live on the losses' device.
 
     Attributes:
-        tasks: task names (dict keys, or ``"0"``, ``"1"``, … for a sequence).
+        tasks: task names (dict keys, or ``"0"``, ``"1"``, … for a sequence) of the tasks
+            that had a loss in this step; every per-task field below is in this order.
         losses: ``[m]`` detached raw losses.
         loss_weights: ``[m]`` the loss-level multipliers ``∂ℓ_t/∂L_t``.
         grad_weights: ``[m]`` the gradient-level weights on ``∇ℓ_t`` (Gramian methods), if any.
@@ -83,6 +99,14 @@ class StepInfo:
             (``extras["overflow"]``), where ``.grad`` holds the plain non-finite gradient so
             that ``scaler.step`` skips and lowers the scale exactly as for a plain step.
         step: the Balancer's step counter after this call.
+        pending: ``True`` for a micro-batch kept by an open accumulation window: nothing was
+            written (no ``.grad``, no state); ``loss_weights`` and ``weights`` are zeros.
+        micro_batches: how many micro-batches the step (or, when ``pending``, the open window
+            so far) holds; 1 without gradient accumulation.
+        missing: the tasks without a loss in this step (a missing-task step), ``()``
+            otherwise. They are not in ``tasks`` and have no entry in any per-task field: no
+            weight is reported for them (neither 0 nor NaN), so a logger
+            (:func:`mtlbal.logging.info_to_dict`) writes nothing for them.
     """
 
     tasks: tuple[str, ...]
@@ -93,7 +117,10 @@ class StepInfo:
     gramian: Tensor | None = None
     skipped: bool = False
     step: int = 0
+    pending: bool = False
+    micro_batches: int = 1
     extras: dict[str, Any] = field(default_factory=dict)
+    missing: tuple[str, ...] = ()
     _stats: tuple[Tensor, Tensor, Tensor] | None = field(default=None, repr=False, compare=False)
 
     def _derived(self) -> tuple[Tensor, Tensor, Tensor] | None:

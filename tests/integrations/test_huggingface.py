@@ -98,7 +98,9 @@ def _balancer(model: TwoTask, kind: str) -> mtlbal.Balancer:
     return mtlbal.Balancer(model.bert, weighting=mtlbal.weighting.UncertaintyWeighting(2))
 
 
-def _hand_loop(kind: str, batches: list[dict[str, torch.Tensor]]) -> tuple[TwoTask, object]:
+def _hand_loop(
+    kind: str, batches: list[dict[str, torch.Tensor]], optim: str = "adamw"
+) -> tuple[TwoTask, object]:
     torch.manual_seed(0)
     model = TwoTask()
     bal = _balancer(model, kind)
@@ -106,7 +108,12 @@ def _hand_loop(kind: str, batches: list[dict[str, torch.Tensor]]) -> tuple[TwoTa
     extra = list(bal.parameters())
     if extra:
         groups.append({"params": extra, "weight_decay": 0.0, "lr": 1e-2})
-    opt = mtlbal.wrap(torch.optim.AdamW(groups, lr=1e-2, weight_decay=0.0), bal)
+    inner = (
+        torch.optim.SGD(groups, lr=1e-2)
+        if optim == "sgd"
+        else torch.optim.AdamW(groups, lr=1e-2, weight_decay=0.0)
+    )
+    opt = mtlbal.wrap(inner, bal)
     for batch in batches:
         opt.zero_grad()
         opt.backward(model(**batch)["losses"])
@@ -191,9 +198,29 @@ def test_bf16_on_cpu_runs(tmp_path: Path) -> None:
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
 
 
-def test_gradient_accumulation_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="gradient_accumulation_steps"):
-        _trainer("mgda", tmp_path, gradient_accumulation_steps=2)
+@pytest.mark.parametrize("kind", ["mgda", "uncertainty"])
+def test_gradient_accumulation_is_the_large_batch_step(kind: str, tmp_path: Path) -> None:
+    # 2 micro-batches of 4 per optimizer step == one batch of 8 (mean losses, equal sizes).
+    # SGD: Adam would normalise the float32 rounding noise of near-zero gradients (attention
+    # biases), which differs between one batch and two micro-batches
+    trainer, model = _trainer(
+        kind,
+        tmp_path,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        max_steps=2,
+        optim="sgd",
+    )
+    batches = _record(trainer)
+    trainer.train()
+    assert len(batches) == 4 and trainer.balancer.step_count == 2
+    assert trainer.last_info is not None and trainer.last_info.micro_batches == 2
+    large = [{k: torch.cat([a[k], b[k]]) for k in a} for a, b in zip(batches[0::2], batches[1::2])]
+    ref, ref_bal = _hand_loop(kind, large, optim="sgd")
+    for (n, p), q in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=n)
+    for p, q in zip(trainer.balancer.parameters(), ref_bal.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
 
 def test_losses_from_outputs() -> None:

@@ -188,9 +188,23 @@ def test_a_plain_optimizer_is_refused() -> None:
         _fit(Plain())
 
 
-def test_accumulation_is_refused() -> None:
-    with pytest.raises(NotImplementedError, match="accumulate_grad_batches"):
-        _fit(Module(), accumulate_grad_batches=2)
+@pytest.mark.parametrize("method", ["mgda", "uw"])
+def test_accumulate_grad_batches_is_the_large_batch_step(method: str) -> None:
+    # accumulate_grad_batches=2 over batches of 8 == a plain loop over batches of 16
+    module = Module(method)
+    _fit(module, accumulate_grad_batches=2, max_steps=2)
+    assert module.balancer.step_count == 2
+    assert module.balancing_info is not None and module.balancing_info.micro_batches == 2
+    net = Net()
+    opt = mtlbal.wrap(torch.optim.SGD(net.parameters(), lr=LR), _balancer(net, method))
+    data = _data().tensors
+    for k in range(2):
+        opt.zero_grad()
+        opt.backward(net.losses(*(t[16 * k : 16 * (k + 1)] for t in data)))
+        opt.step()
+    _assert_params_close(module.net, net, rtol=1e-6, atol=1e-7)
+    for p, q in zip(module.balancer.parameters(), opt.balancer.parameters(), strict=True):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-6, atol=1e-7)
 
 
 def test_logging() -> None:

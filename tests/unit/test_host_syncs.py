@@ -56,6 +56,12 @@ CASES: dict[str, Callable[[nn.Module], dict[str, Any]]] = {
     "imtl-l": lambda trunk: {"weighting": W.IMTLL(M)},
     "stch": lambda trunk: {"weighting": W.STCH(M)},
     "stch-reference": lambda trunk: {"weighting": W.STCH(M, reference=[1.0] * M)},
+    # issue 10: the domain flags ride in the one check; GO4Align's exact K-means stays on device
+    "go4align": lambda trunk: {"weighting": W.GO4Align(M, num_groups=2)},
+    "go4align-cut": lambda trunk: {"weighting": W.GO4Align(M, num_groups=2), "at": trunk},
+    "ldc-mtl": lambda trunk: {"weighting": W.LDCMTL(M)},
+    "cosmos": lambda trunk: {"weighting": W.COSMOS(1.0)},
+    "pbi": lambda trunk: {"weighting": W.PBI()},
 }
 
 

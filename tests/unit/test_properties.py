@@ -494,6 +494,15 @@ NON_DEFAULT: dict[str, dict[str, Any]] = {
         "on_failure": "warn",
         "reduction": "mean",
     },
+    "GO4Align": {"num_tasks": 3, "num_groups": 3, "step_size": 1e-3},
+    "LDCMTL": {"num_tasks": 3, "lambda_": 0.1, "normalization": "none", "reduction": "mean"},
+    "COSMOS": {"lambda_": 0.5, "preference": [0.2, 0.3, 0.5], "num_tasks": 3},
+    "PBI": {
+        "theta": 2.0,
+        "preference": [1.0, 2.0, 1.0],
+        "reference": [0.0, 0.1, 0.0],
+        "num_tasks": 3,
+    },
     # score="grad" needs grads=/closure= (not configuration data): not rebuilt by eval(repr)
     "SparseMask": {
         "ratio": 0.25,

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 import mtlbal
-from conftest import Problem, make_problem
+from conftest import Problem, assert_same, make_problem
 from mtlbal import aggregation as A
 from mtlbal import transforms as T
 from mtlbal import weighting as W
@@ -60,24 +60,6 @@ def everything(obj: Stateful | mtlbal.Balancer) -> Any:
             "extra": obj.get_extra_state(),
         }
     )
-
-
-def assert_same(a: Any, b: Any, where: str = "") -> None:
-    """Bitwise equality of nested containers of tensors."""
-    if isinstance(a, Tensor):
-        assert isinstance(b, Tensor), where
-        assert a.dtype == b.dtype and a.shape == b.shape, where
-        assert torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and a.keys() == b.keys(), where
-        for k in a:
-            assert_same(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert type(a) is type(b) and len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, where
 
 
 def refused(target: Stateful | mtlbal.Balancer, state: Any, match: str, **kw: Any) -> None:

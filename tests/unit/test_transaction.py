@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import mtlbal
-from conftest import Problem, make_problem
+from conftest import Problem, assert_same, make_problem
 from registry import REGISTRY, Entry
 
 M = 3
@@ -63,23 +63,6 @@ def world(p: Problem, bal: mtlbal.Balancer, opt: Any) -> dict[str, Any]:
         "step": bal.step_count,
         "tasks": bal.tasks,
     }
-
-
-def assert_same(a: Any, b: Any, where: str = "") -> None:
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor), where
-        assert a.dtype == b.dtype and a.shape == b.shape, where
-        assert torch.equal(a, b), f"{where} changed"
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for k in a:
-            assert_same(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, where
 
 
 def _refuse_at_commit(bal: mtlbal.Balancer, monkeypatch: pytest.MonkeyPatch) -> None:

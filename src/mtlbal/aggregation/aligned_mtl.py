@@ -137,6 +137,9 @@ class AlignedMTL(GramianAggregator):
     sync per step on accelerators (``torch.linalg.eigh``'s status check).
     """
 
+    # stateless in m: a missing-task step is the method on the present tasks' Gramian
+    supports_missing_tasks = True
+
     host_sync = True
     # B = σ V Λ^{-1/2} Vᵀ has degree 0 (σ ∝ c, Λ^{-1/2} ∝ 1/c; the rank threshold is relative),
     # so d = Jᵀ B w has degree 1

@@ -142,6 +142,9 @@ class CAGrad(GramianAggregator):
         reduction: ``"sum"`` (``m·d``, default) or ``"mean"`` (the paper's scale).
     """
 
+    # stateless in m: a missing-task step is the method on the present tasks' Gramian
+    supports_missing_tasks = True
+
     host_sync = True
     # the dual is solved on G/(trace(G)/m) and every guard acts on that scale: d has degree 1
     homogeneity = 1

@@ -24,6 +24,11 @@ Groups: the similarity is taken over the whole shared gradient (LibMTL's default
 ``group_type=0``); the per-layer / per-tensor variants of the paper are not provided.
 ``β``: 0.5 is LibMTL's default; the paper's value is not known to us.
 
+Missing tasks (a step without some tasks' gradients, ``P`` the present ones): the step is
+GradVac on ``P`` with the targets ``φ̂_ij`` of the pairs ``i, j ∈ P`` (visiting orders drawn over
+``P``); only those targets are updated, the others (every pair with an absent task) are left
+as they are. Targets never visited stay at their initial 0.
+
 Randomness: a ``torch.Generator`` seeded by ``seed`` (in ``state_dict`` with ``φ̂``, so a
 resumed run continues exactly).
 
@@ -40,6 +45,7 @@ import torch
 from torch import Tensor
 
 from mtlbal.aggregation.base import GramianAggregator, Reduction
+from mtlbal.step import StepContext
 
 __all__ = ["GradVac", "gradvac_weights"]
 
@@ -103,6 +109,7 @@ class GradVac(GramianAggregator):
     """
 
     targets: Tensor | None
+    supports_missing_tasks = True
 
     def __init__(
         self,
@@ -134,12 +141,25 @@ class GradVac(GramianAggregator):
         return torch.stack(rows) if m > 1 else torch.zeros(1, 0, dtype=torch.int64)
 
     def _weights(self, gramian: Tensor) -> Tensor:
+        return self.solve(gramian, StepContext())
+
+    def solve(self, gramian: Tensor, ctx: StepContext) -> Tensor:
         m = gramian.shape[0]
+        full = ctx.num_all_tasks(m)
         if self.targets is None:
-            self.targets = torch.zeros(m, m, dtype=torch.float64, device=gramian.device)
-        elif self.targets.shape != (m, m):
-            raise ValueError(f"GradVac holds targets for {self.targets.shape[0]} tasks, got {m}")
-        w, self.targets = gradvac_weights(
-            gramian, self.targets, self._orders(m), self.beta, self.eps
+            self.targets = torch.zeros(full, full, dtype=torch.float64, device=gramian.device)
+        elif self.targets.shape != (full, full):
+            raise ValueError(f"GradVac holds targets for {self.targets.shape[0]} tasks, got {full}")
+        if ctx.present is None:
+            w, self.targets = gradvac_weights(
+                gramian, self.targets, self._orders(m), self.beta, self.eps
+            )
+            return w * self._scale(m)
+        # the present tasks' pairs only; the other targets are left as they are
+        idx = torch.tensor(ctx.present, device=self.targets.device)
+        rows, cols = idx[:, None].expand(m, m), idx[None, :].expand(m, m)
+        w, sub = gradvac_weights(
+            gramian, self.targets[rows, cols], self._orders(m), self.beta, self.eps
         )
+        self.targets = self.targets.index_put((rows, cols), sub.to(self.targets))
         return w * self._scale(m)

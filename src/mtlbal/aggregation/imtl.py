@@ -89,6 +89,9 @@ class IMTLG(GramianAggregator):
         reduction: ``"sum"`` (``m·α``, default) or ``"mean"`` (the paper's ``Σα = 1``).
     """
 
+    # stateless in m: a missing-task step is the method on the present tasks' Gramian
+    supports_missing_tasks = True
+
     # torch.linalg.pinv runs an SVD whose status is checked on the host (one sync per step,
     # measured by the cost suite's profiler count)
     host_sync = True

@@ -455,6 +455,9 @@ class MGDA(GramianAggregator):
         reduction: ``"sum"`` (× m, default) or ``"mean"`` (the convex combination).
     """
 
+    # stateless in m: a missing-task step is the method on the present tasks' Gramian
+    supports_missing_tasks = True
+
     host_sync = True
 
     def __init__(

@@ -40,6 +40,13 @@ by ``α``; here the Balancer's head policy applies) and clip the shared gradient
 (TorchJD's ``NashMTL`` does it with ``max_norm=1.0`` by default). ``update_every`` (1) reuses
 ``α`` for that many steps, as the reference's ``update_weights_every``.
 
+Missing tasks (a step without some tasks' gradients, ``P`` the present ones): the step solves
+the bargaining problem of ``P`` (``G`` is ``[m', m']``), warm-started from the entries ``P`` of
+the previous ``α``; only those entries are updated, the absent tasks' ``α`` are left as they are.
+A task not seen yet has ``α = NaN`` in the state (no warm start: a warm start with a NaN entry
+starts from the reference's ``α = 1``). ``update_every`` reuses ``α_P`` only when every entry
+is known.
+
 Host sync: the Newton iterations run in NumPy on the host.
 
 Example:
@@ -59,6 +66,7 @@ import torch
 from torch import Tensor
 
 from mtlbal.aggregation.base import GramianAggregator, Reduction
+from mtlbal.step import StepContext
 
 __all__ = ["NashMTL", "NashMTLSolverWarning", "nash_mtl_weights"]
 
@@ -153,6 +161,7 @@ class NashMTL(GramianAggregator):
     """
 
     host_sync = True
+    supports_missing_tasks = True
     # α has degree −1 (Gα = 1/α), so d = Jᵀα has degree 0; the max_norm clip is on ‖d‖, which
     # is scale-free as well
     homogeneity = 0
@@ -199,13 +208,22 @@ class NashMTL(GramianAggregator):
         }
 
     def _weights(self, gramian: Tensor) -> Tensor:
+        return self.solve(gramian, StepContext())
+
+    def solve(self, gramian: Tensor, ctx: StepContext) -> Tensor:
         m = gramian.shape[0]
-        prev = self.alpha
-        if prev is not None and prev.shape[0] != m:
-            raise ValueError(f"NashMTL holds α for {prev.shape[0]} tasks, got {m}")
+        full = ctx.num_all_tasks(m)
+        held = self.alpha
+        if held is not None and held.shape[0] != full:
+            raise ValueError(f"NashMTL holds α for {held.shape[0]} tasks, got {full}")
+        prev = held
+        if held is not None and ctx.present is not None:
+            prev = held[torch.tensor(ctx.present, device=held.device)]
         calls = int(self.calls)
         self.calls = self.calls + 1
-        if prev is not None and calls % self.update_every != 0:
+        # reused only when every entry is known (NaN: a task not seen yet)
+        reuse = prev is not None and calls % self.update_every != 0
+        if reuse and prev is not None and bool(torch.isfinite(prev).all()):
             return self._clip(prev.to(gramian.device) * self._scale(m), gramian)
         alpha, ok = nash_mtl_weights(gramian, prev, tol=self.tol, max_iter=self.max_iter)
         if not ok:
@@ -217,12 +235,22 @@ class NashMTL(GramianAggregator):
                 raise RuntimeError(msg)
             self.num_failures = self.num_failures + 1
             warnings.warn(msg + "; using the previous α", NashMTLSolverWarning, stacklevel=2)
+            ones = torch.ones(m, dtype=torch.float64, device=gramian.device)
             alpha = (
-                prev.to(device=gramian.device, dtype=torch.float64)
+                torch.where(prev.isnan(), ones, prev.to(device=gramian.device, dtype=torch.float64))
                 if prev is not None
-                else torch.ones(m, dtype=torch.float64, device=gramian.device)
+                else ones
             )
-        self.alpha = alpha.detach().clone()
+        if ctx.present is None:
+            self.alpha = alpha.detach().clone()
+        else:  # the present tasks' entries only (NaN for tasks not seen yet)
+            base = (
+                torch.full((full,), float("nan"), dtype=torch.float64, device=alpha.device)
+                if held is None
+                else held.to(device=alpha.device, dtype=torch.float64)
+            )
+            idx = torch.tensor(ctx.present, device=alpha.device)
+            self.alpha = base.index_put((idx,), alpha.detach())
         return self._clip(alpha * self._scale(m), gramian)
 
     def _clip(self, w: Tensor, gramian: Tensor) -> Tensor:

@@ -70,6 +70,9 @@ class PCGrad(GramianAggregator):
         reduction: ``"sum"`` (default, the paper's ``Σ_i g_i^PC``) or ``"mean"``.
     """
 
+    # stateless in m: a missing-task step is the method on the present tasks' Gramian
+    supports_missing_tasks = True
+
     def __init__(self, *, seed: int | None = 0, eps: float = 0.0, reduction: Reduction = "sum"):
         super().__init__(reduction)
         self.seed = seed

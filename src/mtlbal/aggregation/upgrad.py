@@ -206,6 +206,9 @@ class DualConeAggregator(GramianAggregator):
         reduction: ``"sum"`` (default) or ``"mean"`` (TorchJD's scale).
     """
 
+    # stateless in m: a missing-task step is the method on the present tasks' Gramian
+    supports_missing_tasks = True
+
     host_sync = True
 
     def __init__(

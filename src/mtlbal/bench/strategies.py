@@ -153,6 +153,9 @@ STRATEGIES: dict[str, Callable[[], Factory | None]] = {
     "GLS": _dynamic("GeometricMean", role="weighting"),
     "IMTLL": _dynamic("IMTLL", role="weighting"),
     "STCH": _dynamic("STCH", role="weighting"),
+    # a published leader (NYUv2, QM9 in its paper); K = 2 groups (the official trainer's
+    # default, 1, gives every task the same weight)
+    "GO4Align": _dynamic("GO4Align", role="weighting", num_groups=2),
 }
 
 DESCRIPTIONS: dict[str, str] = {
@@ -179,6 +182,7 @@ DESCRIPTIONS: dict[str, str] = {
     "GLS": "`weighting.GeometricMean()` (geometric mean of the losses, × m)",
     "IMTLL": "`weighting.IMTLL(m)` (learnable loss scales e^s·L − s)",
     "STCH": "`weighting.STCH()` (smooth Tchebycheff of log(L/z); Σ log L until epoch 5)",
+    "GO4Align": "`weighting.GO4Align(m, num_groups=2)` (K-means groups of risk-guided indicators)",
 }
 
 ALIASES = {

@@ -11,12 +11,16 @@ from mtlbal.aggregation.pcgrad import pcgrad_weights
 from mtlbal.aggregation.upgrad import upgrad_weights
 from mtlbal.transforms.branch_calibration import branch_norms, calibrate_branch_grads
 from mtlbal.transforms.sparse_mask import global_mask, psn_mask
+from mtlbal.weighting.cosmos import cosmos_weights
 from mtlbal.weighting.dwa import dwa_weights
 from mtlbal.weighting.famo import famo_logit_grad, famo_objectives
 from mtlbal.weighting.geometric_mean import geometric_mean_weights
+from mtlbal.weighting.go4align import go4align_indicators, go4align_weights, kmeans_1d
 from mtlbal.weighting.gradnorm import gradnorm_loss
 from mtlbal.weighting.igb import igb_reward, igb_v1_weights
 from mtlbal.weighting.imtl_l import imtl_l_objectives
+from mtlbal.weighting.ldc_mtl import ldc_mtl_grad, ldc_mtl_loss
+from mtlbal.weighting.pbi import pbi_weights
 from mtlbal.weighting.rlw import rlw_weights
 from mtlbal.weighting.scale_invariant import scale_invariant_objectives
 from mtlbal.weighting.stch import stch_scalarization, stch_weights
@@ -29,21 +33,28 @@ __all__ = [
     "branch_norms",
     "cagrad_weights",
     "calibrate_branch_grads",
+    "cosmos_weights",
     "dualproj_weights",
     "dwa_weights",
     "famo_logit_grad",
     "famo_objectives",
     "geometric_mean_weights",
     "global_mask",
+    "go4align_indicators",
+    "go4align_weights",
     "gradnorm_loss",
     "gradvac_weights",
     "igb_reward",
     "igb_v1_weights",
     "imtl_l_objectives",
     "imtlg_weights",
+    "kmeans_1d",
+    "ldc_mtl_grad",
+    "ldc_mtl_loss",
     "mgda_weights",
     "min_norm_2",
     "nash_mtl_weights",
+    "pbi_weights",
     "pcgrad_weights",
     "psn_mask",
     "rlw_weights",

@@ -14,9 +14,10 @@ them under ``losses``. :class:`BalancedTrainer` runs the model, hands the losses
   ``optimizer.pt`` has it, and ``trainer.train(resume_from_checkpoint=...)`` restores it.
 - Mixed precision: the accelerator's ``GradScaler`` (fp16 on a GPU) is passed to
   ``balancer.backward``; bf16 needs no scaler. HF refuses fp16 on a CPU.
-- Gradient accumulation is refused (``gradient_accumulation_steps > 1`` raises): a balanced
-  step is formed from one batch's losses, and summing separately balanced micro-batches is not
-  the balanced step of their union. Use a larger ``per_device_train_batch_size``.
+- Gradient accumulation (``gradient_accumulation_steps=K``): each batch is a micro-batch of the
+  balancer's accumulation window, closed on the batch after which the ``Trainer`` steps
+  (accelerate's ``sync_gradients``), so the update is the balanced update of the ``K`` batches
+  together (see :mod:`mtlbal._accumulate`).
 """
 
 from __future__ import annotations
@@ -86,13 +87,6 @@ class BalancedTrainer(Trainer):
         if (balancer is None) == (balancer_factory is None):
             raise ValueError("give exactly one of balancer= and balancer_factory=")
         super().__init__(*args, **kwargs)
-        if self.args.gradient_accumulation_steps != 1:
-            raise ValueError(
-                "BalancedTrainer does not support gradient_accumulation_steps > 1 (got "
-                f"{self.args.gradient_accumulation_steps}): a balanced step is formed from one "
-                "batch's losses, and a sum of separately balanced micro-batches is not the "
-                "balanced step of their union; raise per_device_train_batch_size instead"
-            )
         if balancer is None:
             assert balancer_factory is not None
             if self.model is None:
@@ -136,18 +130,22 @@ class BalancedTrainer(Trainer):
         detached sum."""
         model.train()
         # the Trainer zeroes the model's gradients (model.zero_grad()), not the optimizer's:
-        # the strategy parameters live outside the model, clear theirs here (one step per call,
-        # gradient accumulation is refused)
-        for p in self.balancer.parameters():
-            p.grad = None
+        # the strategy parameters live outside the model, clear theirs when a step starts
+        if getattr(self.balancer, "_window", None) is None:
+            for p in self.balancer.parameters():
+                p.grad = None
         inputs = self._prepare_inputs(inputs)
         with self.compute_loss_context_manager():
             outputs = model(**inputs)
         losses = dict(losses_from_outputs(outputs, self.losses_key))
         scaler = getattr(self.accelerator, "scaler", None)
+        last = None
+        if self.args.gradient_accumulation_steps != 1:
+            # a micro-batch of the balancer's window, closed when the Trainer steps next
+            last = bool(self.accelerator.sync_gradients)
         opt = self._balanced
         if opt is None:  # the Trainer always builds its optimizer first; be safe anyway
-            self.last_info = self.balancer.backward(losses, scaler=scaler)
+            self.last_info = self.balancer.backward(losses, scaler=scaler, last=last)
         else:
-            self.last_info = opt.backward(losses, scaler=scaler)
+            self.last_info = opt.backward(losses, scaler=scaler, last=last)
         return torch.stack([v.detach().float() for v in losses.values()]).sum()

@@ -28,7 +28,10 @@ Manual optimization (``self.automatic_optimization = False``) needs no mixin: ca
 ``self.manual_backward(loss)``, then ``opt.step()`` and ``opt.zero_grad()`` (see
 ``docs/integrations.md``).
 
-Not supported in automatic optimization: ``accumulate_grad_batches > 1`` (raises).
+Gradient accumulation (``accumulate_grad_batches=K``): each batch is a micro-batch of the
+balancer's accumulation window, which closes on the batch after which Lightning steps the
+optimizer, so the update is the balanced update of the ``K`` batches together (see
+:mod:`mtlbal._accumulate`).
 """
 
 from __future__ import annotations
@@ -147,15 +150,15 @@ class BalancingMixin:
                 "{task: loss} or {'loss': total, 'losses': {task: loss}}"
             )
         trainer = module.trainer
+        last = None
         if trainer.accumulate_grad_batches != 1:
-            raise NotImplementedError(
-                "BalancingMixin does not support accumulate_grad_batches > 1 in automatic "
-                "optimization (the balancer solves one step's tasks at a time)"
-            )
+            # gradient accumulation: this batch is a micro-batch of the balancer's window,
+            # closed on the batch after which Lightning steps the optimizer
+            last = not trainer.fit_loop.epoch_loop._should_accumulate()
         opt = balanced_optimizer(trainer)
-        info = opt.backward(losses, scaler=scaler_of(trainer))
+        info = opt.backward(losses, scaler=scaler_of(trainer), last=last)
         self.balancing_info = info
-        if self.log_balancing:
+        if self.log_balancing and not info.pending:
             module.log_dict(info_to_dict(info), on_step=True, on_epoch=False)
         return None
 

@@ -160,6 +160,9 @@ class SparseMask(GradientTransform):
         restore: write frozen entries back in :meth:`after_step` (default ``True``).
     """
 
+    # per-parameter: the number of tasks does not enter
+    supports_missing_tasks = True
+
     def __init__(
         self,
         params: nn.Module | Iterable[nn.Module] | Iterable[Tensor] | None = None,

@@ -55,6 +55,11 @@ class LossWeighting(Stateful):
     """
 
     num_tasks: int | None = None
+    #: ``ℓ_t = c_t·L_t`` (+ an ``aux`` term) with ``c`` and ``aux`` independent of the current
+    #: losses' values (they may depend on the strategy's state, parameters and randomness).
+    #: Gradient accumulation then needs one backward per micro-batch instead of per-task
+    #: gradients (:mod:`mtlbal._accumulate`). ``False`` (the safe default) for anything else.
+    linear_in_losses: bool = False
 
     @property
     def needs_layer_grad_norms(self) -> bool:
@@ -81,18 +86,27 @@ class LossWeighting(Stateful):
     def epoch_end(self) -> None:
         """Mark the end of an epoch (IGB, DWA use epoch means)."""
 
-    def observe(self, losses: Tensor) -> None:
-        """Called after every taken step with the detached raw losses ``[m]``."""
+    def observe(self, losses: Tensor, present: tuple[int, ...] | None = None) -> None:
+        """Called after every taken step with the detached raw losses ``[m]``. On a
+        missing-task step (only for a strategy that supports them) ``losses`` holds the present
+        tasks' losses and ``present`` their indices in the full task list (as
+        ``StepContext.present``); it is passed only then, so a strategy that never supports
+        missing tasks may leave it out of its signature."""
 
 
 class Equal(LossWeighting):
     """Equal weights: ``ℓ_t = L_t`` (``w = 1``), so the result is ``∇ Σ_t L_t``.
+
+    Missing tasks: ``∇ Σ_t L_t`` over the present tasks.
 
     Example:
         >>> import torch
         >>> Equal()(torch.tensor([2.0, 3.0]))
         tensor([1., 1.])
     """
+
+    linear_in_losses = True
+    supports_missing_tasks = True
 
     def objectives(self, losses: Tensor, ctx: LossContext) -> WeightedLosses:
         return WeightedLosses(losses, torch.ones_like(losses).detach())

@@ -33,6 +33,10 @@ or gives NaN, and drives the logits the wrong way. So a loss with ``L_t ≤ L*_t
 :meth:`objectives` or :meth:`update`) is a ``ValueError`` naming the task: set ``min_losses``
 below what the loss can reach. The check is one host sync per call.
 
+Missing tasks: a step without some tasks' losses is refused (``ValueError``, before anything
+changes): ``z`` is a softmax over every task's logit and the logit step is one Adam step, with
+one step count, on every task's loss decrease; neither is defined for a subset.
+
 Scale: the paper's weights ``c z_t / D_t`` sum to 1 (``reduction="mean"``). ``reduction="sum"``
 (default) multiplies the objectives by ``m``: at the start (``z`` uniform) and with equal
 losses every weight is 1, as with ``Σ_t L_t``. The logit update does not depend on it.
@@ -100,6 +104,12 @@ class FAMO(LossWeighting):
     """
 
     needs = frozenset({Need.LOSSES_AFTER_STEP})
+    supports_missing_tasks = False
+    missing_tasks_note = (
+        "FAMO's weights are a softmax over every task's logit and its logit step is one Adam "
+        "step (one shared step count) on the loss decrease of every task; neither is defined "
+        "for a subset of the tasks. Give every task a loss in every step"
+    )
 
     logits: Tensor
     exp_avg: Tensor

@@ -24,6 +24,9 @@ Domain: ``log L`` needs ``L_t > 0``. A loss that is not, or one whose weight ove
 the Balancer's one host sync: no host read here). Multiplying one loss ``L_t`` by ``c > 0``
 multiplies the whole update by ``c^{1/m}``: its direction does not depend on the losses' scales.
 
+Missing tasks (a step without some tasks' losses): the geometric mean of the present tasks'
+losses, i.e. GLS over those ``m'`` tasks.
+
 Shapes: ``L`` ``[m]`` → weights ``[m]``. Stateless.
 
 Example:
@@ -76,15 +79,15 @@ class GeometricMean(LossWeighting):
     def hparams(self) -> dict[str, object]:
         return {"num_tasks": self.num_tasks, "reduction": self.reduction}
 
-    def _weights(self, losses: Tensor) -> Tensor:
+    def _weights(self, losses: Tensor, present: tuple[int, ...] | None = None) -> Tensor:
         m = losses.shape[0]
-        if self.num_tasks is not None and m != self.num_tasks:
+        if self.num_tasks is not None and m != self.num_tasks and present is None:
             raise ValueError(f"GeometricMean was built for {self.num_tasks} tasks, got {m} losses")
         w = geometric_mean_weights(losses)
         return w * m if self.reduction == "sum" else w
 
     def objectives(self, losses: Tensor, ctx: LossContext) -> WeightedLosses:
-        w = self._weights(losses)
+        w = self._weights(losses, ctx.present)
         raw = losses.detach()
         ok = (raw > 0) & torch.isfinite(w)
         what = (

@@ -13,6 +13,17 @@ detached. After each optimizer step the weights are renormalised to ``Σ_t w_t =
 in place at the start of the next step, which is the same thing: the renormalised value is what
 every later computation sees). ``L(0)`` is the loss of the first step.
 
+Missing tasks (a step without some tasks' losses, ``P`` the present ones): the step is
+GradNorm on ``P``: ``Ḡ`` and ``r_t`` are taken over ``P``, the network receives
+``∇ Σ_{t∈P} w_t L_t``, and ``∂L_grad/∂w`` is exactly 0 in the absent entries. ``L_t(0)`` is the
+loss of the first step *that had task t* (NaN until then). The renormalisation that follows
+this step's update rescales the present weights only, to ``Σ_{t∈P} w_t = m − Σ_{t∉P} w_t``:
+the absent weights are left as they are and ``Σ_t w = m`` still holds (the paper's constraint;
+it is applied at the start of the next step, as above, for the tasks of the step that was
+updated: ``renorm_mask`` in the state). Should the absent weights alone reach ``m`` (possible
+only if an optimizer moved them, e.g. momentum), the renormalisation is over every task, with
+a warning.
+
 Shapes: ``L`` ``[m]``; ``w`` ``[m]``; layer norms ``[m]``.
 
 Example:
@@ -24,6 +35,7 @@ Example:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -73,6 +85,8 @@ class GradNorm(LossWeighting):
 
     needs = frozenset({Need.LAYER_NORMS})
     initial_losses: Tensor | None
+    renorm_mask: Tensor | None
+    supports_missing_tasks = True
 
     def __init__(
         self,
@@ -91,6 +105,8 @@ class GradNorm(LossWeighting):
         self.min_weight = float(min_weight)
         self.weights = nn.Parameter(torch.ones(num_tasks))
         self.add_state("initial_losses", None)
+        # the tasks whose weights the last step updated, when it lacked some (None: all)
+        self.add_state("renorm_mask", None)
         self._layer: list[Tensor] = []
         if layer is not None:
             self._layer = (
@@ -130,6 +146,23 @@ class GradNorm(LossWeighting):
         # replaced, not changed in place (the step is a transaction: a refused step restores
         # the previous tensor)
         with torch.no_grad():
+            mask = self.renorm_mask
+            if mask is not None:
+                mask = mask.to(self.weights.device)
+                w = self.weights.clamp_min(self.min_weight)
+                target = self._m - torch.where(mask, 0.0, self.weights).sum()
+                if bool(target > 0):  # one host read, after missing-task steps only
+                    scaled = w * (target / torch.where(mask, w, 0.0).sum())
+                    self.weights.data = torch.where(mask, scaled, self.weights)
+                    self.renorm_mask = None
+                    return
+                warnings.warn(
+                    "GradNorm: the weights of the tasks absent from the last step sum to "
+                    f"{float(self._m - target)!r} ≥ m = {self._m} (moved by the optimizer): "
+                    "renormalising every weight",
+                    stacklevel=3,
+                )
+                self.renorm_mask = None
             w = self.weights.clamp_min(self.min_weight)
             self.weights.data = w * (self._m / w.sum())
 
@@ -137,20 +170,43 @@ class GradNorm(LossWeighting):
         if ctx.layer_grad_norms is None:
             raise RuntimeError("GradNorm needs the layer gradient norms from the Balancer")
         self._renormalize()
-        if self.initial_losses is None:
-            self.initial_losses = losses.detach().clone()
-        w = self.weights
+        present = ctx.present
+        if present is None:
+            if self.initial_losses is None:
+                self.initial_losses = losses.detach().clone()
+            else:
+                # a task first seen now (after missing-task steps: NaN): its L(0) is this loss
+                init = self.initial_losses.to(losses.device)
+                self.initial_losses = torch.where(init.isnan(), losses.detach(), init)
+            initial = self.initial_losses
+            w: Tensor = self.weights
+        else:
+            idx = torch.tensor(present, device=losses.device)
+            # L(0) per task: its loss at the first step that had it (NaN until then)
+            first = (
+                torch.full((self._m,), float("nan"), dtype=losses.dtype, device=losses.device)
+                if self.initial_losses is None
+                else self.initial_losses.to(losses.device)
+            )
+            mine = first[idx]
+            self.initial_losses = first.index_put(
+                (idx,), torch.where(mine.isnan(), losses.detach(), mine)
+            )
+            initial = self.initial_losses[idx]
+            w = self.weights[idx.to(self.weights.device)]
+            mask = torch.zeros(self._m, dtype=torch.bool, device=self.weights.device)
+            self.renorm_mask = mask.index_fill(0, idx.to(mask.device), True)
         lg = gradnorm_loss(
             w.to(losses.dtype),
             ctx.layer_grad_norms.to(losses.dtype),
             losses,
-            self.initial_losses.to(losses.dtype),
+            initial.to(losses.dtype),
             self.alpha,
         )
-        (grad_w,) = torch.autograd.grad(lg, w)
+        (grad_w,) = torch.autograd.grad(lg, self.weights)
         wd = w.detach().to(losses.dtype, copy=True)
         # ∇_w of the GradNorm loss, written to w.grad by the Balancer's commit stage
-        return WeightedLosses(wd * losses, wd, param_grads=[(w, grad_w.detach())])
+        return WeightedLosses(wd * losses, wd, param_grads=[(self.weights, grad_w.detach())])
 
     def current_weights(self, losses: Tensor) -> Tensor:
         w = self.weights.detach().clamp_min(self.min_weight)

@@ -51,6 +51,10 @@ Host syncs (:attr:`IGB.host_sync`): v1 none (the positivity check is returned as
 agent on the CPU, so the loss vector (``m`` floats) is copied to the host every step and the
 action copied back, and the base losses once when they are set.
 
+Missing tasks: a step without some tasks' losses is refused (``ValueError``, before anything
+changes): the epoch statistics count steps, not per-task samples, and v2's agent takes the
+whole loss vector as its state and action.
+
 State (all in ``state_dict``; a resumed run continues exactly): base losses, the running epoch
 sum/count, the epoch and step counters; for v2 also the networks, target networks, the three
 Adam optimizers, ``log α``, the replay buffer, the ring and the generator.
@@ -76,8 +80,9 @@ In a training loop (any aggregator can follow)::
 
 Task heads receive the gradient of ``Σ_t ℓ_t`` (the weighted log-losses), as in the official
 code. Randomness (v2) comes from the strategy's own generator, not the global RNG as in the
-official code: draws differ from it but are reproducible from ``seed``. Under DDP each rank keeps
-its own epoch means (no all-reduce yet), so base losses can differ slightly across ranks.
+official code: draws differ from it but are reproducible from ``seed``. Under DDP the Balancer
+hands IGB the global losses (the rank mean), so the epoch means, the base losses and the weights
+are the same on every rank and equal one process's (tests/distributed/test_ddp_registry.py).
 """
 
 from __future__ import annotations
@@ -128,6 +133,12 @@ class IGB(LossWeighting):
 
     base_losses: Tensor | None
     epoch_sum: Tensor | None
+    supports_missing_tasks = False
+    missing_tasks_note = (
+        "IGB's epoch statistics count steps, not per-task samples, and v2's agent takes the "
+        "whole loss vector as its state and action (a subset has no defined state); give "
+        "every task a loss in every step"
+    )
 
     def __init__(
         self,
@@ -280,7 +291,7 @@ class IGB(LossWeighting):
         self._init_v2()
 
     # ------------------------------------------------------------------ epochs
-    def observe(self, losses: Tensor) -> None:
+    def observe(self, losses: Tensor, present: tuple[int, ...] | None = None) -> None:
         """Accumulate the raw losses of a taken step into the running epoch sum (on device)."""
         raw = losses.detach()
         self.epoch_sum = raw.clone() if self.epoch_sum is None else self.epoch_sum + raw

@@ -24,6 +24,8 @@ negative loss is refused naming the task (the paper balances positive losses); `
 objective against ``L → 0`` blow-ups (``None`` to disable; beyond the clamp ``s`` gets no
 gradient).
 
+Missing tasks: the sum over the present tasks; the absent tasks' ``s_t`` get no gradient.
+
 Shapes: ``L`` ``[m]`` → objectives ``[m]``; parameters ``log_scales`` ``[m]``. No host sync.
 
 Example:
@@ -60,6 +62,8 @@ class IMTLL(LossWeighting):
         max_log_scale: upper clamp on ``s`` used in the objective (``None`` to disable).
     """
 
+    supports_missing_tasks = True
+
     def __init__(
         self,
         num_tasks: int,
@@ -86,17 +90,22 @@ class IMTLL(LossWeighting):
             "max_log_scale": self.max_log_scale,
         }
 
-    def _s(self, losses: Tensor) -> Tensor:
+    def _s(self, losses: Tensor, present: tuple[int, ...] | None = None) -> Tensor:
         m = losses.shape[0]
+        if present is not None:  # the present tasks' entries (absent ones get no gradient)
+            s: Tensor = self.log_scales[torch.tensor(present, device=self.log_scales.device)]
+            if self.max_log_scale is not None:
+                s = s.clamp_max(self.max_log_scale)
+            return s.to(losses.dtype)
         if m != self.num_tasks:
             raise ValueError(f"IMTLL was built for {self.num_tasks} tasks, got {m} losses")
-        s: Tensor = self.log_scales
+        s = self.log_scales
         if self.max_log_scale is not None:
             s = s.clamp_max(self.max_log_scale)
         return s.to(losses.dtype)
 
     def objectives(self, losses: Tensor, ctx: LossContext) -> WeightedLosses:
-        s = self._s(losses)
+        s = self._s(losses, ctx.present)
         obj = imtl_l_objectives(losses, s)
         weights = torch.exp(s).detach()
         ok = losses.detach() >= 0

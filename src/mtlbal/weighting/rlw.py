@@ -9,6 +9,10 @@ sum to 1); nash-mtl and IGB use ``m·softmax(ε)`` (sum ``m``). ``reduction="sum
 is ``m·softmax(ε)``: the expected weight of every task is 1, as with ``Σ_t L_t``;
 ``reduction="mean"`` is the paper's ``softmax(ε)``.
 
+Missing tasks: the draw is over the present tasks only, ``ε ~ N(0, I_{m'})`` and
+``λ = softmax(ε)`` (times ``m'`` for ``reduction="sum"``): the step is RLW on the ``m'`` tasks
+that have a loss (the generator advances by ``m'`` draws).
+
 Randomness: a CPU ``torch.Generator`` seeded by ``seed``; its state is saved in ``state_dict``,
 so a resumed run draws the same weights. Skipped steps draw nothing. No host sync (the draw
 is on the CPU and copied to the losses' device).
@@ -47,6 +51,9 @@ class RLW(LossWeighting):
         seed: generator seed (``None``: nondeterministic).
         reduction: ``"sum"`` (``m·softmax``, default) or ``"mean"`` (the paper's ``softmax``).
     """
+
+    linear_in_losses = True
+    supports_missing_tasks = True
 
     def __init__(
         self,

@@ -24,6 +24,8 @@ weight is ``1/ε``, large: a pitfall of every log-loss recipe).
 Domain: ``log`` needs ``L_t + ε > 0``; a loss that is not, or whose weight ``c_t/(L_t + ε)``
 overflows the dtype, is refused naming the task (folded into the Balancer's one host sync).
 
+Missing tasks: the present tasks' terms (their ``c_t``); the others contribute nothing.
+
 Shapes: ``L`` ``[m]`` → objectives and weights ``[m]``. Stateless; no host sync.
 
 Example:
@@ -105,8 +107,12 @@ class ScaleInvariant(LossWeighting):
             raise ValueError(f"ScaleInvariant has {self.c.shape[0]} weights, got {m} losses")
 
     def objectives(self, losses: Tensor, ctx: LossContext) -> WeightedLosses:
-        self._check_m(losses.shape[0])
-        obj, w = scale_invariant_objectives(losses, self.eps, self.c)
+        c = self.c
+        if ctx.present is None:
+            self._check_m(losses.shape[0])
+        elif c is not None:  # a missing-task step: the present tasks' weights
+            c = c[torch.tensor(ctx.present, device=c.device)]
+        obj, w = scale_invariant_objectives(losses, self.eps, c)
         ok = (losses.detach() + self.eps > 0) & torch.isfinite(w)
         what = (
             f"ScaleInvariant takes log(L + eps) (eps={self.eps}) and needs L + eps > 0 (with a "

@@ -45,6 +45,9 @@ State (in ``state_dict``): the reference ``z``, the running sum of the warm-up e
 their count and the epoch counter. Under DDP the strategy sees the rank mean of the losses, so
 every rank estimates the same ``z``. No host sync per step.
 
+Missing tasks: refused (``supports_missing_tasks = False``): the reference is every task's mean
+loss over one epoch and the softmax couples all the tasks.
+
 Shapes: ``L`` ``[m]`` → weights ``[m]``.
 
 Example:
@@ -110,6 +113,12 @@ class STCH(LossWeighting):
     reference: Tensor | None
     epoch_sum: Tensor | None
     pref_t: Tensor | None
+
+    supports_missing_tasks = False
+    missing_tasks_note = (
+        "its reference z is each task's mean loss over an epoch and its softmax couples every "
+        "task: a step without some tasks has no STCH value"
+    )
 
     def __init__(
         self,
@@ -204,8 +213,9 @@ class STCH(LossWeighting):
         return self.reference is None
 
     # ------------------------------------------------------------------ epochs
-    def observe(self, losses: Tensor) -> None:
-        """Accumulate the raw losses of a taken step during epoch ``warmup_epoch`` (on device)."""
+    def observe(self, losses: Tensor, present: tuple[int, ...] | None = None) -> None:
+        """Accumulate the raw losses of a taken step during epoch ``warmup_epoch`` (on device);
+        ``present`` is never set (STCH refuses missing-task steps)."""
         if self.reference is not None or self.epoch != self.warmup_epoch:
             return
         raw = losses.detach().to(torch.float64)

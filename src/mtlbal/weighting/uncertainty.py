@@ -11,6 +11,12 @@ every form: ``a`` changes only the dynamics, ``b`` the overall scale.
 
 Shapes: ``L`` ``[m]`` → objectives ``[m]``; parameters ``log_vars`` ``[m]``.
 
+Missing tasks (a step without some tasks' losses): the objective is the sum over the present
+tasks ``P`` only, ``Σ_{t∈P} a_t e^{−s_t} L_t + b s_t``, so the gradient this step adds to an
+absent task's ``s_t`` is exactly zero (``.grad`` is written for the whole ``log_vars`` tensor,
+with ``0.0`` in the absent entries). What the optimizer then does with an absent entry
+(momentum, weight decay) is the optimizer's business.
+
 Example:
     >>> import torch
     >>> uw = UncertaintyWeighting(
@@ -59,6 +65,9 @@ class UncertaintyWeighting(LossWeighting):
     """
 
     a: Tensor
+    supports_missing_tasks = True
+
+    linear_in_losses = True
 
     def __init__(
         self,
@@ -115,6 +124,9 @@ class UncertaintyWeighting(LossWeighting):
     def objectives(self, losses: Tensor, ctx: LossContext) -> WeightedLosses:
         s = self._s().to(losses.dtype)
         a = self.a.to(device=losses.device, dtype=losses.dtype)
+        if ctx.present is not None:  # the present tasks' entries (absent ones get no gradient)
+            idx = torch.tensor(ctx.present, device=s.device)
+            s, a = s[idx], a[idx]
         obj = uncertainty_objectives(losses, s, a, self.b)
         weights = (a * torch.exp(-s)).detach()
         return WeightedLosses(obj, weights, aux=self.b * s.sum())

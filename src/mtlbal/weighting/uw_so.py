@@ -26,6 +26,8 @@ the direct formula (the authors') loses ``|logit|·2⁻⁵²`` to rounding in ea
 formed as ``(L_min − L_t)/((L_t + ε)(L_min + ε)T)``, accurate to a few ulps, and no inverse
 overflows even with ``eps=0`` (see :func:`uw_so_weights`).
 
+Missing tasks: the softmax over the present tasks (UW-SO over those ``m'`` tasks).
+
 Shapes: ``L`` ``[m]`` → weights ``[m]``. Stateless; no host sync.
 
 Example:
@@ -104,15 +106,15 @@ class UWSO(LossWeighting):
             "reduction": self.reduction,
         }
 
-    def _weights(self, losses: Tensor) -> Tensor:
+    def _weights(self, losses: Tensor, present: tuple[int, ...] | None = None) -> Tensor:
         m = losses.shape[0]
-        if self.num_tasks is not None and m != self.num_tasks:
+        if self.num_tasks is not None and m != self.num_tasks and present is None:
             raise ValueError(f"UWSO was built for {self.num_tasks} tasks, got {m} losses")
         w = uw_so_weights(losses, self.temperature, self.eps)
         return w * m if self.reduction == "sum" else w
 
     def objectives(self, losses: Tensor, ctx: LossContext) -> WeightedLosses:
-        w = self._weights(losses)
+        w = self._weights(losses, ctx.present)
         ok = losses.detach() + self.eps > 0
         what = (
             f"UWSO weights by softmax(1/((L + eps)·T)) (eps={self.eps}, T={self.temperature}) "

@@ -140,10 +140,13 @@ def test_training_matches_the_official_trainer(variant: str, m: int) -> None:
         official_total(losses, router(), state, lamb, variant).backward()
         opt_a.zero_grad()
         opt_a.backward(a.losses(x, y))
+        # 1e-9: mtlbal normalises as (L / L⁰)·min L⁰ (exactly at the penalty's kink on the
+        # first step), the official code as L / (L⁰ / min L⁰): the same number up to rounding,
+        # which Adam's normalisation amplifies over the steps
         for pa, pb in zip(a.parameters(), b.parameters()):
-            torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-10, atol=1e-13)
+            torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-9, atol=1e-12)
         torch.testing.assert_close(
-            weighting.router_logits.grad, router.logits.grad, rtol=1e-10, atol=1e-13
+            weighting.router_logits.grad, router.logits.grad, rtol=1e-9, atol=1e-12
         )
         opt_a.step()
         opt_b.step()

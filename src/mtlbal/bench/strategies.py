@@ -156,6 +156,9 @@ STRATEGIES: dict[str, Callable[[], Factory | None]] = {
     # a published leader (NYUv2, QM9 in its paper); K = 2 groups (the official trainer's
     # default, 1, gives every task the same weight)
     "GO4Align": _dynamic("GO4Align", role="weighting", num_groups=2),
+    "PCD": _dynamic("PCD", role="aggregator"),
+    "MoDo": _dynamic("MoDo", role="aggregator"),
+    "SDMGrad": _dynamic("SDMGrad", role="aggregator"),
 }
 
 DESCRIPTIONS: dict[str, str] = {
@@ -183,6 +186,9 @@ DESCRIPTIONS: dict[str, str] = {
     "IMTLL": "`weighting.IMTLL(m)` (learnable loss scales e^s·L − s)",
     "STCH": "`weighting.STCH()` (smooth Tchebycheff of log(L/z); Σ log L until epoch 5)",
     "GO4Align": "`weighting.GO4Align(m, num_groups=2)` (K-means groups of risk-guided indicators)",
+    "PCD": "`aggregation.PCD()` at the shared parameters (the first task is the primary)",
+    "MoDo": "`aggregation.MoDo()` at the shared parameters (one batch: the biased variant)",
+    "SDMGrad": "`aggregation.SDMGrad()` at the shared parameters (one batch: the biased variant)",
 }
 
 ALIASES = {

@@ -6,8 +6,11 @@ from mtlbal.aggregation.dualproj import dualproj_weights
 from mtlbal.aggregation.gradvac import gradvac_weights
 from mtlbal.aggregation.imtl import imtlg_weights
 from mtlbal.aggregation.mgda import mgda_weights, min_norm_2
+from mtlbal.aggregation.modo import modo_step
 from mtlbal.aggregation.nash_mtl import nash_mtl_weights
+from mtlbal.aggregation.pcd import pcd_qp, pcd_weights
 from mtlbal.aggregation.pcgrad import pcgrad_weights
+from mtlbal.aggregation.sdmgrad import sdmgrad_step
 from mtlbal.aggregation.upgrad import upgrad_weights
 from mtlbal.transforms.branch_calibration import branch_norms, calibrate_branch_grads
 from mtlbal.transforms.sparse_mask import global_mask, psn_mask
@@ -53,12 +56,16 @@ __all__ = [
     "ldc_mtl_loss",
     "mgda_weights",
     "min_norm_2",
+    "modo_step",
     "nash_mtl_weights",
     "pbi_weights",
+    "pcd_qp",
+    "pcd_weights",
     "pcgrad_weights",
     "psn_mask",
     "rlw_weights",
     "scale_invariant_objectives",
+    "sdmgrad_step",
     "stch_scalarization",
     "stch_weights",
     "uncertainty_objectives",

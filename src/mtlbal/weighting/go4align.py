@@ -144,6 +144,13 @@ class GO4Align(LossWeighting):
     groups: Tensor | None
     num_tasks: int
 
+    supports_missing_tasks = False
+    missing_tasks_note = (
+        "its smooth-alignment factor is a softmax over every task's cumulative loss and the "
+        "groups are a K-means over all tasks' indicators: a step without a task has no "
+        "defined update of either"
+    )
+
     def __init__(self, num_tasks: int, *, num_groups: int = 2, step_size: float = 1e-4) -> None:
         super().__init__()
         if num_tasks < 1:

@@ -98,6 +98,12 @@ class LDCMTL(LossWeighting):
     initial_losses: Tensor | None
     num_tasks: int
 
+    supports_missing_tasks = False
+    missing_tasks_note = (
+        "its router is a softmax over every task and its discrepancy penalty pairs task t with "
+        "task t+1: without a task the objective is not defined"
+    )
+
     def __init__(
         self,
         num_tasks: int,
@@ -145,8 +151,12 @@ class LDCMTL(LossWeighting):
     def _normalize(self, losses: Tensor, initial: Tensor) -> tuple[Tensor, Tensor]:
         """``(ℓ̃, ∂ℓ̃/∂L)`` for losses ``[m]`` (differentiable in ``losses``)."""
         if self.normalization == "initial_ratio":
-            tau = initial / initial.min()
-            return losses / tau, 1.0 / tau
+            # ℓ̃ = L / τ with τ = L⁰ / min L⁰, computed as (L / L⁰)·min L⁰: at the first step
+            # (L = L⁰) every ℓ̃_t is then exactly min L⁰, so the penalty's |σ_t ℓ̃_t − σ_{t+1}
+            # ℓ̃_{t+1}| sits exactly at its kink (subgradient 0) instead of on a side picked by
+            # the rounding of L / τ
+            low = initial.min()
+            return (losses / initial) * low, low / initial
         if self.normalization == "log_initial":
             return torch.log(losses / initial), 1.0 / losses.detach()
         return losses, torch.ones_like(losses).detach()

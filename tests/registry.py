@@ -208,6 +208,41 @@ REGISTRY: list[Entry] = [
         permutation=False,
         missing="refuse",
     ),
+    # loss-level methods of issue 10; the log-based ones need positive losses
+    Entry(
+        "GeometricMean",
+        lambda m: {"weighting": W.GeometricMean(m)},
+        extras={"positive_losses": True},
+    ),
+    Entry(
+        "ScaleInvariant",
+        lambda m: {"weighting": W.ScaleInvariant(m)},
+        extras={"positive_losses": True},
+        identical="scaled",
+    ),
+    Entry("UWSO", lambda m: {"weighting": W.UWSO(m, temperature=0.5)}),
+    Entry("IMTLL", lambda m: {"weighting": W.IMTLL(m)}, identical="scaled"),
+    Entry(
+        "IMTLL+IMTLG",
+        lambda m: {"weighting": W.IMTLL(m), "aggregator": A.IMTLG()},
+        identical="scaled",
+    ),
+    # warm-up (Σ log L) during epoch 0, whose mean loss becomes the reference; STCH afterwards
+    Entry(
+        "STCH",
+        lambda m: {"weighting": W.STCH(m, warmup_epoch=0)},
+        epoch_every=2,
+        extras={"positive_losses": True},
+        identical="scaled",
+        missing="refuse",
+    ),
+    Entry(
+        "STCH-reference",
+        lambda m: {"weighting": W.STCH(m, mu=0.5, reference=[0.5] * m, reduction="mean")},
+        extras={"positive_losses": True},
+        identical="scaled",
+        missing="refuse",
+    ),
     # sparse training: half of each trunk neuron's inputs frozen (selected when the Balancer is
     # built, on the trunk's initial weights). The shared gradient is the masked one, so
     # "equal weights == sum(losses).backward()" holds only on the live entries; frozen entries

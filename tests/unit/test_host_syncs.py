@@ -49,6 +49,13 @@ CASES: dict[str, Callable[[nn.Module], dict[str, Any]]] = {
     "equal-cut": lambda trunk: {"at": trunk},
     "pcgrad-cut": lambda trunk: {"aggregator": A.PCGrad(seed=0), "at": trunk},
     "equal-cut-diagnostics": lambda trunk: {"at": trunk, "diagnostics": True},
+    # loss-level methods with a domain: its check rides in the one sync
+    "geometric-mean": lambda trunk: {"weighting": W.GeometricMean(M)},
+    "scale-invariant": lambda trunk: {"weighting": W.ScaleInvariant(M)},
+    "uw-so": lambda trunk: {"weighting": W.UWSO(M)},
+    "imtl-l": lambda trunk: {"weighting": W.IMTLL(M)},
+    "stch": lambda trunk: {"weighting": W.STCH(M)},
+    "stch-reference": lambda trunk: {"weighting": W.STCH(M, reference=[1.0] * M)},
     # issue 10: the domain flags ride in the one check; GO4Align's exact K-means stays on device
     "go4align": lambda trunk: {"weighting": W.GO4Align(M, num_groups=2)},
     "go4align-cut": lambda trunk: {"weighting": W.GO4Align(M, num_groups=2), "at": trunk},

@@ -150,6 +150,12 @@ STRATEGIES: dict[str, Callable[[], Factory | None]] = {
     "FAMO": _dynamic("FAMO", role="weighting"),
     "DWA": _dynamic("DWA", role="weighting"),
     "RLW": _dynamic("RLW", role="weighting"),
+    # log-loss and analytical-uncertainty baselines that several studies find hard to beat
+    "SI": _dynamic("ScaleInvariant", role="weighting"),
+    "UWSO": _dynamic("UWSO", role="weighting"),
+    "GLS": _dynamic("GeometricMean", role="weighting"),
+    "IMTLL": _dynamic("IMTLL", role="weighting"),
+    "STCH": _dynamic("STCH", role="weighting"),
     # a published leader (NYUv2, QM9 in its paper); K = 2 groups (the official trainer's
     # default, 1, gives every task the same weight)
     "GO4Align": _dynamic("GO4Align", role="weighting", num_groups=2),
@@ -178,6 +184,11 @@ DESCRIPTIONS: dict[str, str] = {
     "FAMO": "`weighting.FAMO()`",
     "DWA": "`weighting.DWA()` (epoch-level loss ratios)",
     "RLW": "`weighting.RLW()` (random loss weights)",
+    "SI": "`weighting.ScaleInvariant()` (Σ log(L + 1e-8): the scale-invariant baseline)",
+    "UWSO": "`weighting.UWSO()` (softmax of the inverse losses, T = 1)",
+    "GLS": "`weighting.GeometricMean()` (geometric mean of the losses, × m)",
+    "IMTLL": "`weighting.IMTLL(m)` (learnable loss scales e^s·L − s)",
+    "STCH": "`weighting.STCH()` (smooth Tchebycheff of log(L/z); Σ log L until epoch 5)",
     "GO4Align": "`weighting.GO4Align(m, num_groups=2)` (K-means groups of risk-guided indicators)",
     "PCD": "`aggregation.PCD()` at the shared parameters (the first task is the primary)",
     "MoDo": "`aggregation.MoDo()` at the shared parameters (one batch: the biased variant)",
@@ -195,6 +206,11 @@ ALIASES = {
     "IGB-v2": "IGBv2",
     "IMTL-G": "IMTLG",
     "Nash-MTL": "NashMTL",
+    "ScaleInvariant": "SI",
+    "LogLoss": "SI",
+    "UW-SO": "UWSO",
+    "GeometricMean": "GLS",
+    "IMTL-L": "IMTLL",
 }
 
 

@@ -23,13 +23,18 @@ from mtlbal.transforms.sparse_mask import global_mask, psn_mask
 from mtlbal.weighting.cosmos import cosmos_weights
 from mtlbal.weighting.dwa import dwa_weights
 from mtlbal.weighting.famo import famo_logit_grad, famo_objectives
+from mtlbal.weighting.geometric_mean import geometric_mean_weights
 from mtlbal.weighting.go4align import go4align_indicators, go4align_weights, kmeans_1d
 from mtlbal.weighting.gradnorm import gradnorm_loss
 from mtlbal.weighting.igb import igb_reward, igb_v1_weights
+from mtlbal.weighting.imtl_l import imtl_l_objectives
 from mtlbal.weighting.ldc_mtl import ldc_mtl_grad, ldc_mtl_loss
 from mtlbal.weighting.pbi import pbi_weights
 from mtlbal.weighting.rlw import rlw_weights
+from mtlbal.weighting.scale_invariant import scale_invariant_objectives
+from mtlbal.weighting.stch import stch_scalarization, stch_weights
 from mtlbal.weighting.uncertainty import uncertainty_objectives
+from mtlbal.weighting.uw_so import uw_so_weights
 
 __all__ = [
     "aligned_mtl_balance",
@@ -46,6 +51,7 @@ __all__ = [
     "fairgrad_weights",
     "famo_logit_grad",
     "famo_objectives",
+    "geometric_mean_weights",
     "global_mask",
     "go4align_indicators",
     "go4align_weights",
@@ -53,6 +59,7 @@ __all__ = [
     "gradvac_weights",
     "igb_reward",
     "igb_v1_weights",
+    "imtl_l_objectives",
     "imtlg_weights",
     "kmeans_1d",
     "ldc_mtl_grad",
@@ -70,7 +77,11 @@ __all__ = [
     "project_simplex",
     "psn_mask",
     "rlw_weights",
+    "scale_invariant_objectives",
     "sdmgrad_step",
+    "stch_scalarization",
+    "stch_weights",
     "uncertainty_objectives",
     "upgrad_weights",
+    "uw_so_weights",
 ]

@@ -20,6 +20,14 @@ from mtlbal.aggregation.pcd import PCD, PCDInfeasibleWarning
 from mtlbal.aggregation.pcgrad import PCGrad
 from mtlbal.aggregation.sdmgrad import SDMGrad
 from mtlbal.aggregation.upgrad import UPGrad
+from mtlbal.aggregation.sum import Sum
+from mtlbal.aggregation.mean import Mean
+from mtlbal.aggregation.constant import Constant
+from mtlbal.aggregation.random import Random
+from mtlbal.aggregation.krum import Krum
+from mtlbal.aggregation.trimmed_mean import TrimmedMean
+from mtlbal.aggregation.graddrop import GradDrop
+from mtlbal.aggregation.cr_mogm import CRMOGM
 
 __all__ = [
     "DBMTL",
@@ -48,4 +56,12 @@ __all__ = [
     "check_gramian",
     "check_jacobian",
     "stack_samples",
+    "Sum",
+    "Mean",
+    "Constant",
+    "Random",
+    "Krum",
+    "TrimmedMean",
+    "GradDrop",
+    "CRMOGM",
 ]

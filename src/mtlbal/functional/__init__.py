@@ -18,6 +18,14 @@ from mtlbal.aggregation.pcd import pcd_qp, pcd_weights
 from mtlbal.aggregation.pcgrad import pcgrad_weights
 from mtlbal.aggregation.sdmgrad import sdmgrad_step
 from mtlbal.aggregation.upgrad import upgrad_weights
+from mtlbal.aggregation.sum import sum_weights
+from mtlbal.aggregation.mean import mean_weights
+from mtlbal.aggregation.constant import constant_weights
+from mtlbal.aggregation.random import random_weights
+from mtlbal.aggregation.krum import krum_weights
+from mtlbal.aggregation.trimmed_mean import trimmed_mean
+from mtlbal.aggregation.graddrop import graddrop
+from mtlbal.aggregation.cr_mogm import crmogm_update
 from mtlbal.transforms.branch_calibration import branch_norms, calibrate_branch_grads
 from mtlbal.transforms.sparse_mask import global_mask, psn_mask
 from mtlbal.weighting.cosmos import cosmos_weights
@@ -73,4 +81,12 @@ __all__ = [
     "sdmgrad_step",
     "uncertainty_objectives",
     "upgrad_weights",
+    "sum_weights",
+    "mean_weights",
+    "constant_weights",
+    "random_weights",
+    "krum_weights",
+    "trimmed_mean",
+    "graddrop",
+    "crmogm_update",
 ]

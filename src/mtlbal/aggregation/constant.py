@@ -48,6 +48,7 @@ class Constant(GramianAggregator):
     """
 
     homogeneity = 1
+    _w: Tensor
 
     def __init__(self, weights: Sequence[float] | Tensor, *, reduction: Reduction = "sum") -> None:
         super().__init__(reduction)
@@ -67,9 +68,7 @@ class Constant(GramianAggregator):
             raise ValueError(f"Constant: weights must be finite, got {values}")
         self.weights_list = values
         # a non-persistent buffer: follows .to(device), is configuration (not state)
-        self.register_buffer(
-            "_w", torch.tensor(values, dtype=torch.float64), persistent=False
-        )
+        self.register_buffer("_w", torch.tensor(values, dtype=torch.float64), persistent=False)
 
     def hparams(self) -> dict[str, object]:
         return {"weights": list(self.weights_list), "reduction": self.reduction}

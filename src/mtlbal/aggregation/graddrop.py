@@ -129,7 +129,8 @@ class GradDrop(Aggregator):
         if isinstance(self.leak, list) and len(self.leak) != m:
             raise ValueError(f"GradDrop: {len(self.leak)} leaks for {m} tasks")
         u = self._draw(n, jacobian.dtype)
-        return graddrop(jacobian, u, self.leak) * self._scale(m)
+        leak = torch.tensor(self.leak) if isinstance(self.leak, list) else self.leak
+        return graddrop(jacobian, u, leak) * self._scale(m)
 
     @property
     def is_stateful(self) -> bool:

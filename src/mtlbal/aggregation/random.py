@@ -36,7 +36,7 @@ __all__ = ["Random", "random_weights"]
 
 
 def random_weights(noise: Tensor, reduction: Reduction = "sum") -> Tensor:
-    """``softmax(ε)`` (``reduction="mean"``), or ``m·softmax(ε)`` (``"sum"``); ``noise`` is ``ε``."""
+    """``softmax(ε)`` (``reduction="mean"``) or ``m·softmax(ε)`` (``"sum"``); ``noise``: ``ε``."""
     w = torch.softmax(noise, dim=0)
     return w * noise.shape[0] if reduction == "sum" else w
 

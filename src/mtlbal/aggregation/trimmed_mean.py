@@ -30,7 +30,6 @@ Example:
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from mtlbal.aggregation.base import Aggregator, Reduction
@@ -68,7 +67,9 @@ class TrimmedMean(Aggregator):
     def __init__(self, trim_number: int, *, reduction: Reduction = "sum") -> None:
         super().__init__(reduction)
         if isinstance(trim_number, bool) or not isinstance(trim_number, int) or trim_number < 0:
-            raise ValueError(f"TrimmedMean: trim_number must be an integer ≥ 0, got {trim_number!r}")
+            raise ValueError(
+                f"TrimmedMean: trim_number must be an integer ≥ 0, got {trim_number!r}"
+            )
         self.trim_number = trim_number
 
     def hparams(self) -> dict[str, object]:

@@ -266,8 +266,8 @@ REGISTRY: list[Entry] = [
     ),
     Entry("Random", lambda m: {"aggregator": A.Random(seed=4)}, identical=None, permutation=False),
     # robust aggregators: identical rows are all selected (Krum shares exact ties) / all kept
-    Entry("Krum", lambda m: {"aggregator": A.Krum(n_byzantine=0)}),
-    Entry("TrimmedMean", lambda m: {"aggregator": A.TrimmedMean(trim_number=1)}),
+    Entry("Krum", lambda m: {"aggregator": A.Krum(n_byzantine=0)}, missing="refuse"),
+    Entry("TrimmedMean", lambda m: {"aggregator": A.TrimmedMean(trim_number=1)}, missing="refuse"),
     Entry("GradDrop", lambda m: {"aggregator": A.GradDrop(seed=3)}),
     Entry("CRMOGM+UPGrad", lambda m: {"aggregator": A.CRMOGM(A.UPGrad(), alpha=0.5)}),
     # FULLER-style calibration needs a model with modality branches: its task level alone is

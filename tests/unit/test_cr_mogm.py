@@ -115,3 +115,24 @@ def test_refusals_name_the_problem() -> None:
         CRMOGM(UPGrad(), initial_weights=[float("inf")])
     with pytest.raises(ValueError, match="alpha must be in"):
         CRMOGM(UPGrad(), alpha=-0.1)
+
+
+def test_missing_tasks_move_only_the_present_averages() -> None:
+    from mtlbal.step import StepContext
+
+    agg = CRMOGM(Constant([1.0, 2.0, 3.0]), alpha=0.5)
+    names = ("a", "b", "c")
+    g2 = torch.eye(2, dtype=F64)
+    # first step without task b: b has no average yet (NaN), a and c start at their weights
+    w = agg.solve(g2, StepContext(present=(0, 2), all_tasks=names, tasks=("a", "c")))
+    torch.testing.assert_close(w, torch.tensor([1.0, 3.0], dtype=F64))
+    assert agg.ema_weights is not None and agg.ema_weights[1].isnan()
+    # b's first step starts its average at its weight; a and c continue theirs
+    agg.aggregator = Constant([3.0, 0.0, 1.0])
+    w = agg.solve(torch.eye(3, dtype=F64), StepContext(all_tasks=names, tasks=names))
+    torch.testing.assert_close(w, torch.tensor([2.0, 0.0, 2.0], dtype=F64))
+    # a step without a: only b and c move
+    held = agg.ema_weights.clone()
+    w = agg.solve(g2, StepContext(present=(1, 2), all_tasks=names, tasks=("b", "c")))
+    torch.testing.assert_close(w, torch.tensor([0.0, 1.5], dtype=F64))
+    assert agg.ema_weights[0] == held[0]

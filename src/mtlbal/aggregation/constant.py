@@ -7,7 +7,9 @@ used as given); ``reduction="mean"`` divides them by ``m``.
 
 The weights are bound to task *positions* (the Balancer's canonical task order: the order of
 the first step's losses), so the method is not permutation equivariant unless the weights are
-equal. The number of weights must equal the number of tasks (a ``ValueError`` says so).
+equal. The number of weights must equal the number of tasks (a ``ValueError`` says so). A step
+with some tasks missing uses the present tasks' weights (``reduction="mean"`` divides by their
+number).
 
 Properties: positively homogeneous of degree 1, no state, no host sync.
 
@@ -27,6 +29,7 @@ import torch
 from torch import Tensor
 
 from mtlbal.aggregation.base import GramianAggregator, Reduction
+from mtlbal.step import StepContext
 
 __all__ = ["Constant", "constant_weights"]
 
@@ -48,6 +51,8 @@ class Constant(GramianAggregator):
     """
 
     homogeneity = 1
+    # a missing-task step uses the present tasks' weights (``reduction="mean"``: over ``m'``)
+    supports_missing_tasks = True
     _w: Tensor
 
     def __init__(self, weights: Sequence[float] | Tensor, *, reduction: Reduction = "sum") -> None:
@@ -74,7 +79,17 @@ class Constant(GramianAggregator):
         return {"weights": list(self.weights_list), "reduction": self.reduction}
 
     def _weights(self, gramian: Tensor) -> Tensor:
-        return constant_weights(gramian, self._w) * self._scale(gramian.shape[0])
+        return self.solve(gramian, StepContext())
+
+    def solve(self, gramian: Tensor, ctx: StepContext) -> Tensor:
+        m = gramian.shape[0]
+        w = self._w
+        if ctx.present is not None:  # a missing-task step: the present tasks' weights
+            full = ctx.num_all_tasks(m)
+            if w.shape[0] != full:
+                raise ValueError(f"Constant: {w.shape[0]} weights for {full} tasks")
+            w = w[torch.tensor(ctx.present, device=w.device)]
+        return constant_weights(gramian, w) * self._scale(m)
 
     @property
     def is_stateful(self) -> bool:

@@ -19,6 +19,11 @@ State: ``ema_weights`` (``[m]``, float64, ``λ_{k−1}``; ``None`` before the fi
 continues the average exactly. ``reset()`` clears both. Weights are averaged in the wrapped
 aggregator's scale (its ``reduction``): ``CRMOGM`` has no ``reduction`` of its own.
 
+Missing tasks (a step without some tasks' gradients, when the wrapped aggregator supports it):
+the wrapped aggregator's weights of the present tasks update their entries of the average; the
+absent tasks' entries are left as they are (a task not seen yet holds NaN until its first step,
+which starts its average).
+
 Schedule: the paper's Corollary 1 takes ``α_k`` growing to 1 as the learning rate decays
 (TorchJD's docs suggest ``α = 1 − lr/lr_0``). ``alpha`` is a plain attribute: set it between
 steps (``agg.alpha = ...``). It is configuration, not state, and is not compared when a
@@ -98,6 +103,8 @@ class CRMOGM(GramianAggregator):
             self.initial_weights = values
         self.needs = aggregator.needs
         self.host_sync = aggregator.host_sync
+        self.supports_missing_tasks = aggregator.handles_missing_tasks
+        self.missing_tasks_note = f"the wrapped {type(aggregator).__name__} does not support them"
         d = aggregator.homogeneity
         self.homogeneity = d if (self.initial_weights is None or d == 1) else None
         self.add_state("ema_weights", None)
@@ -128,26 +135,31 @@ class CRMOGM(GramianAggregator):
     def solve(self, gramian: Tensor, ctx: StepContext) -> Tensor:
         current = self.aggregator.solve(gramian, ctx).to(torch.float64)
         m = current.shape[0]
-        previous = self.ema_weights
-        if previous is None:
-            if self.initial_weights is None:
-                previous = current
-            else:
-                if len(self.initial_weights) != m:
-                    raise ValueError(
-                        f"CRMOGM: {len(self.initial_weights)} initial_weights for {m} tasks"
-                    )
-                previous = torch.tensor(
-                    self.initial_weights, dtype=torch.float64, device=current.device
+        full = ctx.num_all_tasks(m)
+        held = self.ema_weights
+        if held is None:
+            if self.initial_weights is None:  # NaN: not seen yet, λ_0 = the first λ̂
+                held = torch.full((full,), float("nan"), dtype=torch.float64)
+            elif len(self.initial_weights) != full:
+                raise ValueError(
+                    f"CRMOGM: {len(self.initial_weights)} initial_weights for {full} tasks"
                 )
-        elif previous.shape != (m,):
+            else:
+                held = torch.tensor(self.initial_weights, dtype=torch.float64)
+        elif held.shape != (full,):
             raise ValueError(
-                f"CRMOGM holds averaged weights for {previous.shape[0]} tasks, got {m}; "
+                f"CRMOGM holds averaged weights for {held.shape[0]} tasks, got {full}; "
                 "call reset() before changing the task set"
             )
-        # replaced, never updated in place (the step's snapshot holds the previous tensor)
-        self.ema_weights = crmogm_update(previous.to(current.device), current, self.alpha)
-        return self.ema_weights
+        held = held.to(current.device)
+        idx = None if ctx.present is None else torch.tensor(ctx.present, device=held.device)
+        previous = held if idx is None else held[idx]
+        previous = torch.where(previous.isnan(), current, previous)
+        new = crmogm_update(previous, current, self.alpha)
+        # replaced, never updated in place (the step's snapshot holds the previous tensor); on a
+        # missing-task step only the present tasks' entries move
+        self.ema_weights = new if idx is None else held.index_put((idx,), new)
+        return new
 
     def reset(self) -> None:
         super().reset()

@@ -92,6 +92,9 @@ class GradDrop(Aggregator):
 
     requires = "jacobian"
     homogeneity = 1
+    # one draw per coordinate, none per task: a missing-task step is the method on the present
+    # tasks' rows (with their leaks)
+    supports_missing_tasks = True
 
     def __init__(
         self,
@@ -126,10 +129,17 @@ class GradDrop(Aggregator):
 
     def aggregate_jacobian(self, jacobian: Tensor, ctx: StepContext | None = None) -> Tensor:
         m, n = jacobian.shape
-        if isinstance(self.leak, list) and len(self.leak) != m:
-            raise ValueError(f"GradDrop: {len(self.leak)} leaks for {m} tasks")
+        ctx = ctx if ctx is not None else StepContext()
+        leak: float | Tensor = 0.0
+        if isinstance(self.leak, list):
+            full = ctx.num_all_tasks(m)
+            if len(self.leak) != full:
+                raise ValueError(f"GradDrop: {len(self.leak)} leaks for {full} tasks")
+            values = self.leak if ctx.present is None else [self.leak[i] for i in ctx.present]
+            leak = torch.tensor(values)
+        else:
+            leak = self.leak
         u = self._draw(n, jacobian.dtype)
-        leak = torch.tensor(self.leak) if isinstance(self.leak, list) else self.leak
         return graddrop(jacobian, u, leak) * self._scale(m)
 
     @property

@@ -94,6 +94,12 @@ class Krum(GramianAggregator):
     """
 
     homogeneity = 1
+    # a robust aggregator's tolerance is a count out of m: a step with fewer tasks is refused
+    supports_missing_tasks = False
+    missing_tasks_note = (
+        "its n_byzantine tolerance is set for a fixed number of tasks "
+        "(and needs at least n_byzantine + 3 of them)"
+    )
 
     def __init__(
         self, n_byzantine: int, n_selected: int = 1, *, reduction: Reduction = "sum"

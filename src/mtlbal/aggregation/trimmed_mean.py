@@ -63,6 +63,12 @@ class TrimmedMean(Aggregator):
 
     requires = "jacobian"
     homogeneity = 1
+    # a robust aggregator's tolerance is a count out of m: a step with fewer tasks is refused
+    supports_missing_tasks = False
+    missing_tasks_note = (
+        "its trim_number is set for a fixed number of tasks "
+        "(and needs at least 2 * trim_number + 1 of them)"
+    )
 
     def __init__(self, trim_number: int, *, reduction: Reduction = "sum") -> None:
         super().__init__(reduction)

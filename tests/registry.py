@@ -12,7 +12,8 @@ mean reported weight (a method on its own scale: Nash-MTL's ``α = 1/(√m‖g�
 CAGrad's ``(1+c)/(1+c²)``, MGDA-l2's ``1/‖g‖``, learned uncertainties ``e^{−s}/2``);
 ``"parallel"``: at fixed parameters, a positive multiple of it that no reported weight states
 (Jacobian methods whose momentum buffers start at 0: MoCo, DB-MTL);
-``None``: nothing of the kind holds (a random weighting draws a different weight per task).
+``None``: nothing of the kind holds (a random weighting draws a different weight per task;
+fixed unequal weights).
 
 ``permutation``: permuting the tasks permutes the reported weights and leaves the shared update
 unchanged. ``False`` for methods that draw random numbers in task order (RLW's weights,
@@ -289,6 +290,21 @@ REGISTRY: list[Entry] = [
         extras={"positive_losses": True},
         identical="scaled",
     ),
+    Entry("Sum", lambda m: {"aggregator": A.Sum()}),
+    Entry("Mean", lambda m: {"aggregator": A.Mean()}, identical="mean"),
+    # fixed unequal weights, bound to task positions: neither symmetric nor equivariant
+    Entry(
+        "Constant",
+        lambda m: {"aggregator": A.Constant([0.5 + 0.5 * t for t in range(m)])},
+        identical=None,
+        permutation=False,
+    ),
+    Entry("Random", lambda m: {"aggregator": A.Random(seed=4)}, identical=None, permutation=False),
+    # robust aggregators: identical rows are all selected (Krum shares exact ties) / all kept
+    Entry("Krum", lambda m: {"aggregator": A.Krum(n_byzantine=0)}, missing="refuse"),
+    Entry("TrimmedMean", lambda m: {"aggregator": A.TrimmedMean(trim_number=1)}, missing="refuse"),
+    Entry("GradDrop", lambda m: {"aggregator": A.GradDrop(seed=3)}),
+    Entry("CRMOGM+UPGrad", lambda m: {"aggregator": A.CRMOGM(A.UPGrad(), alpha=0.5)}),
     # FULLER-style calibration needs a model with modality branches: its task level alone is
     # "PCGrad" at the cut above; both levels are tested in tests/unit/test_fuller.py.
 ]

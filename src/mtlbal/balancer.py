@@ -893,7 +893,13 @@ class Balancer:
         else:
             per_task = [(p, torch.tensordot(d.to(g.dtype), g, dims=1)) for p, g in pairs]
             if self._needs_grads:
-                shared = [(p, g) for p, g in per_task if id(p) in self._shared_ids]
+                # the Jacobian's columns in the shared parameters' order, as the engines give
+                # them (a per-coordinate random method, GradDrop, depends on the layout)
+                rank = {id(p): i for i, p in enumerate(self.shared_params)}
+                shared = sorted(
+                    ((p, g) for p, g in per_task if id(p) in self._shared_ids),
+                    key=lambda pg: rank[id(pg[0])],
+                )
                 for q, g in per_task:
                     if id(q) not in self._shared_ids:
                         step.writes.add(q, g.sum(0))

@@ -39,7 +39,18 @@ EXTRA = [
         lambda m: {"weighting": mtlbal.weighting.UncertaintyWeighting(m), "diagnostics": True},
     ),
 ]
-CASES = [(e, at) for e in [*REGISTRY, *EXTRA] for at in e.at]
+
+
+def _ddp_supported(e: Entry, at: str) -> bool:
+    # a Jacobian aggregator (TrimmedMean, GradDrop) at a cut point needs the representation
+    # Jacobian of the whole batch, which is not gathered across processes: the Balancer refuses
+    # it (NotImplementedError); at the parameters it runs like any other
+    agg = e.make(M).get("aggregator")
+    jac = agg is not None and not isinstance(agg, mtlbal.aggregation.GramianAggregator)
+    return not (at == "cut" and jac)
+
+
+CASES = [(e, at) for e in [*REGISTRY, *EXTRA] for at in e.at if _ddp_supported(e, at)]
 # rank 1 passes its dict in reversed order at every step: rank 0's order is the canonical one
 REVERSED = ["UW+PCGrad", "GradNorm", "FAMO", "IGBv1+AlignedMTL", "DWA"]
 REVERSED_CASES = [(e, at) for e, at in CASES if e.name in REVERSED]

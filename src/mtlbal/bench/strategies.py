@@ -162,6 +162,9 @@ STRATEGIES: dict[str, Callable[[], Factory | None]] = {
     "PCD": _dynamic("PCD", role="aggregator"),
     "MoDo": _dynamic("MoDo", role="aggregator"),
     "SDMGrad": _dynamic("SDMGrad", role="aggregator"),
+    "Random": _dynamic("Random", role="aggregator"),
+    "GradDrop": _dynamic("GradDrop", role="aggregator", at="cut"),
+    "CRMOGM-MGDA": _static(lambda m, s: Spec(aggregator=A.CRMOGM(A.MGDA()))),
 }
 
 DESCRIPTIONS: dict[str, str] = {
@@ -193,6 +196,9 @@ DESCRIPTIONS: dict[str, str] = {
     "PCD": "`aggregation.PCD()` at the shared parameters (the first task is the primary)",
     "MoDo": "`aggregation.MoDo()` at the shared parameters (one batch: the biased variant)",
     "SDMGrad": "`aggregation.SDMGrad()` at the shared parameters (one batch: the biased variant)",
+    "Random": "`aggregation.Random(seed=seed)` (random weights on the shared gradients)",
+    "GradDrop": "`aggregation.GradDrop(seed=seed)` at the shared representation (cut point)",
+    "CRMOGM-MGDA": "`aggregation.CRMOGM(MGDA())` (EMA of MGDA's weights, alpha=0.9)",
 }
 
 ALIASES = {

@@ -165,6 +165,15 @@ STRATEGIES: dict[str, Callable[[], Factory | None]] = {
     "Random": _dynamic("Random", role="aggregator"),
     "GradDrop": _dynamic("GradDrop", role="aggregator", at="cut"),
     "CRMOGM-MGDA": _static(lambda m, s: Spec(aggregator=A.CRMOGM(A.MGDA()))),
+    # the rest of issue 10's catalogue (Jacobian methods at the shared parameters)
+    "MoCo": _dynamic("MoCo", role="aggregator"),
+    "ExcessMTL": _dynamic("ExcessMTL", role="aggregator"),
+    "DB-MTL": _static(lambda m, s: Spec(weighting=W.ScaleInvariant(m), aggregator=A.DBMTL())),
+    "ConFIG": _dynamic("ConFIG", role="aggregator"),
+    "MConFIG": _dynamic("MConFIG", role="aggregator"),
+    "LDC-MTL": _dynamic("LDCMTL", role="weighting"),
+    "COSMOS": _dynamic("COSMOS", role="weighting", lambda_=1.0),
+    "PBI": _dynamic("PBI", role="weighting"),
 }
 
 DESCRIPTIONS: dict[str, str] = {
@@ -198,6 +207,14 @@ DESCRIPTIONS: dict[str, str] = {
     "SDMGrad": "`aggregation.SDMGrad()` at the shared parameters (one batch: the biased variant)",
     "Random": "`aggregation.Random(seed=seed)` (random weights on the shared gradients)",
     "GradDrop": "`aggregation.GradDrop(seed=seed)` at the shared representation (cut point)",
+    "MoCo": "`aggregation.MoCo()` at the shared parameters (tracked gradients y, λ on the simplex)",
+    "ExcessMTL": "`aggregation.ExcessMTL()` at the shared parameters (excess-risk weights)",
+    "DB-MTL": "`weighting.ScaleInvariant()` + `aggregation.DBMTL()` (log losses, max-norm EMA)",
+    "ConFIG": "`aggregation.ConFIG()` at the shared parameters (conflict-free direction)",
+    "MConFIG": "`aggregation.MConFIG()` at the shared parameters (momentum ConFIG)",
+    "LDC-MTL": "`weighting.LDCMTL(m)` (router softmax + loss-discrepancy penalty)",
+    "COSMOS": "`weighting.COSMOS(lambda_=1.0)` (cosine-penalised linear scalarization, r = 1/m)",
+    "PBI": "`weighting.PBI()` (penalty boundary intersection, uniform preference)",
     "CRMOGM-MGDA": "`aggregation.CRMOGM(MGDA())` (EMA of MGDA's weights, alpha=0.9)",
 }
 

@@ -640,6 +640,22 @@ class Balancer:
         self._commit(step, info)
         return info
 
+    def _context(self, step: _Step) -> tuple[Tensor, StepContext]:
+        """The losses the strategies differentiate and the step's context. Under DDP the
+        strategies see the global losses (``step.raw``) while the graph stays the local one."""
+        stacked = step.stacked
+        if step.world > 1:
+            stacked = stacked + (step.raw - step.stacked.detach())
+        ctx = StepContext(
+            step=self.step_count,
+            tasks=step.names,
+            losses=step.raw,
+            lr_factor=step.lr_factor,
+            present=step.present,
+            all_tasks=step.all_names,
+        )
+        return stacked, ctx
+
     # ---- gradient accumulation (mtlbal._accumulate)
     def _accumulation_mode(self) -> AccumulationMode:
         if isinstance(self.at, nn.Module) and self._needs_grads:
@@ -737,17 +753,7 @@ class Balancer:
         if scaler is not None:
             scale = scaler.scale(torch.ones((), device=step.raw.device, dtype=torch.float32))
         if window.mode == "linear":
-            stacked = step.stacked
-            if step.world > 1:
-                stacked = stacked + (step.raw - step.stacked.detach())
-            ctx = StepContext(
-                step=self.step_count,
-                tasks=step.names,
-                losses=step.raw,
-                lr_factor=step.lr_factor,
-                present=step.present,
-                all_tasks=step.all_names,
-            )
+            stacked, ctx = self._context(step)
             weighted = self.weighting.objectives(stacked, ctx)
             if weighted.param_grads or weighted.domain is not None:
                 raise RuntimeError(
@@ -820,14 +826,7 @@ class Balancer:
         if scaler is not None:
             scale = scaler.scale(torch.ones((), device=raw.device, dtype=torch.float32))
             step.scale = scale
-        ctx = StepContext(
-            step=self.step_count,
-            tasks=step.names,
-            losses=raw,
-            lr_factor=step.lr_factor,
-            present=step.present,
-            all_tasks=step.all_names,
-        )
+        _, ctx = self._context(step)
         if window.mode == "linear":
             if checking and not bool(torch.isfinite(raw).all()):  # the one host sync
                 self._refuse(step, None)
@@ -1172,18 +1171,7 @@ class Balancer:
         world = step.world
         needs_grads = self._needs_grads
         checking = self.nonfinite != "off" or scaler is not None
-        # the strategies see the global losses (under DDP); the graph stays the local one
-        stacked = step.stacked
-        if world > 1:
-            stacked = stacked + (step.raw - step.stacked.detach())
-        ctx = StepContext(
-            step=self.step_count,
-            tasks=step.names,
-            losses=step.raw,
-            lr_factor=step.lr_factor,
-            present=step.present,
-            all_tasks=step.all_names,
-        )
+        stacked, ctx = self._context(step)
         if Need.LAYER_NORMS in self.weighting.needs:
             ctx.layer_grad_norms = self._layer_grad_norms(step)
         weighted = self.weighting.objectives(stacked, ctx)

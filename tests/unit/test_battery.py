@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import mtlbal
-from conftest import Problem, make_problem
+from conftest import Problem, assert_same, make_problem
 from registry import REGISTRY, Entry
 
 CASES = [(e, at) for e in REGISTRY for at in e.at]
@@ -85,7 +85,7 @@ def test_state_round_trip(entry: Entry, at: str) -> None:
     sd1, sd2 = bal.state_dict(), bal2.state_dict()
     assert sd1["step"] == sd2["step"] == 4
     assert sd1["tasks"] == sd2["tasks"]
-    _assert_nested_equal(sd1, sd2)
+    assert_same(sd1, sd2)
 
 
 @pytest.mark.parametrize(("entry", "at"), CASES, ids=IDS)
@@ -128,19 +128,3 @@ def test_repr(entry: Entry, at: str) -> None:
         if isinstance(v, torch.nn.Module):
             assert type(v).__name__ in text
     assert "BalancedOptimizer" in repr(opt)
-
-
-def _assert_nested_equal(a: Any, b: Any) -> None:
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor)
-        assert torch.equal(a, b)
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys()
-        for key in a:
-            _assert_nested_equal(a[key], b[key])
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b)
-        for x, y in zip(a, b):
-            _assert_nested_equal(x, y)
-    else:
-        assert a == b

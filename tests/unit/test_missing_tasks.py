@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 import mtlbal
-from conftest import Problem, make_problem
+from conftest import Problem, assert_same, make_problem
 from mtlbal import aggregation as A
 from mtlbal import weighting as W
 from mtlbal.logging import info_to_dict
@@ -176,7 +176,7 @@ def test_unsupported_refuses_before_anything_changes(entry: Entry) -> None:
         assert torch.equal(a, b)
     for q, g in zip(bal.parameters(), strategy_grads):
         assert (q.grad is None and g is None) or torch.equal(q.grad, g)
-    _assert_nested_equal(state, bal.state_dict())
+    assert_same(state, bal.state_dict())
     # the graph was not consumed: the same losses, complete, still make a step
     info = bal.backward(p.losses())
     assert info.missing == ()
@@ -484,18 +484,3 @@ def test_rlw_draws_over_the_present_tasks() -> None:
     info = bal.backward(_missing_losses(p))
     noise = torch.randn(2, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     torch.testing.assert_close(info.weights, (2 * torch.softmax(noise, 0)).float())
-
-
-def _assert_nested_equal(a: Any, b: Any) -> None:
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and torch.equal(a, b)
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys()
-        for key in a:
-            _assert_nested_equal(a[key], b[key])
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b)
-        for x, y in zip(a, b):
-            _assert_nested_equal(x, y)
-    else:
-        assert a == b

@@ -110,3 +110,10 @@ def test_torchjd_rows_need_the_quadprog_projector(monkeypatch: pytest.MonkeyPatc
     assert cost._has_torchjd()  # this environment has them: the rows come back
     names = [r.name for r in cost.build_variants(problem, strategies=["torchjd"])]
     assert "TorchJD UPGrad" in names
+
+
+def test_every_shipped_strategy_is_built_for_the_cost_measurement() -> None:
+    # classes with a required argument get its minimal value (COSMOS's λ, Constant's weights,
+    # the robust aggregators' tolerance, CR-MOGM's wrapped method): none is left unmeasured
+    for s in cost.discover_strategies():
+        assert isinstance(s.build(4), torch.nn.Module), s.name

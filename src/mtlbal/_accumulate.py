@@ -40,16 +40,32 @@ counter change only at the close, which is one transaction like a one-batch step
 from __future__ import annotations
 
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor
 
 from mtlbal import _distributed as dist_util
+from mtlbal._graph import reachable
+from mtlbal.engine.base import GradWrites, PerTaskGrads, gramian_dtype, gramian_of
+from mtlbal.engine.dense import DensePerTaskGrads, batched_grads, task_grad_norms
+from mtlbal.step import Need, StepInfo
 
-__all__ = ["AccumulationMode", "Window", "batched_vjp", "flat_all_mean", "per_task_vjp"]
+if TYPE_CHECKING:
+    from mtlbal.balancer import Balancer, _Step
+
+__all__ = [
+    "AccumulationMode",
+    "Window",
+    "WindowCutGrads",
+    "batched_vjp",
+    "close",
+    "flat_all_mean",
+    "micro_batch",
+    "per_task_vjp",
+]
 
 AccumulationMode = Literal["linear", "jacobian", "cut"]
 
@@ -196,3 +212,228 @@ def per_task_vjp(
         for t in range(m)
     ]
     return [torch.stack([r[i] for r in rows]) for i in range(len(inputs))]
+
+
+class WindowCutGrads(PerTaskGrads):
+    """An accumulation window's per-task gradients at a cut point: the Gramian of the
+    objectives at the representation (``D Ḡ Dᵀ``) and the mean per-task gradients of the
+    trunk's parameters ``∇_trunk L̄_s``; weights ``w`` are written as ``Σ_s (wᵀD)_s ∇L̄_s``."""
+
+    def __init__(
+        self,
+        trunk: list[tuple[Tensor, Tensor]],
+        d: Tensor,
+        gram: Tensor,
+        combined: Callable[[Tensor, Tensor], Tensor],
+    ) -> None:
+        self.trunk = trunk
+        self.d = d
+        self._gram = gram
+        self.combined = combined
+        self.m = int(d.shape[0])
+
+    def gramian(self) -> Tensor:
+        return self._gram
+
+    def jacobian(self) -> Tensor:
+        raise NotImplementedError("an accumulation window at a cut point keeps no Jacobian")
+
+    def write_weights(self, w: Tensor, writes: GradWrites) -> None:
+        v = w.to(self.d.dtype) @ self.d
+        for p, g in self.trunk:
+            writes.add(p, self.combined(p, torch.tensordot(v.to(g.dtype), g, dims=1)))
+
+    def write_direction(self, g: Tensor, writes: GradWrites) -> None:
+        raise NotImplementedError("an accumulation window at a cut point keeps no Jacobian")
+
+
+def micro_batch(
+    bal: Balancer, step: _Step, window: Window, scaler: Any | None
+) -> tuple[dict[str, Any], Any]:
+    """One micro-batch's contribution to the window (nothing stored here)."""
+    scale = None
+    if scaler is not None:
+        scale = scaler.scale(torch.ones((), device=step.raw.device, dtype=torch.float32))
+    if window.mode == "linear":
+        stacked, ctx = bal._context(step)
+        weighted = bal.weighting.objectives(stacked, ctx)
+        if weighted.param_grads or weighted.domain is not None:
+            raise RuntimeError(
+                f"{type(bal.weighting).__name__} declares linear_in_losses but returned "
+                "parameter gradients or a loss domain: it is not linear in the losses"
+            )
+        total = weighted.objectives.sum()
+        if weighted.aux is not None:
+            total = total + weighted.aux
+        if scale is not None:
+            total = total * scale.to(total.dtype)
+        leaves, _ = reachable([total], set())
+        grads = torch.autograd.grad(total, leaves, allow_unused=True, materialize_grads=True)
+        return {"grads": list(zip(leaves, grads))}, weighted
+    values = step.values
+    stacked = step.stacked
+    if scale is not None:
+        values = [v * scale.to(v.dtype) for v in values]
+        stacked = torch.stack(values)
+    if window.mode == "jacobian":
+        norms2 = None
+        if Need.LAYER_NORMS in bal.weighting.needs and bal._cut is not None:
+            zs = [z for z, _ in step.captured]
+            norms2 = task_grad_norms(step.values, zs).pow(2)
+        leaves, _ = reachable([stacked], set())
+        per_task = batched_grads(
+            stacked, leaves, chunk_size=bal.chunk_size, mode=bal._batched_backward
+        )
+        return {"grads": list(zip(leaves, per_task)), "norms2": norms2}, None
+    # "cut": per-task gradients at the representation (each loss visits its own head),
+    # their Gramian, and the per-task gradients of the trunk
+    outs = [z for z, _ in step.captured]
+    cut_leaves = [leaf for _, leaf in step.captured]
+    cut_ids = {id(x) for x in cut_leaves}
+    reached, _ = reachable([stacked], set())
+    heads = [q for q in reached if id(q) not in cut_ids]
+    rows = [
+        torch.autograd.grad(
+            v,
+            cut_leaves + heads,
+            retain_graph=True,
+            allow_unused=True,
+            materialize_grads=True,
+        )
+        for v in values
+    ]
+    per_input = [torch.stack([r[i] for r in rows]) for i in range(len(cut_leaves) + len(heads))]
+    z_grads = per_input[: len(cut_leaves)]
+    m = len(values)
+    gram = gramian_of(z_grads, m)
+    trunk, _ = reachable(outs, set())
+    trunk_grads: list[Tensor] = []
+    if trunk:
+        trunk_grads = bal._batched_backward.run(
+            lambda retain: batched_vjp(outs, trunk, z_grads, m, retain),
+            lambda: per_task_vjp(outs, trunk, z_grads, m),
+            False,
+        )
+    pairs = list(zip(heads, per_input[len(cut_leaves) :])) + list(zip(trunk, trunk_grads))
+    return {"grads": pairs, "gram": gram, "heads": heads}, None
+
+
+def close(
+    bal: Balancer, step: _Step, window: Window, weighted: Any, scaler: Any | None
+) -> StepInfo:
+    """Solve once over the window and stage the writes (stages 2–4 on the large batch)."""
+    world = step.world
+    checking = bal.nonfinite != "off" or scaler is not None
+    mean64, pairs = window.means(world)
+    raw = mean64.to(step.raw.dtype)
+    step.raw = raw
+    scale = None
+    if scaler is not None:
+        scale = scaler.scale(torch.ones((), device=raw.device, dtype=torch.float32))
+        step.scale = scale
+    _, ctx = bal._context(step)
+    if window.mode == "linear":
+        # under DDP every micro-batch's losses were checked when the ranks agreed on them
+        if checking and world == 1 and not bool(torch.isfinite(raw).all()):  # the one sync
+            bal._refuse(step, None)
+        for p, g in pairs:
+            step.writes.add(p, bal._combined(p, g))
+        info = StepInfo(step.names, raw, weighted.weights.detach(), weighted.weights.detach())
+        info.micro_batches = window.count
+        return info
+    inv = None if scale is None else 1.0 / scale
+    if Need.LAYER_NORMS in bal.weighting.needs:
+        if window.mode == "cut":
+            diag = window.gram_mean(world).diagonal()
+            norms = diag.sqrt() if inv is None else diag.sqrt() * inv.to(diag.dtype)
+        elif bal._cut is not None:
+            norms = window.norms(world)
+        else:
+            wanted = {id(q) for q in bal.weighting.grad_norm_params()}
+            sq = [g.reshape(g.shape[0], -1).pow(2).sum(1) for p, g in pairs if id(p) in wanted]
+            norms = torch.stack(sq).sum(0).sqrt() if sq else torch.zeros_like(raw)
+            if inv is not None:
+                norms = norms * inv.to(norms.dtype)
+        ctx.layer_grad_norms = norms.to(raw.dtype).detach()
+    leaf = raw.detach().clone().requires_grad_(True)
+    weighted = bal.weighting.objectives(leaf, ctx)
+    objectives = weighted.objectives
+    m = len(step.names)
+    d = torch.stack(
+        [
+            torch.autograd.grad(
+                objectives[t],
+                leaf,
+                retain_graph=True,
+                allow_unused=True,
+                materialize_grads=True,
+            )[0]
+            for t in range(m)
+        ]
+    ).detach()  # D[t, s] = ∂ℓ_t/∂L̄_s
+    total = objectives.sum() if weighted.aux is None else objectives.sum() + weighted.aux
+    own = [q for q in bal.parameters() if q.requires_grad]
+    if own:
+        own_grads = torch.autograd.grad(total, own, allow_unused=True)
+        for q_p, g_p in zip(own, own_grads):
+            if g_p is not None:
+                step.writes.add(q_p, g_p if scale is None else g_p * scale.to(g_p.dtype))
+    for q_own, g_own in weighted.param_grads:
+        step.writes.add(q_own, g_own)
+    info = StepInfo(step.names, raw, weighted.weights.detach(), weighted.weights.detach())
+    info.micro_batches = window.count
+    domain = weighted.domain if checking else None
+    ones = torch.ones(m, dtype=d.dtype, device=d.device)
+    grads: PerTaskGrads | None = None
+    if window.mode == "cut":
+        trunk = [(p, g) for p, g in pairs if id(p) not in window.heads]
+        for q, g in pairs:
+            if id(q) in window.heads:
+                step.writes.add(q, torch.tensordot((ones @ d).to(g.dtype), g, dims=1))
+        d64 = d.to(torch.float64)  # the Gramian sums are kept in float64
+        gram_l = d64 @ window.gram_mean(world) @ d64.T
+        grads = WindowCutGrads(trunk, d64, gram_l, bal._combined)
+    else:
+        per_task = [(p, torch.tensordot(d.to(g.dtype), g, dims=1)) for p, g in pairs]
+        if bal._needs_grads:
+            # the Jacobian's columns in the shared parameters' order, as the engines give
+            # them (a per-coordinate random method, GradDrop, depends on the layout)
+            rank = {id(p): i for i, p in enumerate(bal.shared_params)}
+            shared = sorted(
+                ((p, g) for p, g in per_task if id(p) in bal._shared_ids),
+                key=lambda pg: rank[id(pg[0])],
+            )
+            for q, g in per_task:
+                if id(q) not in bal._shared_ids:
+                    step.writes.add(q, g.sum(0))
+            grads = DensePerTaskGrads(
+                [p for p, _ in shared],
+                [bal._per_task_transforms(p, g) for p, g in shared],
+            )
+        else:
+            for p, g in per_task:
+                step.writes.add(p, bal._combined(p, g.sum(0)))
+    # as a one-batch step: under DDP the losses were checked when the ranks agreed on them
+    if grads is None:
+        if (checking and world == 1) or domain is not None:
+            ok = torch.isfinite(raw).all()
+            if domain is not None:
+                ok = ok & domain[0].all()
+            if not bool(ok):  # the one host sync
+                bal._refuse(step, domain)
+        return info
+    gram = grads.gramian()
+    if checking:
+        finite = torch.isfinite(gram.diagonal()).all()
+        if world == 1:
+            finite = finite & torch.isfinite(raw).all()
+        if domain is not None:
+            finite = finite & domain[0].all()
+        if not bool(finite):  # the one host sync
+            bal._refuse(step, domain)
+            return bal._nonfinite_grads(step, grads, gram, info, scaler)
+    unscaled = gram if scale is None else gram / (scale.to(gram.dtype) ** 2)
+    # reported in the dtype a one-batch step reports (the solve below takes float64)
+    info.gramian = unscaled.detach().to(gramian_dtype(raw.dtype))
+    bal._aggregate(step, grads, unscaled, info, ctx)
+    return info

@@ -40,16 +40,16 @@ pytest: $(STAMP_TEST)
 test: lint typecheck pytest
 
 bench: $(STAMP_BENCH)
-	$(BIN)/mtlbal-bench quick
+	$(BIN)/python -m benchmarks quick
 
 bench-full: $(STAMP_BENCH)
-	$(BIN)/mtlbal-bench all
+	$(BIN)/python -m benchmarks all
 
 bench-cost: $(STAMP_BENCH)
 	$(BIN)/python benchmarks/step_time.py
 
 docs: $(STAMP_BENCH)
-	$(BIN)/mtlbal-bench quick --out docs/choosing-a-balancer --report-only
+	$(BIN)/python -m benchmarks quick --out docs/choosing-a-balancer --report-only
 
 # the docs site (mkdocs.yml) into site/; --strict: any warning (a broken link or reference, an
 # unknown ::: target, an unreadable docstring section) fails the build

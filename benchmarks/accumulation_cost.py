@@ -16,6 +16,7 @@ import argparse
 import statistics
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -58,11 +59,12 @@ def variants(build: Callable, batch: int, k: int) -> dict[str, Callable[[], None
 
         trunk, heads = copy.deepcopy(trunk0), copy.deepcopy(heads0)
         params = [*trunk.parameters(), *heads.parameters()]
+        opt: Any
         if kw is None:
             opt = torch.optim.SGD(params, lr=1e-3)
         else:
             kw = dict(kw)
-            at = trunk if kw.pop("at", None) == "cut" else "params"
+            at: Any = trunk if kw.pop("at", None) == "cut" else "params"
             bal = mtlbal.Balancer(trunk, at=at, accumulate=micro, **kw)
             opt = mtlbal.wrap(torch.optim.SGD(params, lr=1e-3), bal)
 

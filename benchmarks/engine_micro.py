@@ -118,7 +118,7 @@ def make_steps(
         if not want(eng):
             continue
         trunk2, heads2, x2, ys2, zero2 = model(eng)
-        bal = mtlbal.Balancer(trunk2, aggregator=MGDA(), engine=eng, nonfinite="off")  # type: ignore[arg-type]
+        bal = mtlbal.Balancer(trunk2, aggregator=MGDA(), engine=eng, nonfinite="off")
 
         def step(
             bal: mtlbal.Balancer = bal,
@@ -166,7 +166,7 @@ def make_steps(
             zero()
             z = trunk(x)
             autojac.mtl_backward(losses(heads, z, ys), features=z)
-            autojac.jac_to_grad(list(trunk.parameters()), agg)  # type: ignore[arg-type]
+            autojac.jac_to_grad(list(trunk.parameters()), agg)  # type: ignore[call-overload]
 
         steps[name] = jd_step
 

@@ -1,6 +1,6 @@
 """The whole cost suite on one GPU (under 5 minutes on an H100), ratios from CUDA events.
 
-Runs :func:`mtlbal.bench.suites.cost.run` with a GPU configuration: m = 2, 4, 16, 64 at batch
+Runs :func:`benchmarks.suites.cost.run` with a GPU configuration: m = 2, 4, 16, 64 at batch
 256 (every family, parameter level included up to m = 64), the parameter-level families again at
 batch 32, the Gramian solvers for m = 4 … 256, peak memory from ``torch.cuda.max_memory_allocated``
 and host syncs (profiler count and ``torch.cuda.set_sync_debug_mode``). Prints the Markdown
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from mtlbal.bench.suites.cost import CostConfig, run
+from benchmarks.suites.cost import CostConfig, run
 
 
 def gpu_config() -> CostConfig:

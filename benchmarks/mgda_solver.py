@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     print("| solver | Gramian | m | median (ms) | slowest seed (ms) | worst gap/f |")
     print("|---|---|---|---|---|---|")
     for solver in args.solvers:
-        agg = MGDA(reduction="mean", line_search=solver)  # type: ignore[arg-type]
+        agg = MGDA(reduction="mean", line_search=solver)
         for kind in args.kinds:
             for m in args.tasks:
                 per_seed: list[float] = []

@@ -28,7 +28,7 @@ import time
 
 import torch
 
-from mtlbal.bench.suites.cost import (
+from benchmarks.suites.cost import (
     BASELINE,
     Timing,
     _quantile,

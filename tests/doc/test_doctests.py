@@ -10,11 +10,7 @@ import pytest
 
 import mtlbal
 
-MODULES = sorted(
-    m.name
-    for m in pkgutil.walk_packages(mtlbal.__path__, prefix="mtlbal.")
-    if not m.name.startswith("mtlbal.bench")
-)
+MODULES = sorted(m.name for m in pkgutil.walk_packages(mtlbal.__path__, prefix="mtlbal."))
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -12,9 +12,9 @@ import pytest
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 
-from mtlbal.bench import __main__ as cli
-from mtlbal.bench import strategies as S
-from mtlbal.bench.suites import multidigits, qm9, synthetic, toy
+from benchmarks import __main__ as cli
+from benchmarks import strategies as S
+from benchmarks.suites import multidigits, qm9, synthetic, toy
 
 TWO = ["Equal", "MGDA-UB"]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import pathlib
 
-from mtlbal.bench.suites import conflict, multimodal
+from benchmarks.suites import conflict, multimodal
 
 
 def test_multimodal_suite_runs(tmp_path: pathlib.Path) -> None:

@@ -5,8 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
-
-from mtlbal.bench import metrics as M
+from benchmarks import metrics as M
 
 
 def test_delta_m_hand_computed() -> None:

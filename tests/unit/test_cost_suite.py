@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from benchmarks.suites import cost
 from torch import Tensor
 
 import mtlbal
 from mtlbal.aggregation.base import GramianAggregator
-from mtlbal.bench.suites import cost
 
 
 def _tiny(**kw: object) -> cost.CostConfig:

@@ -39,8 +39,8 @@ import torch
 from torch import Tensor, nn
 
 import mtlbal
-from mtlbal.bench import strategies as S
-from mtlbal.bench.common import progress, seed_everything, select_strategies
+from benchmarks import strategies as S
+from benchmarks.common import progress, seed_everything, select_strategies
 
 NAME = "toy"
 TITLE = "Two-objective toy problem (CAGrad / Nash-MTL / FAMO)"

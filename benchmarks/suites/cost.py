@@ -44,7 +44,7 @@ import and its methods are mixins of its ``Trainer`` model; they run only throug
 shim, which would measure the shim as much as the methods.
 
 Example:
-    >>> from mtlbal.bench.suites import cost
+    >>> from benchmarks.suites import cost
     >>> res = cost.run(strategies=["Equal"], seeds=[0], quick=True, tiny=True)  # doctest: +SKIP
     >>> sorted(res)[:3]  # doctest: +SKIP
     ['markdown', 'name', 'plots']

@@ -1,12 +1,12 @@
-"""``mtlbal-bench`` (also ``python -m mtlbal.bench``): run benchmark suites, save JSON, plots and
+"""``python -m benchmarks`` (from the repository root): run benchmark suites, save JSON, plots and
 the Markdown report, and print the summary tables.
 
 Examples::
 
-    mtlbal-bench                       # the quick suite (what `make bench` runs)
-    mtlbal-bench all --seeds 0,1,2,3,4 # every suite, full size
-    mtlbal-bench multidigits toy --strategies Equal,MGDA,PCGrad --quick
-    mtlbal-bench quick --out docs/choosing-a-balancer --report-only   # rebuild the report
+    python -m benchmarks                       # the quick suite (what `make bench` runs)
+    python -m benchmarks all --seeds 0,1,2,3,4 # every suite, full size
+    python -m benchmarks multidigits toy --strategies Equal,MGDA,PCGrad --quick
+    python -m benchmarks quick --out docs/choosing-a-balancer --report-only   # rebuild the report
 """
 
 from __future__ import annotations
@@ -25,15 +25,15 @@ from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
 
-from mtlbal.bench import report
-from mtlbal.bench import strategies as S
-from mtlbal.bench import suites as suites_pkg
+from benchmarks import report
+from benchmarks import strategies as S
+from benchmarks import suites as suites_pkg
 
 __all__ = ["discover", "main", "run_suites"]
 
 
 def discover() -> list[str]:
-    """Every suite module in :mod:`mtlbal.bench.suites`, in the package's preferred order."""
+    """Every suite module in :mod:`benchmarks.suites`, in the package's preferred order."""
     found = [
         m.name for m in pkgutil.iter_modules(suites_pkg.__path__) if not m.name.startswith("_")
     ]
@@ -42,7 +42,7 @@ def discover() -> list[str]:
 
 
 def _import(name: str) -> ModuleType:
-    return importlib.import_module(f"mtlbal.bench.suites.{name}")
+    return importlib.import_module(f"benchmarks.suites.{name}")
 
 
 def expand(requested: Sequence[str]) -> tuple[list[str], bool]:
@@ -93,7 +93,7 @@ def run_suites(
     results = []
     for name in names:
         t0 = time.perf_counter()
-        print(f"[mtlbal-bench] {name} ...", file=log, flush=True)
+        print(f"[python -m benchmarks] {name} ...", file=log, flush=True)
         try:
             mod = _import(name)
             res = _call(
@@ -118,7 +118,11 @@ def run_suites(
                 "skipped": f"failed: {type(e).__name__}: {e}",
             }
         res["suite_wall_s"] = round(time.perf_counter() - t0, 1)
-        print(f"[mtlbal-bench] {name} done in {res['suite_wall_s']:.1f} s", file=log, flush=True)
+        print(
+            f"[python -m benchmarks] {name} done in {res['suite_wall_s']:.1f} s",
+            file=log,
+            flush=True,
+        )
         results.append(res)
     return results
 
@@ -139,7 +143,7 @@ def _csv(text: str | None) -> list[str] | None:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="mtlbal-bench",
+        prog="python -m benchmarks",
         description="Compare multi-task balancers for accuracy and cost; write JSON, plots and "
         "a Markdown report.",
     )
@@ -199,7 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             results, env = report.load(out_dir)
         except FileNotFoundError as e:
-            print(f"mtlbal-bench: {e}", file=sys.stderr)
+            print(f"python -m benchmarks: {e}", file=sys.stderr)
             return 2
         path = report.save(results, env, out_dir)
         print(f"report: {path}")
@@ -238,7 +242,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import mtlbal
 
     env = {
-        "command": "mtlbal-bench " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": "python -m benchmarks " + " ".join(sys.argv[1:] if argv is None else argv),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "device": args.device,
         "torch": torch.__version__,

@@ -33,9 +33,9 @@ import torch
 from torch import Tensor, nn
 
 import mtlbal
+from benchmarks.common import save_suite_result
+from benchmarks.metrics import mean_std
 from mtlbal.aggregation import MGDA, PCGrad
-from mtlbal.bench.common import save_suite_result
-from mtlbal.bench.metrics import mean_std
 from mtlbal.diagnostics import ConflictIncidence
 from mtlbal.transforms import SparseMask
 

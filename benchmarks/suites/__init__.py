@@ -11,5 +11,5 @@ The command finds suites by module name, so a new suite needs no registration he
 ACCURACY = ("multidigits", "qm9", "toy", "synthetic")
 # the quick suite (`make bench`): these when importable, in this order
 QUICK = ("multidigits", "toy", "synthetic", "multimodal", "conflict", "cost")
-# order of the full run (`mtlbal-bench all`); other modules found here are appended
+# order of the full run (`python -m benchmarks all`); other modules found here are appended
 ALL = ("multidigits", "qm9", "toy", "synthetic", "multimodal", "conflict", "cost")

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mtlbal.bench.common import (
+from benchmarks.common import (
     Problem,
     TaskSpec,
     TrainConfig,

@@ -19,8 +19,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 import mtlbal
-from mtlbal.bench import metrics as M
-from mtlbal.bench import strategies as S
+from benchmarks import metrics as M
+from benchmarks import strategies as S
 
 __all__ = [
     "STL",

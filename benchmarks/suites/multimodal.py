@@ -35,8 +35,8 @@ import torch
 from torch import Tensor, nn
 
 import mtlbal
-from mtlbal.bench.common import save_suite_result
-from mtlbal.bench.metrics import mean_std
+from benchmarks.common import save_suite_result
+from benchmarks.metrics import mean_std
 from mtlbal.presets import fuller, fuller_modality_level, fuller_task_level
 
 NAME = "multimodal"

@@ -13,7 +13,6 @@ pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 
 from benchmarks import __main__ as cli
-from benchmarks import strategies as S
 from benchmarks.suites import multidigits, qm9, synthetic, toy
 
 TWO = ["Equal", "MGDA-UB"]
@@ -142,16 +141,6 @@ def test_qm9_skips_clearly_without_data(monkeypatch: pytest.MonkeyPatch) -> None
     assert "qm9pack" in res["skipped"] and res["rows"] == []
 
 
-def test_strategy_registry() -> None:
-    have, missing = S.available()
-    assert {"Equal", "UW", "GradNorm", "MGDA", "MGDA-UB", "PCGrad"} <= set(have)
-    assert set(have).isdisjoint(missing)
-    assert S.resolve("UncertaintyWeighting") == "UW" and S.resolve("mgda-ub") == "MGDA-UB"
-    assert S.get("MGDA-UB")(3, 0).at == "cut"
-    with pytest.raises(KeyError, match="unknown strategy"):
-        S.resolve("NoSuchMethod")
-
-
 def test_cli_runs_report_and_report_only(
     tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -197,27 +186,3 @@ def test_suite_discovery_and_quick_expansion() -> None:
     assert quick and names[:3] == ["multidigits", "toy", "synthetic"] and "qm9" not in names
     names, quick = cli.expand(["all"])
     assert not quick and "qm9" in names
-
-
-def test_methods_added_later_are_picked_up(monkeypatch: pytest.MonkeyPatch) -> None:
-    import mtlbal
-    from mtlbal.aggregation.mgda import MGDA
-    from mtlbal.weighting.base import Equal
-
-    class IGB(Equal):  # stand-ins with the signatures other branches may use
-        def __init__(self, num_tasks: int, *, version: str = "v1", seed: int = 0) -> None:
-            super().__init__()
-            if version not in ("v1", "v2"):
-                raise ValueError(version)
-            self.version = version
-
-    class AlignedMTL(MGDA):
-        pass
-
-    monkeypatch.setattr(mtlbal.weighting, "IGB", IGB, raising=False)
-    monkeypatch.setattr(mtlbal.aggregation, "AlignedMTL", AlignedMTL, raising=False)
-    have, _ = S.available()
-    assert {"IGBv1", "IGBv2", "AlignedMTL", "AlignedMTL-UB"} <= set(have)
-    assert S.get("IGBv2")(3, 0).weighting.version == "v2"  # type: ignore[union-attr]
-    spec = S.get("AlignedMTL-UB")(3, 0)
-    assert isinstance(spec.aggregator, AlignedMTL) and spec.at == "cut"

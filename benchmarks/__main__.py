@@ -4,9 +4,15 @@ the Markdown report, and print the summary tables.
 Examples::
 
     python -m benchmarks                       # the quick suite (what `make bench` runs)
-    python -m benchmarks all --seeds 0,1,2,3,4 # every suite, full size
+    python -m benchmarks all --seeds 0,1,2,3,4 # every suite, full size, every strategy
     python -m benchmarks multidigits toy --strategies Equal,MGDA,PCGrad --quick
-    python -m benchmarks quick --out docs/choosing-a-balancer --report-only   # rebuild the report
+    python -m benchmarks --out docs/choosing-a-balancer --report-only   # rebuild the report
+
+The quick suite runs the registry's quick rows (``Bench(quick=True)``: equal weights and a few
+strategies of each family) at small sizes; ``all`` (``make bench-full``) runs every row at the
+suites' documented sizes. Seeds: ``--seeds``, else the suite's ``SEEDS_QUICK`` / ``SEEDS_FULL``
+(chosen from its power estimate), else 0,1,2 (quick) and 0..4 (full). The command prints a short
+summary; the full tables are in the report (``--verbose`` prints them too).
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
 
-from benchmarks import report
+from benchmarks import common, report
 from benchmarks import strategies as S
 from benchmarks import suites as suites_pkg
 
@@ -77,11 +83,35 @@ def _call(mod: ModuleType, kwargs: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
+def _seeds(mod: ModuleType, seeds: list[int] | None, quick: bool) -> list[int]:
+    if seeds is not None:
+        return list(seeds)
+    own = getattr(mod, "SEEDS_QUICK" if quick else "SEEDS_FULL", None)
+    if own is not None:
+        return list(own)
+    return [0, 1, 2] if quick else [0, 1, 2, 3, 4]
+
+
+def attach_stats(res: dict[str, Any]) -> None:
+    """``res["stats"]``: the paired statistics of the suite's rows against equal weights (one
+    per configuration when the rows carry ``m``/``conflict``: the worst case is kept for the
+    summary line), unless the suite gave its own."""
+    if res.get("stats") or not res.get("rows"):
+        return
+    rows = [r for r in res["rows"] if isinstance(r, dict) and "delta_m" in r and "seed" in r]
+    by: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for r in rows:
+        by.setdefault((r.get("m"), r.get("conflict"), r.get("imbalance")), []).append(r)
+    found = [st for rs in by.values() if (st := common.compare(rs))]
+    if found:
+        res["stats"] = max(found, key=lambda st: st.get("seeds_for_1pt") or 0)
+
+
 def run_suites(
     names: Sequence[str],
     *,
     strategies: list[str] | None,
-    seeds: list[int],
+    seeds: list[int] | None,
     quick: bool,
     device: str,
     out_dir: pathlib.Path,
@@ -100,7 +130,7 @@ def run_suites(
                 mod,
                 {
                     "strategies": strategies,
-                    "seeds": list(seeds),
+                    "seeds": _seeds(mod, seeds, quick),
                     "quick": quick,
                     "device": device,
                     "out_dir": out_dir,
@@ -117,6 +147,7 @@ def run_suites(
                 "error": f"{type(e).__name__}: {e}",
                 "skipped": f"failed: {type(e).__name__}: {e}",
             }
+        attach_stats(res)
         res["suite_wall_s"] = round(time.perf_counter() - t0, 1)
         print(
             f"[python -m benchmarks] {name} done in {res['suite_wall_s']:.1f} s",
@@ -154,7 +185,19 @@ def parser() -> argparse.ArgumentParser:
         help="'quick' (default: the quick suite), 'all', or suite names",
     )
     p.add_argument("--strategies", help="comma-separated strategy names (default: all available)")
-    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
+    p.add_argument(
+        "--seeds",
+        default=None,
+        help="comma-separated seeds (default: each suite's own, else 0,1,2 quick / 0..4 full)",
+    )
+    p.add_argument(
+        "--heads",
+        choices=("raw", "reference"),
+        default="raw",
+        help="task heads' gradients: 'raw' (mtlbal: ∇L_t) or 'reference' (as each method's "
+        "reference code: w_t ∇L_t for the rows that declare it, e.g. Nash-MTL, MGDA)",
+    )
+    p.add_argument("--verbose", action="store_true", help="print every suite's full tables")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--out", default="bench-results", help="output folder (default bench-results/)")
     p.add_argument(
@@ -186,6 +229,23 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--list", action="store_true", help="list suites and strategies, then exit")
     return p
+
+
+RESULTS = pathlib.Path(__file__).parent / "results"
+
+
+def _write_targets(res: dict[str, Any]) -> None:
+    """The issues' cost targets go to benchmarks/results/cost_targets.md (an internal note for
+    the maintainers, kept off the user's report)."""
+    from benchmarks.suites import cost
+
+    RESULTS.mkdir(exist_ok=True)
+    env = res.get("env", {})
+    (RESULTS / "cost_targets.md").write_text(
+        "# Cost targets of the issues (written by `python -m benchmarks`)\n\n"
+        f"Run: `{env.get('command')}` on {env.get('date')} ({env.get('device')}).\n\n"
+        + cost.targets_markdown(res["rows"])
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -226,7 +286,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if strategies is not None:
         strategies = [S.resolve(s) for s in strategies]
         S.available(strategies)  # raises naming a strategy this mtlbal cannot build
-    seeds = [int(s) for s in _csv(args.seeds) or ["0"]]
+    elif quick:
+        strategies = list(S.QUICK)  # `make bench`: the registry's quick rows
+    seeds = None if args.seeds is None else [int(s) for s in _csv(args.seeds) or ["0"]]
+    common.OPTIONS["heads"] = args.heads
     t0 = time.perf_counter()
     results = run_suites(
         names,
@@ -248,7 +311,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "torch": torch.__version__,
         "mtlbal": mtlbal.__version__,
         "threads": threads,
-        "seeds": seeds,
+        "seeds": seeds if seeds is not None else "per suite",
+        "heads": args.heads,
         "quick": quick,
         "wall_s": round(wall, 1),
     }
@@ -263,13 +327,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     merged = _merge(old, results)
     path = report.save(merged, env, out_dir)
     for r in results:
-        print()
-        print(r.get("markdown") or f"### {r['name']}\n\nSkipped: {r.get('skipped')}")
-    table = report.overview(results)
-    if table:
-        print("\n### Overview: Δm% per suite (lower is better)\n")
-        print(table)
-    print(f"\nwall time: {wall:.1f} s; results: {out_dir / 'results.json'}; report: {path}")
+        if r["name"] == "cost" and r.get("rows"):
+            _write_targets(r)
+        if args.verbose:
+            print()
+            print(r.get("markdown") or f"### {r['name']}\n\nSkipped: {r.get('skipped')}")
+    print()
+    print(report.summary(results, path, wall))
     return 1 if any(r.get("error") for r in results) else 0
 
 

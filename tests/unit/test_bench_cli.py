@@ -150,7 +150,7 @@ def test_cli_runs_report_and_report_only(
         "synthetic",
         "--tiny",
         "--seeds",
-        "0",
+        "0,1",
         "--strategies",
         "Equal,PCGrad",
         "--out",
@@ -159,12 +159,22 @@ def test_cli_runs_report_and_report_only(
     ]
     assert cli.main(argv) == 0
     printed = capsys.readouterr().out
-    assert "PCGrad" in printed and "Δm%" in printed
+    # a short summary: the overview and where the report is, not every table
+    assert "PCGrad" in printed and "Δm%" in printed and str(out / "index.md") in printed
+    assert len(printed.strip().splitlines()) <= 40 and "| strategy |" in printed
+    assert "multidigits" in printed and "differ from Equal" in printed
     data = json.loads((out / "results.json").read_text())
     assert [s["name"] for s in data["suites"]] == ["multidigits", "synthetic"]
+    assert data["suites"][0]["stats"]["seeds"] == 2
     report = (out / "index.md").read_text()
-    assert "Δp" in report and "mean rank" in report.lower()
+    assert "Δp" in report and "Holm" in report and "## Choosing a balancer" in report
+    assert "MR ↓" not in report and "mean rank" not in report.lower()  # no bare ranking
     assert "## Overview" in report and "| PCGrad | " in report
+    # two seeds: a paired interval against Equal for PCGrad, in every accuracy table
+    pc = next(r for r in data["suites"][0]["summary"] if r["strategy"] == "PCGrad")
+    assert pc["vs_ref_low"] <= pc["vs_ref"] <= pc["vs_ref_high"]
+    assert pc["verdict"] in ("better", "worse", "indistinguishable")
+    assert f"{pc['vs_ref']:+.2f} [{pc['vs_ref_low']:+.2f}, {pc['vs_ref_high']:+.2f}]" in report
     (out / "index.md").unlink()
     assert cli.main(["quick", "--out", str(out), "--report-only"]) == 0
     assert (out / "index.md").read_text() == report

@@ -96,13 +96,37 @@ def attach_stats(res: dict[str, Any]) -> None:
     """``res["stats"]``: the paired statistics of the suite's rows against equal weights (one
     per configuration when the rows carry ``m``/``conflict``: the worst case is kept for the
     summary line), unless the suite gave its own."""
-    if res.get("stats") or not res.get("rows"):
-        return
+    own = res.get("stats")
+    if (own and own.get("key") != "delta_m") or not res.get("rows"):
+        return  # a suite's own statistics are kept; ours are recomputed from the rows
     rows = [r for r in res["rows"] if isinstance(r, dict) and "delta_m" in r and "seed" in r]
     by: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
     for r in rows:
         by.setdefault((r.get("m"), r.get("conflict"), r.get("imbalance")), []).append(r)
-    found = [st for rs in by.values() if (st := common.compare(rs))]
+    found = []
+    for cfg, rs in by.items():
+        st = common.compare(rs)
+        if not st:
+            continue
+        found.append(st)
+        # results saved before the paired statistics existed: fill their summary rows
+        for srow in res.get("summary", []) or []:
+            if (srow.get("m"), srow.get("conflict"), srow.get("imbalance")) != cfg:
+                continue
+            cmp = st["per"].get(srow.get("strategy"))
+            if cmp is not None and "verdict" not in srow:
+                srow.update(
+                    {
+                        "vs_ref": cmp["diff"],
+                        "vs_ref_low": cmp["low"],
+                        "vs_ref_high": cmp["high"],
+                        "p_holm": cmp["p_holm"],
+                        "verdict": cmp["verdict"],
+                        "group": cmp["group"],
+                    }
+                )
+            elif srow.get("strategy") == st["reference"] and "verdict" not in srow:
+                srow.update({"vs_ref": 0.0, "verdict": "reference"})
     if found:
         res["stats"] = max(found, key=lambda st: st.get("seeds_for_1pt") or 0)
 
@@ -268,6 +292,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         except FileNotFoundError as e:
             print(f"python -m benchmarks: {e}", file=sys.stderr)
             return 2
+        for r in results:
+            attach_stats(r)
+            # the Δm% figure is redrawn from the saved summary (the current style)
+            fig = f"{r['name']}_delta_m.png"
+            if r.get("summary") and fig in (r.get("plots") or []):
+                common.plot_delta_m(r["summary"], out_dir / fig, r.get("title", r["name"]))
         path = report.save(results, env, out_dir)
         print(f"report: {path}")
         return 0

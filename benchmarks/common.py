@@ -417,6 +417,9 @@ def compare(rows: list[dict[str, Any]], key: str = "delta_m") -> dict[str, Any]:
         "seeds": n,
         "detectable": ST.detectable_difference(sd, n, comparisons=k) if sds else float("nan"),
         "seeds_for_1pt": ST.seeds_needed(1.0, sd, comparisons=k) if sds else None,
+        "seeds_for": {str(d): ST.seeds_needed(float(d), sd, comparisons=k) for d in (1, 2, 5, 10)}
+        if sds
+        else {},
     }
 
 
@@ -429,7 +432,11 @@ def power_note(stats: dict[str, Any], unit: str = "points of Δm%") -> str:
         f"{stats['n_compared']} strategies): **{stats['n_differ']} of {stats['n_compared']} "
         f"differ**. The median paired SD is {stats['sd']:.2f} {unit}; with {stats['seeds']} "
         f"seeds a true difference of {stats['detectable']:.2f} {unit} is detected with 80% power "
-        f"(Holm at worst Bonferroni); detecting 1 point needs {stats['seeds_for_1pt']} seeds. "
+        f"(Holm at worst Bonferroni); detecting a difference of "
+        + " / ".join(stats.get("seeds_for", {}))
+        + " points needs "
+        + " / ".join(str(v) for v in stats.get("seeds_for", {}).values())
+        + " seeds. "
         "Groups: strategies sharing a letter cannot be told apart (pairwise, Holm over all "
         "pairs).\n"
     )
@@ -552,7 +559,8 @@ def summarize(
 
 
 # one colour and one marker per strategy, the same in every plot (registry order; the pairs
-# (colour i mod 20, marker i mod 9) repeat only after 180 strategies)
+# (colour i mod 10, marker i mod 9) repeat only after 90 strategies; tab10's colours are all
+# dark enough to read as thin lines on white)
 _MARKERS = "osD^vP*Xh"
 
 
@@ -562,7 +570,7 @@ def style(name: str) -> tuple[Any, str]:
 
     names = [STL, *S.STRATEGIES]
     i = names.index(name) if name in names else len(names) + sum(map(ord, name))
-    return matplotlib.colormaps["tab20"](i % 20), _MARKERS[i % len(_MARKERS)]
+    return matplotlib.colormaps["tab10"](i % 10), _MARKERS[i % len(_MARKERS)]
 
 
 def plot_delta_m(summary_rows: list[dict[str, Any]], path: Any, title: str) -> None:
@@ -608,23 +616,33 @@ def plot_delta_m(summary_rows: list[dict[str, Any]], path: Any, title: str) -> N
             markeredgewidth=0.4,
         )
         verdict = r.get("verdict")
-        if verdict in ("better", "worse"):
+        if verdict in ("better", "worse", "indistinguishable"):
             ax.annotate(
-                verdict,
+                VERDICT_MARK[verdict],
                 (1.01, y),
                 xycoords=("axes fraction", "data"),
                 va="center",
                 fontsize=7,
-                color="tab:green" if verdict == "better" else "tab:red",
+                color={"better": "tab:green", "worse": "tab:red"}.get(verdict, "0.4"),
             )
-    ax.axvline(0, color="k", lw=1, ls="--", label=REFERENCE if paired_ else "single-task")
+    ax.axvline(0, color="k", lw=1, ls="--")
+    # the reference named on its line (no legend box over the data)
+    ax.annotate(
+        REFERENCE if paired_ else "single-task",
+        (0, 1.0),
+        xycoords=("data", "axes fraction"),
+        xytext=(0, 3),
+        textcoords="offset points",
+        ha="center",
+        va="bottom",
+        fontsize=7,
+    )
     ax.set_yticks(range(len(rows)))
     ax.set_yticklabels([r["strategy"] for r in rows], fontsize=8)
     ax.set_ylim(-0.7, len(rows) - 0.3)
     ax.set_xlabel(xlabel, fontsize=8)
     ax.grid(axis="x", alpha=0.3)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.12), fontsize=7, frameon=False)
-    ax.set_title(title, fontsize=9)
+    ax.set_title(title, fontsize=9, pad=14)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -167,7 +167,7 @@ def test_cli_runs_report_and_report_only(
     assert [s["name"] for s in data["suites"]] == ["multidigits", "synthetic"]
     assert data["suites"][0]["stats"]["seeds"] == 2
     report = (out / "index.md").read_text()
-    assert "Δp" in report and "Holm" in report and "## Choosing a balancer" in report
+    assert "Δp" in report and "Holm" in report and "## Choosing a balancer: what" in report
     assert "MR ↓" not in report and "mean rank" not in report.lower()  # no bare ranking
     assert "## Overview" in report and "| PCGrad | " in report
     # two seeds: a paired interval against Equal for PCGrad, in every accuracy table

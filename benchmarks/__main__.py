@@ -131,6 +131,52 @@ def attach_stats(res: dict[str, Any]) -> None:
         res["stats"] = max(found, key=lambda st: st.get("seeds_for_1pt") or 0)
 
 
+def refresh_tables(res: dict[str, Any]) -> None:
+    """Rebuild the summary tables of a saved suite result from its rows (``--report-only``), so
+    that results saved by an older version get the current columns (paired intervals, verdicts,
+    groups; no mean rank). The ``n``-th table of the suite's Markdown (a block that starts with
+    ``| strategy |``) is replaced by that of the ``n``-th configuration of its rows."""
+    rows = [r for r in res.get("rows", []) if isinstance(r, dict) and "seed" in r]
+    if not rows or not any(r.get("strategy") == common.STL for r in rows):
+        return
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r.get("m"), r.get("conflict"), r.get("imbalance")), []).append(r)
+    tables, summaries = [], []
+    for rs in groups.values():
+        keys = [k for k in rs[0] if "/" in k and k.rsplit("/", 1)[1] in ("acc", "mae", "mse")]
+        if not keys:
+            return
+        tasks = [
+            common.TaskSpec(k.rsplit("/", 1)[0], "mse", k.rsplit("/", 1)[1])  # type: ignore[arg-type]
+            for k in keys
+        ]
+        summ = common.summarize(tasks, rs, metric_digits=3 if len(keys) > 2 else 4)
+        extra: dict[str, Any] = {k: rs[0][k] for k in ("m", "conflict", "imbalance") if k in rs[0]}
+        for srow in summ.rows:
+            srow.update(extra)
+        tables.append(summ.markdown)
+        summaries += summ.rows
+    lines = (res.get("markdown") or "").split("\n")
+    out: list[str] = []
+    i = n = 0
+    while i < len(lines):
+        if lines[i].startswith("| strategy |") and n < len(tables):
+            while i < len(lines) and lines[i].startswith("|"):
+                i += 1
+            # an older power note right after the table is replaced too
+            if i + 1 < len(lines) and lines[i + 1].startswith("Against Equal"):
+                i += 2
+            out.append(tables[n].rstrip("\n"))
+            n += 1
+            continue
+        out.append(lines[i])
+        i += 1
+    if n == len(tables):
+        res["markdown"] = "\n".join(out)
+        res["summary"] = summaries
+
+
 def run_suites(
     names: Sequence[str],
     *,
@@ -293,6 +339,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"python -m benchmarks: {e}", file=sys.stderr)
             return 2
         for r in results:
+            refresh_tables(r)
             attach_stats(r)
             # the Δm% figure is redrawn from the saved summary (the current style)
             fig = f"{r['name']}_delta_m.png"

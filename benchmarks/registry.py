@@ -130,7 +130,7 @@ REGISTRY: list[Entry] = [
     Entry(
         "Equal",
         lambda m: {},
-        bench=(Bench("Equal", "", note="the sum of the losses (no balancing)", quick=True),),
+        bench=(Bench("Equal", "", note="the sum of the losses: no balancing", quick=True),),
     ),
     Entry(
         "UncertaintyWeighting",
@@ -324,7 +324,7 @@ REGISTRY: list[Entry] = [
             Bench(
                 "NashMTL",
                 'aggregator=aggregation.NashMTL(on_failure="warn")',
-                note="keeps its previous weights when the solver fails (the reference does)",
+                note="keeps its previous weights when the solver fails, as the reference does",
                 reference_heads=True,
                 quick=True,
             ),

@@ -398,7 +398,13 @@ def build(results: list[dict[str, Any]], env: dict[str, Any], out_dir: pathlib.P
             if isinstance(s, str) and s in S.DESCRIPTIONS and s not in used:
                 used.append(s)
     if used:
-        md.append("\n## Strategies compared\n\n| name | configuration |\n|---|---|\n")
+        md.append(
+            "\n## Strategies compared\n\nEach row's configuration as code (`from mtlbal import "
+            "Balancer, weighting, aggregation`; `shared` is the shared trunk, `at=trunk` takes "
+            "the per-task gradients at its output; `m` tasks, the run's `seed`, and `task_types` "
+            "from the suite). Each row is declared once, in `benchmarks/registry.py`.\n\n"
+            "| name | configuration |\n|---|---|\n"
+        )
         md.extend(f"| {s} | {S.DESCRIPTIONS[s]} |\n" for s in used)
     md.append("\n## Results\n")
     for r in results:

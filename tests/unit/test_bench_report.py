@@ -70,7 +70,10 @@ def test_advice_is_drawn_from_the_numbers() -> None:
     text = report.advice(_results())
     assert "*scaled*: better than Equal: UW; worse: MGDA" in text
     assert "Where no strategy beats Equal (flat)" in text
-    assert "MGDA: 1.20× at m=2, 1.20× at m=8 at the cut point against 1.80× at m=2, 7.20× at m=8" in text
+    assert (
+        "MGDA: 1.20× at m=2, 1.20× at m=8 at the cut point against 1.80× at m=2, 7.20× at m=8"
+        in text
+    )
     assert "UncertaintyWeighting: 1.01× at m=2" in text
     assert "mtlbal.diagnostics.ConflictIncidence" in text
     # without results it says so instead of inventing numbers
@@ -156,3 +159,29 @@ def test_train_one_with_reference_heads(heads: str) -> None:
     c = common.train_one(problem, "UPGrad", 0, cfg, heads="reference")
     d = common.train_one(problem, "UPGrad", 0, cfg, heads="raw")
     assert c["a/mse"] == d["a/mse"]
+
+
+def test_report_only_refreshes_old_tables_once() -> None:
+    from benchmarks import __main__ as cli
+
+    rows = []
+    for seed, (stl, eq, x) in enumerate([(0.9, 0.8, 0.85), (0.91, 0.82, 0.86), (0.9, 0.81, 0.9)]):
+        rows += [
+            {"strategy": s, "seed": seed, "a/acc": v, "b/mae": 1.0, "wall_s": 0.1}
+            for s, v in (("STL", stl), ("Equal", eq), ("X", x))
+        ]
+    old = "### old\n\n| strategy | a/acc ↑ | MR ↓ |\n|---|---|---|\n| X | 0.8 | 1.0 |\n\ntail\n"
+    res: dict[str, Any] = {"name": "old", "rows": rows, "markdown": old}
+    cli.refresh_tables(res)
+    cli.attach_stats(res)
+    md = res["markdown"]
+    assert "MR ↓" not in md and "Δm% − Equal [95% CI]" in md and md.endswith("tail\n")
+    assert "Against Equal" in md and res["stats"]["seeds"] == 3
+    x = next(r for r in res["summary"] if r["strategy"] == "X")
+    # Δm% per seed against the mean STL accuracy (0.9033…): X − Equal in points of Δm% (÷ 2
+    # metrics, the MAE is unchanged)
+    base = (0.9 + 0.91 + 0.9) / 3
+    diffs = [100 * (e - v) / base / 2 for e, v in ((0.8, 0.85), (0.82, 0.86), (0.81, 0.9))]
+    assert x["vs_ref"] == pytest.approx(sum(diffs) / 3)
+    cli.refresh_tables(res)  # a second refresh changes nothing
+    assert res["markdown"] == md

@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 import torch
-
-import mtlbal
 from benchmarks import common, report
 from benchmarks import strategies as S
+
+import mtlbal
 
 
 def _row(s: str, diff: float, half: float, verdict: str, **kw: Any) -> dict[str, Any]:

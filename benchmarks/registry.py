@@ -196,6 +196,7 @@ REGISTRY: list[Entry] = [
                 at="cut",
                 note="at the shared representation",
                 reference_heads=True,
+                quick=True,
             ),
         ),
     ),

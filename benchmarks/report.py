@@ -339,7 +339,8 @@ def advice(results: list[dict[str, Any]]) -> str:
 def power_table(results: list[dict[str, Any]]) -> str:
     """Per suite: the seeds run, the paired SD of the Δm% differences, the difference those seeds
     detect (80% power, Holm at worst Bonferroni) and the seeds 1, 2, 5 and 10 points need."""
-    rows = [r for r in results if r.get("stats")]
+    keys = ("seeds", "n_compared", "sd", "detectable")
+    rows = [r for r in results if all(k in (r.get("stats") or {}) for k in keys)]
     if not rows:
         return ""
     out = [
@@ -435,14 +436,20 @@ def summary(results: list[dict[str, Any]], report_path: pathlib.Path, wall_s: fl
         lines += ["", table, ""]
     for r in results:
         st = r.get("stats") or {}
-        if r.get("error") or r.get("skipped"):
+        if r.get("error") or (r.get("skipped") and not r.get("rows")):
             lines.append(f"- {r['name']}: {r.get('error') or r.get('skipped')}")
             continue
         k, n = differ_counts(r.get("summary", []) or [])
         note = f"{k}/{n} differ from Equal" if n else "no paired statistics"
-        if st.get("seeds_for_1pt"):
-            note += f"; 1 point of Δm% needs {st['seeds_for_1pt']} seeds"
-        lines.append(f"- {r['name']} ({r.get('suite_wall_s', '?')} s): {note}")
+        if st.get("detectable") is not None and math.isfinite(float(st["detectable"])):
+            note += (
+                f"; {st['seeds']} seeds detect ≥ {float(st['detectable']):.1f} points (80% power)"
+            )
+        if isinstance(r.get("skipped"), dict) and r["skipped"]:
+            note += f"; {len(r['skipped'])} variant(s) not measured (see the report)"
+        took = r.get("suite_wall_s", "?")
+        cpu = f", {r['suite_cpu_s']} s CPU" if "suite_cpu_s" in r else ""
+        lines.append(f"- {r['name']} ({took} s{cpu}): {note}")
     lines.append(f"\nwall time {wall_s:.0f} s; full report: {report_path}")
     return "\n".join(lines)
 

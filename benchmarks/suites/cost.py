@@ -1375,39 +1375,61 @@ def scaling_plot(rows: Sequence[dict[str, Any]], path: Path, *, batch: int) -> P
     steps = [r for r in _step_rows(rows, batch) if r["family"] != "baseline"]
     if not steps:
         return None
-    colours = {
-        "loss": "tab:green",
-        "loss+norms": "tab:olive",
-        "cut": "tab:blue",
-        "params": "tab:red",
-        "torchjd": "tab:gray",
-    }
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
     by: dict[str, list[dict[str, Any]]] = {}
     for r in steps:
         by.setdefault(r["variant"], []).append(r)
-    styles = ["-", "--", ":", "-."]
-    counts: dict[str, int] = {}
+    # one colour and marker per strategy, one line style per place of the gradients
+    strategies = sorted({str(rs[0].get("strategy", v)) for v, rs in by.items()})
+    cmap = matplotlib.colormaps["tab10"]
+    markers = "osD^vP*Xh"
+    look = {n: (cmap(i % 10), markers[i % len(markers)]) for i, n in enumerate(strategies)}
+    lines = {"params": "-", "cut": "--"}
+    fig, ax = plt.subplots(figsize=(9, 4.8))
     for v, rs in by.items():
         rs.sort(key=lambda r: r["m"])
-        fam = rs[0]["family"]
-        k = counts.get(fam, 0)
-        counts[fam] = k + 1
+        color, marker = look[str(rs[0].get("strategy", v))]
         ax.plot(
             [r["m"] for r in rs],
             [r["ratio"] for r in rs],
-            marker="o",
-            ls=styles[k % len(styles)],
-            color=colours.get(fam, "black"),
-            label=f"{v} ({fam})",
+            marker=marker,
+            ms=5,
+            ls=lines.get(str(rs[0].get("at")), ":"),
+            color=color,
+            markeredgecolor="k",
+            markeredgewidth=0.3,
+            label=v,
         )
+    ms = sorted({int(r["m"]) for r in steps})
     ax.set_xscale("log", base=2)
+    ax.set_xticks(ms)
+    ax.get_xaxis().set_major_formatter(ScalarFormatter())
     ax.set_yscale("log")
-    ax.axhline(1.0, color="black", lw=0.8)
+    top = max(float(r["ratio"]) for r in steps)
+    ticks = [t for t in (0.8, 1, 1.25, 1.5, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64) if t <= top * 1.2]
+    ax.set_yticks(ticks)
+    ax.get_yaxis().set_major_formatter(ScalarFormatter())
+    ax.get_yaxis().set_minor_formatter(NullFormatter())
+    ax.axhline(1.0, color="black", lw=1, ls="--")
+    ax.annotate(
+        "plain step",
+        (0.0, 1.0),
+        xycoords=("axes fraction", "data"),
+        xytext=(3, -9),
+        textcoords="offset points",
+        ha="left",
+        fontsize=7,
+    )
     ax.set_xlabel("number of tasks m")
-    ax.set_ylabel("step time / plain step")
-    ax.set_title(f"Cost per step against m (batch {batch})")
-    ax.legend(fontsize=7, ncol=2)
+    ax.set_ylabel("step time / plain step (ratio, log scale)")
+    ax.set_title(
+        f"Cost per step against m (batch {batch}); solid: at the parameters, dashed: at a cut "
+        "point, dotted: loss level",
+        fontsize=9,
+    )
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -44,7 +44,12 @@ def _results(n_strategies: int = 12) -> list[dict[str, Any]]:
         )
     ]
     return [
-        {"name": "flat", "summary": a, "markdown": "### flat\n", "stats": {"seeds_for_1pt": 9}},
+        {
+            "name": "flat",
+            "summary": a,
+            "markdown": "### flat\n",
+            "stats": {"seeds": 3, "detectable": 4.25},
+        },
         {"name": "scaled", "summary": b, "markdown": "### scaled\n"},
         {
             "name": "cost",
@@ -86,8 +91,11 @@ def test_page_leaves_out_targets_and_summary_is_short(tmp_path: pathlib.Path) ->
     page = report.build(res, {"command": "python -m benchmarks"}, tmp_path)
     assert "### Targets" not in page and "### next" in page
     assert page.index("## Overview") < page.index("## Choosing a balancer: what")
+    res[2]["skipped"] = {"CAGrad@cut m=64": "too slow"}
     text = report.summary(res, tmp_path / "index.md", 12.0)
-    assert len(text.splitlines()) <= 45 and "full report" in text and "needs 9 seeds" in text
+    assert "flat" in text and "3 seeds detect ≥ 4.2 points" in text
+    assert "1 variant(s) not measured" in text
+    assert len(text.splitlines()) <= 45 and "full report" in text
 
 
 def test_every_strategy_has_its_own_colour_and_marker() -> None:

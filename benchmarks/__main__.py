@@ -345,6 +345,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             fig = f"{r['name']}_delta_m.png"
             if r.get("summary") and fig in (r.get("plots") or []):
                 common.plot_delta_m(r["summary"], out_dir / fig, r.get("title", r["name"]))
+            if r["name"] == "cost" and r.get("rows") and (out_dir / "cost_scaling.png").exists():
+                from benchmarks.suites import cost
+
+                steps = [x for x in r["rows"] if x.get("section") == "step" and "batch" in x]
+                if steps:
+                    batch = int(steps[0]["batch"])
+                    cost.scaling_plot(r["rows"], out_dir / "cost_scaling.png", batch=batch)
         path = report.save(results, env, out_dir)
         print(f"report: {path}")
         return 0

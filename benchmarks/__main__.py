@@ -177,6 +177,20 @@ def refresh_tables(res: dict[str, Any]) -> None:
         res["summary"] = summaries
 
 
+def class_names(rows: list[str] | None) -> list[str] | None:
+    """The strategy classes of benchmark rows (the cost suite selects classes: ``UW`` →
+    ``UncertaintyWeighting``, ``DB-MTL`` → ``ScaleInvariant`` and ``DBMTL``)."""
+    if rows is None:
+        return None
+    out: list[str] = []
+    for row in rows:
+        spec = S.get(row)(2, 0)
+        objs = [o for o in (spec.weighting, spec.aggregator) if o is not None]
+        names = [type(o).__name__ for o in objs] or ["Equal"]
+        out += [n for n in names if n not in out]
+    return out
+
+
 def run_suites(
     names: Sequence[str],
     *,
@@ -199,7 +213,7 @@ def run_suites(
             res = _call(
                 mod,
                 {
-                    "strategies": strategies,
+                    "strategies": class_names(strategies) if name == "cost" else strategies,
                     "seeds": _seeds(mod, seeds, quick),
                     "quick": quick,
                     "device": device,

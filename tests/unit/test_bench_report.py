@@ -193,3 +193,16 @@ def test_report_only_refreshes_old_tables_once() -> None:
     assert x["vs_ref"] == pytest.approx(sum(diffs) / 3)
     cli.refresh_tables(res)  # a second refresh changes nothing
     assert res["markdown"] == md
+
+
+def test_cost_suite_gets_the_classes_of_the_rows() -> None:
+    from benchmarks import __main__ as cli
+
+    assert cli.class_names(None) is None
+    assert cli.class_names(["Equal", "UW", "DB-MTL", "MGDA-UB", "MGDA"]) == [
+        "Equal",
+        "UncertaintyWeighting",
+        "ScaleInvariant",
+        "DBMTL",
+        "MGDA",
+    ]

@@ -692,8 +692,20 @@ def build_alone(cls: type, m: int) -> Any | None:
     The cost suite measures every class this way, so a class with a required argument (COSMOS's
     λ, Constant's weights) is measured in the configuration declared here.
     """
+    found = _alone(m).get(cls)
+    if found is None:
+        return None
+    key, make = found
+    return make()[key]
+
+
+@functools.lru_cache(maxsize=8)
+def _alone(m: int) -> dict[type, tuple[str, Callable[[], dict[str, Any]]]]:
+    # every row built once: the first row that builds each class alone
+    out: dict[type, tuple[str, Callable[[], dict[str, Any]]]] = {}
     for make in _makers(m):
         kw = make()
-        if len(kw) == 1 and type(next(iter(kw.values()))) is cls:
-            return make()[next(iter(kw))]
-    return None
+        if len(kw) == 1:
+            key, obj = next(iter(kw.items()))
+            out.setdefault(type(obj), (key, make))
+    return out

@@ -20,7 +20,9 @@ from torch.nn import functional as F
 
 import mtlbal
 from benchmarks import metrics as M
+from benchmarks import stats as ST
 from benchmarks import strategies as S
+from benchmarks.registry import TaskType
 
 __all__ = [
     "STL",
@@ -35,6 +37,12 @@ __all__ = [
 ]
 
 STL = "STL"
+# the reference every strategy is compared with, seed by seed
+REFERENCE = "Equal"
+
+# options of the command that reach every suite without passing through its run(): ``heads``
+# ("raw": mtlbal's head gradients; "reference": as each method's reference, see weight_heads)
+OPTIONS: dict[str, Any] = {"heads": "raw"}
 
 
 def missing_note(missing: dict[str, str]) -> str:
@@ -234,15 +242,51 @@ def evaluate(model: nn.Module, problem: Problem, batch: int = 4096) -> dict[str,
     return res
 
 
+def task_types(tasks: Sequence[TaskSpec]) -> list[TaskType]:
+    """``"classification"`` for the cross-entropy tasks, ``"regression"`` for the others (what
+    UW's Kendall form needs: the registry passes it to the rows that use it)."""
+    return ["classification" if t.loss == "ce" else "regression" for t in tasks]
+
+
+def weight_heads(heads: Sequence[nn.Module], info: Any) -> None:
+    """Scale head ``t``'s gradient by the step's gradient weight ``w_t`` (``--heads
+    reference``): what the references of Nash-MTL and MGDA (nash-mtl's code) do by
+    back-propagating ``Σ_t w_t L_t``, where mtlbal gives each head its raw ``∇L_t``.
+
+    Only the rows whose reference does it (``registry.Bench.reference_heads``) are changed; a
+    step without gradient weights (a loss weighting: its heads are weighted already) is left
+    alone. Head ``t`` must read task ``t``'s loss only.
+    """
+    w = getattr(info, "grad_weights", None)
+    if w is None:
+        return
+    for t, head in enumerate(heads):
+        for p in head.parameters():
+            if p.grad is not None:
+                p.grad.mul_(w[t].to(p.grad.dtype))
+
+
 def train_one(
-    problem: Problem, strategy: str, seed: int, cfg: TrainConfig, device: str = "cpu"
+    problem: Problem,
+    strategy: str,
+    seed: int,
+    cfg: TrainConfig,
+    device: str = "cpu",
+    *,
+    heads: Literal["raw", "reference"] | None = None,
 ) -> dict[str, Any]:
     """Train one network with ``strategy`` (or the single-task baselines for :data:`STL`) and
-    return ``{"strategy", "seed", "wall_s", <task/metric>: value, ...}``."""
+    return ``{"strategy", "seed", "wall_s", <task/metric>: value, ...}``.
+
+    ``heads="reference"``: the heads of the rows whose reference weights them get ``w_t ∇L_t``
+    (:func:`weight_heads`); ``"raw"`` (mtlbal's behaviour): ``∇L_t``; ``None``: the command's
+    ``--heads`` (:data:`OPTIONS`)."""
     seed_everything(seed)
     out_dims = [t.out_dim for t in problem.tasks]
     d_in = problem.x_train.shape[1]
     model: nn.Module
+    head_modules: Sequence[nn.Module] = []
+    reference_heads = False
     if strategy == STL:
         model = STLNet(d_in, problem.hidden, out_dims).to(device)
         opt: Any = torch.optim.Adam(model.parameters(), lr=cfg.lr)
@@ -250,13 +294,16 @@ def train_one(
     else:
         net = MTLNet(d_in, problem.hidden, out_dims).to(device)
         model = net
-        spec = S.get(strategy)(problem.m, seed)
+        spec = S.get(strategy)(problem.m, seed, task_types=task_types(problem.tasks))
         balancer = mtlbal.Balancer(
             net.trunk,
             weighting=spec.weighting,
             aggregator=spec.aggregator,
             at=net.trunk if spec.at == "cut" else "params",
+            **({"transforms": spec.transforms} if spec.transforms is not None else {}),
         ).to(device)
+        reference_heads = (heads or OPTIONS["heads"]) == "reference" and spec.reference_heads
+        head_modules = list(net.heads)
         opt = mtlbal.wrap(torch.optim.Adam(net.parameters(), lr=cfg.lr), balancer)
     gen = torch.Generator().manual_seed(seed)
     n = problem.x_train.shape[0]
@@ -276,7 +323,9 @@ def train_one(
             if balancer is None:
                 torch.stack(losses).sum().backward()
             else:
-                opt.backward(dict(zip(names, losses)))
+                info = opt.backward(dict(zip(names, losses)))
+                if reference_heads:
+                    weight_heads(head_modules, info)
             opt.step()
             if balancer is not None and callable(getattr(balancer.weighting, "update", None)):
                 # FAMO: re-evaluate the same batch after the step, feed it back
@@ -333,6 +382,73 @@ def _fmt(mean: float, std: float, digits: int) -> str:
 class Summary:
     rows: list[dict[str, Any]] = field(default_factory=list)
     markdown: str = ""
+    # compare(rows): the paired statistics against REFERENCE ({} when not computable)
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+def compare(rows: list[dict[str, Any]], key: str = "delta_m") -> dict[str, Any]:
+    """The seed-paired statistics of a suite's rows against :data:`REFERENCE` (lower is better):
+    ``{"per": {strategy: {diff, low, high, p, p_holm, verdict, sd, n, group}}, "n_differ",
+    "n_compared", "sd", "seeds", "detectable", "seeds_for_1pt"}`` (see :mod:`benchmarks.stats`);
+    ``{}`` when there is no reference row or fewer than two seeds."""
+    values: dict[str, dict[int, float]] = {}
+    for r in rows:
+        if r["strategy"] == STL or key not in r:
+            continue
+        values.setdefault(r["strategy"], {})[int(r["seed"])] = float(r[key])
+    if REFERENCE not in values or len(values[REFERENCE]) < 2 or len(values) < 2:
+        return {}
+    per = ST.compare_to_reference(values, REFERENCE)
+    letters = ST.groups(values)
+    for s, v in per.items():
+        v["group"] = letters[s]
+    sds = [float(v["sd"]) for v in per.values() if np.isfinite(float(v["sd"]))]
+    sd = float(np.median(sds)) if sds else float("nan")
+    n = len(values[REFERENCE])
+    k = len(per)
+    return {
+        "reference": REFERENCE,
+        "key": key,
+        "per": per,
+        "reference_group": letters[REFERENCE],
+        "n_compared": k,
+        "n_differ": sum(v["verdict"] != "indistinguishable" for v in per.values()),
+        "sd": sd,
+        "seeds": n,
+        "detectable": ST.detectable_difference(sd, n, comparisons=k) if sds else float("nan"),
+        "seeds_for_1pt": ST.seeds_needed(1.0, sd, comparisons=k) if sds else None,
+        "seeds_for": {str(d): ST.seeds_needed(float(d), sd, comparisons=k) for d in (1, 2, 5, 10)}
+        if sds
+        else {},
+    }
+
+
+def power_note(stats: dict[str, Any], unit: str = "points of Δm%") -> str:
+    """One Markdown paragraph: how many comparisons differ, and what the seeds can detect."""
+    if not stats:
+        return ""
+    return (
+        f"Against {stats['reference']} (seed-paired, 95% t-interval, Holm over "
+        f"{stats['n_compared']} strategies): **{stats['n_differ']} of {stats['n_compared']} "
+        f"differ**. The median paired SD is {stats['sd']:.2f} {unit}; with {stats['seeds']} "
+        f"seeds a true difference of {stats['detectable']:.2f} {unit} is detected with 80% power "
+        f"(Holm at worst Bonferroni); detecting a difference of "
+        + " / ".join(stats.get("seeds_for", {}))
+        + " points needs "
+        + " / ".join(str(v) for v in stats.get("seeds_for", {}).values())
+        + " seeds. "
+        "Groups: strategies sharing a letter cannot be told apart (pairwise, Holm over all "
+        "pairs).\n"
+    )
+
+
+def _interval(v: dict[str, Any]) -> str:
+    if not np.isfinite(float(v["low"])):
+        return f"{float(v['diff']):+.2f}"
+    return f"{float(v['diff']):+.2f} [{float(v['low']):+.2f}, {float(v['high']):+.2f}]"
+
+
+VERDICT_MARK = {"better": "better", "worse": "worse", "indistinguishable": "≈"}
 
 
 def summarize(
@@ -343,8 +459,11 @@ def summarize(
     max_metric_columns: int = 11,
 ) -> Summary:
     """Per strategy: every metric as mean ± std over seeds, Δm% and Δp against the mean of the
-    single-task baselines (per seed, then mean ± std), and the mean rank of the seed-mean
-    metrics among the multi-task strategies. Adds ``delta_m``/``delta_p`` to each MTL row."""
+    single-task baselines (per seed, then mean ± std), and — when the suite ran
+    :data:`REFERENCE` with two seeds or more — the seed-paired difference of Δm% against it with
+    its 95% interval, the Holm-corrected verdict and the group letters (:func:`compare`). Adds
+    ``delta_m``/``delta_p`` to each MTL row. The mean rank is kept in the rows (``mean_rank``)
+    but not shown: a ranking without its uncertainty is not reported."""
     keys = [t.key for t in problem_tasks]
     hib = [t.higher_is_better for t in problem_tasks]
     task_of = [t.name for t in problem_tasks]
@@ -367,11 +486,15 @@ def summarize(
     mtl = [s for s in order if s != STL]
     means = {s: [float(np.mean([r[k] for r in per[s]])) for k in keys] for s in order}
     ranks = M.mean_rank({s: means[s] for s in mtl}, hib) if mtl else {}
+    stats = compare(rows)
     show_metrics = len(keys) <= max_metric_columns
     header = ["strategy"]
     if show_metrics:
         header += [f"{k} {'↑' if h else '↓'}" for k, h in zip(keys, hib)]
-    header += ["Δm% ↓", "Δp% ↑", "MR ↓", "worst task Δ% ↓", "s/run"]
+    header += ["Δm% ↓", "Δp% ↑"]
+    if stats:
+        header += [f"Δm% − {REFERENCE} [95% CI]", "verdict", "group"]
+    header += ["worst task Δ% ↓", "s/run"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     summary_rows = []
     for s in order:
@@ -393,6 +516,20 @@ def summarize(
             "worst_task_delta": worst,
             "median_wall_s": wall,
         }
+        cmp = stats.get("per", {}).get(s) if stats else None
+        if cmp is not None:
+            srow.update(
+                {
+                    "vs_ref": cmp["diff"],
+                    "vs_ref_low": cmp["low"],
+                    "vs_ref_high": cmp["high"],
+                    "p_holm": cmp["p_holm"],
+                    "verdict": cmp["verdict"],
+                    "group": cmp["group"],
+                }
+            )
+        elif stats and s == REFERENCE:
+            srow.update({"vs_ref": 0.0, "verdict": "reference", "group": stats["reference_group"]})
         cells = [f"**{s}**" if s == STL else s]
         for k in keys:
             ms = M.mean_std([r[k] for r in rs])
@@ -401,42 +538,111 @@ def summarize(
             if show_metrics:
                 cells.append(_fmt(ms[0], ms[1], metric_digits))
         if s == STL:
-            cells += ["0 (ref.)", "0 (ref.)", "–", "0", f"{wall:.1f}"]
+            cells += ["0 (ref.)", "0 (ref.)"]
+            if stats:
+                cells += ["–", "–", "–"]
+            cells += ["0", f"{wall:.1f}"]
         else:
-            cells += [
-                _fmt(dm[0], dm[1], 2),
-                _fmt(dp[0], dp[1], 2),
-                f"{ranks[s]:.2f}",
-                f"{worst:+.2f}",
-                f"{wall:.1f}",
-            ]
+            cells += [_fmt(dm[0], dm[1], 2), _fmt(dp[0], dp[1], 2)]
+            if stats:
+                if cmp is not None:
+                    cells += [_interval(cmp), VERDICT_MARK[str(cmp["verdict"])], str(cmp["group"])]
+                else:
+                    cells += ["0 (ref.)", "–", str(stats["reference_group"])]
+            cells += [f"{worst:+.2f}", f"{wall:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
         summary_rows.append(srow)
-    return Summary(summary_rows, "\n".join(lines))
+    md = "\n".join(lines)
+    if stats:
+        md += "\n\n" + power_note(stats)
+    return Summary(summary_rows, md, stats)
+
+
+# one colour and one marker per strategy, the same in every plot (registry order; the pairs
+# (colour i mod 10, marker i mod 9) repeat only after 90 strategies; tab10's colours are all
+# dark enough to read as thin lines on white)
+_MARKERS = "osD^vP*Xh"
+
+
+def style(name: str) -> tuple[Any, str]:
+    """The (colour, marker) of strategy ``name`` in every plot of the report."""
+    import matplotlib
+
+    names = [STL, *S.STRATEGIES]
+    i = names.index(name) if name in names else len(names) + sum(map(ord, name))
+    return matplotlib.colormaps["tab10"](i % 10), _MARKERS[i % len(_MARKERS)]
 
 
 def plot_delta_m(summary_rows: list[dict[str, Any]], path: Any, title: str) -> None:
-    """A bar chart of Δm% (mean ± std over seeds) per multi-task strategy."""
+    """Each strategy's seed-paired difference of Δm% against :data:`REFERENCE` with its 95%
+    interval (a forest plot, best at the top; a dashed line at 0 = the reference). Without the
+    paired statistics (one seed, no reference row): Δm% ± std against single-task learning."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in summary_rows if r["strategy"] != STL]
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.55 * len(rows) + 1.5), 3.2))
-    xs = np.arange(len(rows))
-    ax.bar(
-        xs,
-        [r["delta_m"] for r in rows],
-        yerr=[r["delta_m_std"] for r in rows],
-        color=["tab:green" if r["delta_m"] < 0 else "tab:red" for r in rows],
-        capsize=3,
+    rows = [r for r in summary_rows if r["strategy"] not in (STL,)]
+    paired_ = any("vs_ref_low" in r for r in rows)
+    if paired_:
+        rows = [r for r in rows if "vs_ref_low" in r]
+        rows.sort(key=lambda r: -float(r["vs_ref"]))
+        xs = [float(r["vs_ref"]) for r in rows]
+        lo = [x - float(r["vs_ref_low"]) for x, r in zip(xs, rows)]
+        hi = [float(r["vs_ref_high"]) - x for x, r in zip(xs, rows)]
+        xlabel = f"Δm% − Δm%({REFERENCE}), percentage points (95% CI; lower is better)"
+    else:
+        rows.sort(key=lambda r: -float(r["delta_m"]))
+        xs = [float(r["delta_m"]) for r in rows]
+        lo = hi = [float(r["delta_m_std"]) for r in rows]
+        xlabel = "Δm% vs single-task learning (mean ± std over seeds; lower is better)"
+    finite = [v for v in [*lo, *hi] if np.isfinite(v)]
+    cap = 10 * (max(finite) if finite else 1.0) + 1.0
+    lo = [min(v, cap) for v in lo]
+    hi = [min(v, cap) for v in hi]
+    fig, ax = plt.subplots(figsize=(7.5, 0.32 * len(rows) + 1.4))
+    for y, (r, x, a, b) in enumerate(zip(rows, xs, lo, hi)):
+        color, marker = style(r["strategy"])
+        ax.errorbar(
+            x,
+            y,
+            xerr=[[a], [b]],
+            fmt=marker,
+            color=color,
+            ms=6,
+            capsize=3,
+            lw=1.2,
+            markeredgecolor="k",
+            markeredgewidth=0.4,
+        )
+        verdict = r.get("verdict")
+        if verdict in ("better", "worse", "indistinguishable"):
+            ax.annotate(
+                VERDICT_MARK[verdict],
+                (1.01, y),
+                xycoords=("axes fraction", "data"),
+                va="center",
+                fontsize=7,
+                color={"better": "tab:green", "worse": "tab:red"}.get(verdict, "0.4"),
+            )
+    ax.axvline(0, color="k", lw=1, ls="--")
+    # the reference named on its line (no legend box over the data)
+    ax.annotate(
+        REFERENCE if paired_ else "single-task",
+        (0, 1.0),
+        xycoords=("data", "axes fraction"),
+        xytext=(0, 3),
+        textcoords="offset points",
+        ha="center",
+        va="bottom",
+        fontsize=7,
     )
-    ax.axhline(0, color="k", lw=0.8)
-    ax.set_xticks(xs)
-    ax.set_xticklabels([r["strategy"] for r in rows], rotation=45, ha="right", fontsize=8)
-    ax.set_ylabel("Δm% vs single-task (lower is better)")
-    ax.set_title(title, fontsize=9)
+    ax.set_yticks(range(len(rows)))
+    ax.set_yticklabels([r["strategy"] for r in rows], fontsize=8)
+    ax.set_ylim(-0.7, len(rows) - 0.3)
+    ax.set_xlabel(xlabel, fontsize=8)
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_title(title, fontsize=9, pad=14)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -63,10 +63,7 @@ def _reference(p, rho: float, adaptive: bool, inner=None):
         H.append(torch.cat([(b - a).reshape(-1) for a, b in zip(gs, gs2)]))
         head_grads.append(gh2)
     J, H = torch.stack(J), torch.stack(H)
-    if inner is None:
-        shared = J.sum(0) + H.sum(0)
-    else:
-        shared = inner(J) + inner(H)
+    shared = J.sum(0) + H.sum(0) if inner is None else inner(J) + inner(H)
     return shared, head_grads
 
 

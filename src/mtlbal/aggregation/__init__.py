@@ -10,8 +10,8 @@ from mtlbal.aggregation.cr_mogm import CRMOGM
 from mtlbal.aggregation.dbmtl import DBMTL
 from mtlbal.aggregation.dualproj import DualProj
 from mtlbal.aggregation.excess_mtl import ExcessMTL
-from mtlbal.aggregation.fmtl import FMTL
 from mtlbal.aggregation.fairgrad import FairGrad, FairGradSolverWarning
+from mtlbal.aggregation.fmtl import FMTL
 from mtlbal.aggregation.graddrop import GradDrop
 from mtlbal.aggregation.gradvac import GradVac
 from mtlbal.aggregation.imtl import IMTLG

@@ -73,7 +73,6 @@ import torch
 from torch import Tensor, nn
 
 from mtlbal import _distributed as dist_util
-
 from mtlbal.aggregation.base import Aggregator, GramianAggregator
 from mtlbal.aggregation.sum import Sum
 from mtlbal.step import Need, StepContext
@@ -94,10 +93,7 @@ def sam_perturbation(
     (the official code's 1e-12). Returns one tensor per parameter, shaped like it."""
     if not grads:
         return []
-    if adaptive:
-        scaled = [p.detach().abs() * g for p, g in zip(params, grads)]
-    else:
-        scaled = list(grads)
+    scaled = [p.detach().abs() * g for p, g in zip(params, grads)] if adaptive else list(grads)
     dt = torch.promote_types(grads[0].dtype, torch.float32)
     norm = torch.sqrt(sum((s.to(dt).pow(2).sum() for s in scaled), torch.zeros((), dtype=dt)))
     factor = rho / (norm + eps)

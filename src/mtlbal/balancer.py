@@ -50,6 +50,7 @@ from mtlbal.engine.dense import DensePerTaskGrads, batched_grads, task_grad_norm
 from mtlbal.engine.fallback import BatchedBackward
 from mtlbal.engine.layerwise import LayerwiseCapture, layerwise_per_task_grads
 from mtlbal.step import Need, StepContext, StepInfo, gramian_stats
+from mtlbal.transforms.arl import ARL
 from mtlbal.transforms.base import GradientTransform
 from mtlbal.transforms.branch_calibration import BranchCalibration
 from mtlbal.weighting.base import Equal, LossWeighting
@@ -82,6 +83,7 @@ class _Step:
     # gradients at θ, kept for the perturbed passes instead of being written
     closure: Callable[[], Any] | None = None
     flat_heads: tuple[list[Tensor], list[Tensor]] | None = None
+    branch_coeffs: Tensor | None = None  # ARL's per-modality coefficients (solve stage)
 
 
 class _Refused(Exception):
@@ -990,6 +992,11 @@ class Balancer:
         needs_grads = self._needs_grads
         checking = self.nonfinite != "off" or scaler is not None
         stacked, ctx = self._context(step)
+        if self._branches is not None and isinstance(self._branches.calibration, ARL):
+            # from the (global) losses, before anything is written: a refusal changes nothing
+            step.branch_coeffs = self._branches.calibration.coefficients(
+                dict(zip(step.names, step.raw.unbind()))
+            )
         if Need.LAYER_NORMS in self.weighting.needs:
             ctx.layer_grad_norms = self._layer_grad_norms(step)
         weighted = self.weighting.objectives(stacked, ctx)
@@ -1259,7 +1266,7 @@ class Balancer:
         with self._combined_hooks(step):
             step.writes.commit()
             if step.branch_caps is not None and self._branches is not None:
-                self._branches.backward(step.branch_caps, info.extras)
+                self._branches.backward(step.branch_caps, info.extras, step.branch_coeffs)
         for _, leaf in step.captured:
             leaf.grad = None
         self._spent = [weakref.ref(v) for v in step.given]

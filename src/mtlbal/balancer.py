@@ -84,6 +84,7 @@ class _Step:
     closure: Callable[[], Any] | None = None
     flat_heads: tuple[list[Tensor], list[Tensor]] | None = None
     branch_coeffs: Tensor | None = None  # ARL's per-modality coefficients (solve stage)
+    regularizer: Tensor | None = None  # Rep-MTL's value (reported in info.extras)
 
 
 class _Refused(Exception):
@@ -319,6 +320,15 @@ class Balancer:
                 raise ValueError(f"{who} re-runs the forward (a closure): no gradient accumulation")
             if calib is not None:
                 raise ValueError(f"{who} does not combine with modality branches")
+        if Need.SALIENCY in self.needs:
+            who = next(type(st).__name__ for st in self.strategies if Need.SALIENCY in st.needs)
+            if not isinstance(at, nn.Module):
+                raise ValueError(
+                    f"{who} regularises the task saliencies at the shared representation: it "
+                    "needs a cut point (at=module)"
+                )
+            if accumulate > 1:
+                raise ValueError(f"{who} does not support gradient accumulation yet")
         self._accum_mode: AccumulationMode = self._accumulation_mode()
         if accumulate > 1:
             self._check_accumulation()
@@ -1032,6 +1042,8 @@ class Balancer:
             if not self._batched_backward.batched:  # the exact fallback (fallback.py)
                 info.extras["per_task_backward"] = self._batched_backward.reason
         gram = grads.gramian()
+        if step.regularizer is not None:
+            info.extras["rep_mtl"] = step.regularizer
         if checking:
             finite = torch.isfinite(gram.diagonal()).all()
             if world == 1:
@@ -1093,6 +1105,7 @@ class Balancer:
         return (
             (self.aggregator is not None and Need.GRAMIAN in self.aggregator.needs)
             or self.diagnostics
+            or any(Need.SALIENCY in t.needs for t in self.transforms)
             or any(
                 Need.GRAMIAN in t.needs and t.applies_to(p)
                 for t in self.transforms
@@ -1114,11 +1127,34 @@ class Balancer:
     ) -> CutPerTaskGrads:
         outs = [z for z, _ in step.captured]
         leaves = [leaf for _, leaf in step.captured]
-        per_task = split_task_grads(objectives, stacked, step.values, leaves)
+        reg = next((t for t in self.transforms if Need.SALIENCY in t.needs), None)
+        extra_cot = None
+        if reg is not None:
+            # Rep-MTL: the saliencies with their graph; the regulariser reaches the heads in
+            # the commit's backward and the trunk through its gradient at the representation
+            if len(leaves) != 1:
+                raise ValueError(
+                    f"{type(reg).__name__} regularises one representation: the cut module ran "
+                    f"{len(leaves)} times in this forward"
+                )
+            saliency = split_task_grads(objectives, stacked, step.values, leaves, create_graph=True)
+            per_task = [s.detach() for s in saliency]
+            r = reg.regularizer(saliency[0])  # type: ignore[attr-defined]
+            if step.scale is not None:  # the saliencies are scale-free; .grad is scaled
+                r = r * step.scale.to(r.dtype)
+            if r.requires_grad:  # (both λ = 0: nothing to add)
+                extra_cot = list(
+                    torch.autograd.grad(r, leaves, retain_graph=True, materialize_grads=True)
+                )
+                total = total + r
+            step.regularizer = r.detach()
+        else:
+            per_task = split_task_grads(objectives, stacked, step.values, leaves)
         # ONE backward call at the commit runs the heads (gradient of Σ ℓ_t, plus learnable
         # strategy parameters) and the trunk (the combined gradient at z) together, so DDP's
         # reducer sees a single backward
         grads = CutPerTaskGrads(outs, per_task, extra_roots=[total])
+        grads.extra_cot = extra_cot
         if step.world > 1:
             if self.aggregator is not None and not isinstance(self.aggregator, GramianAggregator):
                 raise NotImplementedError(

@@ -29,7 +29,8 @@ class Need(str, Enum):
     losses re-evaluated on the same batch after the optimizer step (``Balancer.update``: FAMO).
     ``CLOSURE``: a function that re-runs the forward on the step's batch and returns the losses
     again (``backward(losses, closure=...)``: F-MTL's perturbed passes); a step without one is
-    refused.
+    refused. ``SALIENCY``: the per-task gradients at the cut point taken with their graph
+    (second order), for a regulariser of the task saliencies (Rep-MTL).
     """
 
     GRAMIAN = "gramian"
@@ -39,6 +40,7 @@ class Need(str, Enum):
     EPOCHS = "epochs"
     LOSSES_AFTER_STEP = "losses_after_step"
     CLOSURE = "closure"
+    SALIENCY = "saliency"
 
 
 @dataclass

@@ -309,4 +309,41 @@ REGISTRY: list[Entry] = [
     # "PCGrad" at the cut above; both levels are tested in tests/unit/test_fuller.py.
 ]
 
-__all__ = ["REGISTRY", "Entry", "mtlbal"]
+# ---- issue 13 (b): Rep-MTL, F-MTL, ARL
+# Rep-MTL regularises the saliencies at the cut point (at="cut" only). Its CSA term contrasts
+# the samples of one batch: under DDP the negatives are a rank's own samples, so only the TSR
+# configuration equals one process on the concatenated batch ("ddp": False opts the other out of
+# tests/distributed/test_ddp_registry.py). With identical tasks TSR is constant (P = 1/m), CSA
+# is not; the regulariser is scale-free, so the update has no degree ("scaling": False).
+# Gradient accumulation is refused ("accumulate": False; tested in test_rep_mtl.py).
+REGISTRY += [
+    Entry(
+        "RepMTL-TSR",
+        lambda m: {"transforms": T.RepMTL(lambda_csa=0.0)},
+        at=("cut",),
+        extras={"accumulate": False},
+    ),
+    Entry(
+        "RepMTL+UPGrad",
+        lambda m: {"aggregator": A.UPGrad(), "transforms": T.RepMTL()},
+        at=("cut",),
+        identical=None,
+        extras={"ddp": False, "accumulate": False, "scaling": False},
+    ),
+]
+# F-MTL needs a closure at every step (backward(losses, closure=...)), which the generic
+# battery does not pass: these entries run in tests/unit/test_fmtl.py (resume, refusal, the
+# equations) and tests/distributed/test_ddp_fmtl_arl.py (DDP). ARL needs a model with modality
+# branches and auxiliary unimodal losses: tests/unit/test_arl.py and the same DDP test.
+CLOSURE_ENTRIES: list[Entry] = [
+    Entry("FMTL", lambda m: {"aggregator": A.FMTL(rho=0.05)}, at=P),
+    Entry("FMTL+UPGrad", lambda m: {"aggregator": A.FMTL(A.UPGrad(), rho=0.05)}, at=P),
+    Entry(
+        "FMTL+PCGrad-adaptive",
+        lambda m: {"aggregator": A.FMTL(A.PCGrad(seed=1), rho=0.5, adaptive=True)},
+        at=P,
+        permutation=False,
+    ),
+]
+
+__all__ = ["CLOSURE_ENTRIES", "REGISTRY", "Entry", "mtlbal"]

@@ -110,6 +110,9 @@ def test_kernels() -> None:
     J = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
     Hm = torch.tensor([[0.5, 0.5], [0.0, -1.0]])
     torch.testing.assert_close(fmtl_direction(J, Hm, Sum()), torch.tensor([1.5, 1.5]))
+    torch.testing.assert_close(FMTL()(J, flat=Hm), torch.tensor([1.5, 1.5]))
+    with pytest.raises(ValueError, match="pass the flatness directions"):
+        FMTL()(J)
 
 
 def test_refused_without_closure_and_nothing_changes() -> None:

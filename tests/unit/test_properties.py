@@ -359,6 +359,8 @@ SCALING = [
     if "aggregator" in e.make(M)
     and "weighting" not in e.make(M)
     and type(e.make(M)["aggregator"]).__name__ not in NO_DEGREE
+    # a regulariser of the saliencies (Rep-MTL) is scale-free: the update has no degree
+    and e.extras.get("scaling", True)
 ]
 
 
@@ -597,6 +599,8 @@ NON_DEFAULT: dict[str, dict[str, Any]] = {
     "TrimmedMean": {"trim_number": 1, "reduction": "mean"},
     "GradDrop": {"leak": [0.1, 0.0, 0.5], "seed": 3, "reduction": "mean"},
     "CRMOGM": {"aggregator": A.MGDA(), "alpha": 0.5, "initial_weights": [1.0, 1.0, 1.0]},
+    "FMTL": {"aggregator": A.UPGrad(), "rho": 0.1, "adaptive": True},
+    "RepMTL": {"lambda_tsr": 0.7, "lambda_csa": 1.1, "tau": 0.2},
     # score="grad" needs grads=/closure= (not configuration data): not rebuilt by eval(repr)
     "SparseMask": {
         "ratio": 0.25,

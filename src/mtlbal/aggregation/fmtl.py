@@ -73,7 +73,7 @@ import torch
 from torch import Tensor, nn
 
 from mtlbal import _distributed as dist_util
-from mtlbal.aggregation.base import Aggregator, GramianAggregator
+from mtlbal.aggregation.base import Aggregator, GramianAggregator, check_jacobian
 from mtlbal.aggregation.sum import Sum
 from mtlbal.step import Need, StepContext
 
@@ -148,12 +148,14 @@ class FMTL(Aggregator):
         if not rho > 0:
             raise ValueError(f"FMTL: rho must be > 0, got {rho}")
         self.aggregator = inner
+        self._inner_given = aggregator is not None
         self.rho = rho
         self.adaptive = bool(adaptive)
         self.needs = frozenset({*inner.needs, Need.GRAMIAN, Need.CLOSURE})
 
     def hparams(self) -> dict[str, Any]:
-        return {"aggregator": self.aggregator, "rho": self.rho, "adaptive": self.adaptive}
+        given = self.aggregator if self._inner_given else None  # None: the default Sum
+        return {"aggregator": given, "rho": self.rho, "adaptive": self.adaptive}
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.extra_repr()})"
@@ -161,6 +163,24 @@ class FMTL(Aggregator):
     @property
     def inner_is_gramian(self) -> bool:
         return isinstance(self.aggregator, GramianAggregator)
+
+    def forward(  # type: ignore[override]
+        self, jacobian: Tensor, *, flat: Tensor | None = None, losses: Tensor | None = None
+    ) -> Tensor:
+        """Standalone: ``Agg(J) + Agg(H)`` for a Jacobian ``J`` and the flatness directions
+        ``H = flat`` (both ``[m, n]``, checked like any Jacobian); ``flat`` is required."""
+        if flat is None:
+            raise ValueError(
+                "FMTL: pass the flatness directions, FMTL(...)(J, flat=H); inside a Balancer "
+                "they come from the closure's perturbed passes"
+            )
+        check_jacobian(jacobian, type(self).__name__)
+        check_jacobian(flat, type(self).__name__)
+        if flat.shape != jacobian.shape:
+            raise ValueError(
+                f"FMTL: flat has shape {tuple(flat.shape)}, the Jacobian {tuple(jacobian.shape)}"
+            )
+        return fmtl_direction(jacobian, flat, self.aggregator, StepContext(losses=losses))
 
     def aggregate_jacobian(self, jacobian: Tensor, ctx: StepContext | None = None) -> Tensor:
         ctx = ctx if ctx is not None else StepContext()

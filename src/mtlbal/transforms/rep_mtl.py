@@ -37,7 +37,9 @@ It composes with any loss weighting (``S_t`` is the saliency of the weighting's 
   positive pair, as printed;
 * ``λ_tsr = λ_csa = 0.9`` (the value the paper's sensitivity studies hold fixed; its grid is
   ``{0.7, …, 1.5}``);
-* ``eps`` (1e-12) guards ``Σ_k |Ŝ_k| = 0`` and the logarithm, and the cosines' norms;
+* a position where no task is salient (``Σ_k |Ŝ_k| = 0``) has ``P = 0`` and adds no entropy
+  (``0 log 0 = 0``); a zero affinity has cosine 0 (the norms are floored at the dtype's
+  smallest normal number, exact otherwise);
 * the channel dimension is dim 1 of ``z``; any trailing dimensions are the spatial positions.
 
 Under DDP the TSR term equals one process on the concatenated batch (a mean over samples); the
@@ -82,18 +84,21 @@ def _flat(saliency: Tensor) -> Tensor:
     return saliency.reshape(t, b, c, -1)
 
 
-def rep_mtl_tsr(saliency: Tensor, *, eps: float = 1e-12) -> Tensor:
+def rep_mtl_tsr(saliency: Tensor) -> Tensor:
     """TSR: the mean over samples and positions of the entropy of ``P_t ∝ |mean_c S_t|``."""
     s = _flat(saliency).mean(dim=2).abs()  # [T, B, N]
-    p = s / (s.sum(dim=0, keepdim=True) + eps)
-    return -(p * torch.log(p + eps)).sum(dim=0).mean()
+    tiny = torch.finfo(s.dtype).tiny
+    den = s.sum(dim=0, keepdim=True)
+    p = s / den.clamp_min(tiny)  # a position where no task is salient: P = 0, no entropy
+    plogp = torch.where(p > 0, p * torch.log(p.clamp_min(tiny)), torch.zeros_like(p))
+    return -plogp.sum(dim=0).mean()
 
 
-def _unit(x: Tensor, eps: float) -> Tensor:
-    return x / (x.norm(dim=-1, keepdim=True) + eps)
+def _unit(x: Tensor) -> Tensor:
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
 
 
-def rep_mtl_csa(saliency: Tensor, *, tau: float = 0.5, eps: float = 1e-12) -> Tensor:
+def rep_mtl_csa(saliency: Tensor, *, tau: float = 0.5) -> Tensor:
     """CSA: each sample's anchor ``Â_b`` against its tasks' affinities ``M_t[b]`` (positives)
     and the other samples' anchors (negatives); see the module docstring."""
     s = _flat(saliency)  # [T, B, C, N]
@@ -103,7 +108,7 @@ def rep_mtl_csa(saliency: Tensor, *, tau: float = 0.5, eps: float = 1e-12) -> Te
     m = torch.einsum("tbcn,tbdn->tbcd", s, s).reshape(t, b, c * c)  # M_t[b]
     a = s.mean(dim=3)  # [T, B, C]: column t of A_b
     anchor = torch.einsum("tbc,tbd->bcd", a, a).reshape(b, c * c)  # Â_b = A_b A_bᵀ
-    za, zt = _unit(anchor, eps), _unit(m, eps)
+    za, zt = _unit(anchor), _unit(m)
     pos = (zt * za.unsqueeze(0)).sum(-1) / tau  # [T, B]
     neg = za @ za.T / tau  # [B, B]
     eye = torch.eye(b, dtype=torch.bool, device=neg.device)
@@ -117,14 +122,13 @@ def rep_mtl_regularizer(
     lambda_tsr: float = 0.9,
     lambda_csa: float = 0.9,
     tau: float = 0.5,
-    eps: float = 1e-12,
 ) -> Tensor:
     """``λ_tsr L_tsr + λ_csa L_csa`` (a term with ``λ = 0`` is not computed)."""
     out = saliency.new_zeros(())
     if lambda_tsr:
-        out = out + lambda_tsr * rep_mtl_tsr(saliency, eps=eps)
+        out = out + lambda_tsr * rep_mtl_tsr(saliency)
     if lambda_csa:
-        out = out + lambda_csa * rep_mtl_csa(saliency, tau=tau, eps=eps)
+        out = out + lambda_csa * rep_mtl_csa(saliency, tau=tau)
     return out
 
 
@@ -140,7 +144,6 @@ class RepMTL(GradientTransform):
         lambda_tsr: weight of the entropy penalty (TSR).
         lambda_csa: weight of the cross-task alignment (CSA); 0 disables it.
         tau: CSA's temperature (not given by the paper).
-        eps: numerical guard.
     """
 
     def __init__(
@@ -149,7 +152,6 @@ class RepMTL(GradientTransform):
         lambda_tsr: float = 0.9,
         lambda_csa: float = 0.9,
         tau: float = 0.5,
-        eps: float = 1e-12,
     ) -> None:
         super().__init__()
         for name, v in (("lambda_tsr", lambda_tsr), ("lambda_csa", lambda_csa)):
@@ -157,12 +159,9 @@ class RepMTL(GradientTransform):
                 raise ValueError(f"RepMTL: {name} must be a finite number ≥ 0, got {v}")
         if not tau > 0:
             raise ValueError(f"RepMTL: tau must be > 0, got {tau}")
-        if not eps > 0:
-            raise ValueError(f"RepMTL: eps must be > 0, got {eps}")
         self.lambda_tsr = float(lambda_tsr)
         self.lambda_csa = float(lambda_csa)
         self.tau = float(tau)
-        self.eps = float(eps)
 
     @property
     def needs(self) -> frozenset[Need]:  # type: ignore[override]
@@ -174,7 +173,6 @@ class RepMTL(GradientTransform):
             "lambda_tsr": self.lambda_tsr,
             "lambda_csa": self.lambda_csa,
             "tau": self.tau,
-            "eps": self.eps,
         }
 
     def regularizer(self, saliency: Tensor) -> Tensor:
@@ -184,5 +182,4 @@ class RepMTL(GradientTransform):
             lambda_tsr=self.lambda_tsr,
             lambda_csa=self.lambda_csa,
             tau=self.tau,
-            eps=self.eps,
         )

@@ -256,6 +256,7 @@ def train_one(
             weighting=spec.weighting,
             aggregator=spec.aggregator,
             at=net.trunk if spec.at == "cut" else "params",
+            transforms=spec.transforms,
         ).to(device)
         opt = mtlbal.wrap(torch.optim.Adam(net.parameters(), lr=cfg.lr), balancer)
     gen = torch.Generator().manual_seed(seed)
@@ -275,6 +276,16 @@ def train_one(
             opt.zero_grad(set_to_none=True)
             if balancer is None:
                 torch.stack(losses).sum().backward()
+            elif spec.closure:  # F-MTL: the forward again, on the same batch
+
+                def closure(xb: Tensor = xb, yb: Tensor = yb) -> dict[str, Tensor]:
+                    again = model(xb)
+                    return {
+                        task.name: _task_loss(task, p, yb[:, t])
+                        for t, (task, p) in enumerate(zip(problem.tasks, again))
+                    }
+
+                opt.backward(dict(zip(names, losses)), closure=closure)
             else:
                 opt.backward(dict(zip(names, losses)))
             opt.step()

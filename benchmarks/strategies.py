@@ -31,6 +31,8 @@ class Spec:
     weighting: LossWeighting | None = None
     aggregator: Aggregator | None = None
     at: Literal["params", "cut"] = "params"
+    transforms: list[Any] | None = None  # gradient transforms / regularisers (Rep-MTL)
+    closure: bool = False  # the step needs backward(losses, closure=...) (F-MTL)
     # strategies that need epoch statistics (IGB, DWA) have balancer.epoch_end() called anyway
 
 
@@ -176,6 +178,21 @@ STRATEGIES: dict[str, Callable[[], Factory | None]] = {
     "PBI": _dynamic("PBI", role="weighting"),
 }
 
+# issue 13 (b): F-MTL (its closure re-runs the forward on the step's batch) and Rep-MTL (the
+# saliency regulariser at the shared representation, with log losses as in its paper)
+T = mtlbal.transforms
+STRATEGIES.update(
+    {
+        "F-MTL": _static(lambda m, s: Spec(aggregator=A.FMTL(rho=0.05), closure=True)),
+        "F-MTL-UPGrad": _static(
+            lambda m, s: Spec(aggregator=A.FMTL(A.UPGrad(), rho=0.05), closure=True)
+        ),
+        "Rep-MTL": _static(
+            lambda m, s: Spec(weighting=W.ScaleInvariant(m), transforms=[T.RepMTL()], at="cut")
+        ),
+    }
+)
+
 DESCRIPTIONS: dict[str, str] = {
     "STL": "single-task baselines: one network per task, same architecture and budget",
     "Equal": "sum of the losses (no balancing)",
@@ -216,6 +233,9 @@ DESCRIPTIONS: dict[str, str] = {
     "COSMOS": "`weighting.COSMOS(lambda_=1.0)` (cosine-penalised linear scalarization, r = 1/m)",
     "PBI": "`weighting.PBI()` (penalty boundary intersection, uniform preference)",
     "CRMOGM-MGDA": "`aggregation.CRMOGM(MGDA())` (EMA of MGDA's weights, alpha=0.9)",
+    "F-MTL": "`aggregation.FMTL(rho=0.05)` (per-task SAM, sum of loss and flatness directions)",
+    "F-MTL-UPGrad": "`aggregation.FMTL(UPGrad(), rho=0.05)` (UPGrad on each direction set)",
+    "Rep-MTL": "`weighting.ScaleInvariant()` + `transforms.RepMTL()` at the representation",
 }
 
 ALIASES = {

@@ -310,7 +310,11 @@ class Balancer:
             needs.update(getattr(st, "needs", frozenset()))
         self.needs: frozenset[Need] = frozenset(needs)
         if Need.CLOSURE in self.needs:
-            who = next(type(st).__name__ for st in self.strategies if Need.CLOSURE in st.needs)
+            who = next(
+                type(st).__name__
+                for st in self.strategies
+                if Need.CLOSURE in getattr(st, "needs", frozenset())
+            )
             if at != "params":
                 raise ValueError(
                     f"{who} perturbs the shared parameters and needs their per-task gradients: "
@@ -321,7 +325,11 @@ class Balancer:
             if calib is not None:
                 raise ValueError(f"{who} does not combine with modality branches")
         if Need.SALIENCY in self.needs:
-            who = next(type(st).__name__ for st in self.strategies if Need.SALIENCY in st.needs)
+            who = next(
+                type(st).__name__
+                for st in self.strategies
+                if Need.SALIENCY in getattr(st, "needs", frozenset())
+            )
             if not isinstance(at, nn.Module):
                 raise ValueError(
                     f"{who} regularises the task saliencies at the shared representation: it "
@@ -616,7 +624,11 @@ class Balancer:
         """
         if Need.CLOSURE in self.needs:
             if closure is None:
-                who = next(type(st).__name__ for st in self.strategies if Need.CLOSURE in st.needs)
+                who = next(
+                    type(st).__name__
+                    for st in self.strategies
+                    if Need.CLOSURE in getattr(st, "needs", frozenset())
+                )
                 raise ValueError(
                     f"{who} needs a closure that re-runs the forward and returns the losses: "
                     "call backward(losses, closure=closure) (nothing was changed)"
@@ -1139,7 +1151,8 @@ class Balancer:
                 )
             saliency = split_task_grads(objectives, stacked, step.values, leaves, create_graph=True)
             per_task = [s.detach() for s in saliency]
-            r = reg.regularizer(saliency[0])  # type: ignore[attr-defined]
+            regularizer: Callable[[Tensor], Tensor] = getattr(reg, "regularizer")  # noqa: B009
+            r = regularizer(saliency[0])
             if step.scale is not None:  # the saliencies are scale-free; .grad is scaled
                 r = r * step.scale.to(r.dtype)
             if r.requires_grad:  # (both λ = 0: nothing to add)
@@ -1207,11 +1220,13 @@ class Balancer:
         if step.closure is not None:
             # F-MTL: the heads get their sharpness-aware gradient (the perturbed passes); the
             # strategies' own parameters their plain one
-            own = {id(q) for q in self.parameters()}
-            heads = [(q, g) for q, g in zip(others, per_task[len(shared) :]) if id(q) not in own]
+            own_ids = {id(q) for q in self.parameters()}
+            heads = [
+                (q, g) for q, g in zip(others, per_task[len(shared) :]) if id(q) not in own_ids
+            ]
             step.flat_heads = ([q for q, _ in heads], [g for _, g in heads])
             others_written = [
-                (q, g) for q, g in zip(others, per_task[len(shared) :]) if id(q) in own
+                (q, g) for q, g in zip(others, per_task[len(shared) :]) if id(q) in own_ids
             ]
         else:
             others_written = list(zip(others, per_task[len(shared) :]))

@@ -20,6 +20,7 @@ import mtlbal
 from conftest import assert_same, make_problem
 from mtlbal.aggregation import FMTL, PCGrad, Sum, UPGrad
 from mtlbal.aggregation.fmtl import fmtl_direction, sam_perturbation
+from registry import CLOSURE_ENTRIES
 
 M = 3
 
@@ -218,10 +219,11 @@ def _run(p, opt, k0, k1):
         opt.step()
 
 
-def test_resume_equals_uninterrupted_with_adam() -> None:
+@pytest.mark.parametrize("entry", CLOSURE_ENTRIES, ids=[e.name for e in CLOSURE_ENTRIES])
+def test_resume_equals_uninterrupted_with_adam(entry) -> None:
     def build(seed=6):
         p = make_problem(M, seed=seed)
-        bal = mtlbal.Balancer(p.trunk, aggregator=FMTL(PCGrad(seed=2), rho=0.05))
+        bal = mtlbal.Balancer(p.trunk, **entry.make(M))
         return p, mtlbal.wrap(torch.optim.Adam(p.params(), lr=1e-2), bal)
 
     p1, o1 = build()
@@ -241,3 +243,22 @@ def test_resume_equals_uninterrupted_with_adam() -> None:
     _run(p3, o3, 2, 5)
     for a, b in zip(p1.params(), p3.params()):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("entry", CLOSURE_ENTRIES, ids=[e.name for e in CLOSURE_ENTRIES])
+def test_refusal_changes_nothing(entry) -> None:
+    # a non-finite loss at θ is refused before any perturbed pass: parameters, .grad, state
+    p = make_problem(M, seed=7)
+    bal = mtlbal.Balancer(p.trunk, **entry.make(M))
+    opt = mtlbal.wrap(torch.optim.SGD(p.params(), lr=0.1), bal)
+    _run(p, opt, 0, 2)
+    grads = [q.grad.clone() for q in p.params()]
+    params = [q.detach().clone() for q in p.params()]
+    state = copy.deepcopy(bal.state_dict())
+    bad = p.losses()
+    bad["task1"] = bad["task1"] * float("inf")
+    with pytest.raises(ValueError, match="non-finite loss"):
+        opt.backward(bad, closure=_closure(p))
+    assert all(torch.equal(a, q.grad) for a, q in zip(grads, p.params()))
+    assert all(torch.equal(a, q) for a, q in zip(params, p.params()))
+    assert_same(bal.state_dict(), state, "state")

@@ -41,7 +41,7 @@ def ref_tsr(S: list[Tensor]) -> Tensor:
 
 
 def ref_csa(S: list[Tensor], tau: float) -> Tensor:
-    B, C, N = S[0].shape
+    B, _, N = S[0].shape
 
     def cos(u: Tensor, v: Tensor) -> Tensor:
         u, v = u.reshape(-1), v.reshape(-1)

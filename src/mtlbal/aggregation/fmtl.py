@@ -164,7 +164,7 @@ class FMTL(Aggregator):
     def inner_is_gramian(self) -> bool:
         return isinstance(self.aggregator, GramianAggregator)
 
-    def forward(  # type: ignore[override]
+    def forward(
         self, jacobian: Tensor, *, flat: Tensor | None = None, losses: Tensor | None = None
     ) -> Tensor:
         """Standalone: ``Agg(J) + Agg(H)`` for a Jacobian ``J`` and the flatness directions

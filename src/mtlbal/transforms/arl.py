@@ -89,7 +89,8 @@ class ARL(BranchCalibration):
         >>> fa, fb = ea(torch.randn(8, 3)), eb(torch.randn(8, 5))
         >>> y = torch.randn(8, 1)
         >>> info = b.backward({"fused": (head(fa + fb) - y).pow(2).mean(),
-        ...                    "a": (head(fa) - y).pow(2).mean(), "b": (head(fb) - y).pow(2).mean()})
+        ...                    "a": (head(fa) - y).pow(2).mean(),
+        ...                    "b": (head(fb) - y).pow(2).mean()})
         >>> info.extras["branch_weights"].shape
         torch.Size([2])
     """

@@ -114,6 +114,14 @@ def test_kernels() -> None:
     torch.testing.assert_close(FMTL()(J, flat=Hm), torch.tensor([1.5, 1.5]))
     with pytest.raises(ValueError, match="pass the flatness directions"):
         FMTL()(J)
+    # standalone, Agg(cJ) + Agg(cH) = c^d (Agg(J) + Agg(H)) with the wrapped one's degree d = 1
+    g = torch.Generator().manual_seed(0)
+    J3, H3 = (torch.randn(3, 7, generator=g, dtype=torch.float64) for _ in range(2))
+    agg = FMTL(UPGrad())
+    for c in (1e-3, 1e3):
+        torch.testing.assert_close(
+            agg(c * J3, flat=c * H3), c * agg(J3, flat=H3), rtol=1e-9, atol=0
+        )
 
 
 def test_refused_without_closure_and_nothing_changes() -> None:

@@ -1,7 +1,9 @@
 """F-MTL (mtlbal.aggregation.FMTL): per-task SAM, loss and flatness directions aggregated apart.
 
 The float64 reference is written from the equations (module docstring of fmtl.py; the official
-code VietHoang1512/FS-MTL @1371ec52881a, nyuv2/mtl.py, read for the decomposition), with
+code VietHoang1512/FS-MTL @1f20b2cd59ac, nyuv2/train.py, read for the decomposition: separate
+norms for the shared part and task t's head, ASAM's θ²⊙g / ‖|θ|⊙g‖, one perturbed forward and
+L_t's backward per task, h_t = ĝ_t − g_t, Agg(g) + Agg(h)), with
 torch.func.functional_call on explicitly perturbed parameter dicts: nothing of the Balancer's
 path is used to build it.
 """

@@ -2,8 +2,10 @@
 
 Phan et al., "Improving Multi-task Learning via Seeking Task-based Flat Regions"
 (arXiv:2211.13723; later "Beyond Losses Reweighting: Empowering Multi-Task Learning via the
-Generalization Perspective", ICCV 2025). Official code: VietHoang1512/FS-MTL (read at
-1371ec52881a, ``nyuv2/train.py``, ``nyuv2/mtl.py``; not copied).
+Generalization Perspective", ICCV 2025). Official code: VietHoang1512/FS-MTL (``nyuv2/train.py``
+read at 1f20b2cd59ac, ``nyuv2/mtl.py`` at 1371ec52881a; not copied). The official NYUv2 loop's
+MGDA variant also normalises every ``g_t`` and ``h_t`` to unit norm first; here that is the
+wrapped aggregator's business (e.g. ``MGDA(normalization="l2")``).
 
 For ``m`` tasks with objectives ``ℓ_t`` (the loss weighting's), shared parameters ``θ_s`` and
 the task-specific ("head") parameters ``θ_h`` that ``ℓ_t`` reaches:

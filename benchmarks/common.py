@@ -322,6 +322,16 @@ def train_one(
             opt.zero_grad(set_to_none=True)
             if balancer is None:
                 torch.stack(losses).sum().backward()
+            elif spec.closure:  # F-MTL: the forward again, on the same batch
+
+                def closure(xb: Tensor = xb, yb: Tensor = yb) -> dict[str, Tensor]:
+                    again = model(xb)
+                    return {
+                        task.name: _task_loss(task, p, yb[:, t])
+                        for t, (task, p) in enumerate(zip(problem.tasks, again))
+                    }
+
+                opt.backward(dict(zip(names, losses)), closure=closure)
             else:
                 info = opt.backward(dict(zip(names, losses)))
                 if reference_heads:

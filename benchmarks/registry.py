@@ -67,6 +67,7 @@ from mtlbal import weighting as W
 
 __all__ = [
     "BENCH",
+    "CLOSURE_ENTRIES",
     "REGISTRY",
     "Bench",
     "Entry",
@@ -91,6 +92,7 @@ class Bench:
         quick: whether ``make bench`` (the quick suite) runs it.
         reference_heads: the reference weights the task heads' gradients (see the module
             docstring); used with ``--heads reference``.
+        closure: the row's step needs a closure that re-runs the forward on the step's batch.
     """
 
     name: str
@@ -99,6 +101,8 @@ class Bench:
     note: str = ""
     quick: bool = False
     reference_heads: bool = False
+    # the step needs ``backward(losses, closure=...)`` (F-MTL): the suites re-run the forward
+    closure: bool = False
 
 
 @dataclass(frozen=True)
@@ -629,6 +633,75 @@ REGISTRY: list[Entry] = [
     # "PCGrad" at the cut above; both levels are tested in tests/unit/test_fuller.py.
 ]
 
+# ---- issue 13 (b): Rep-MTL, F-MTL, ARL
+# Rep-MTL regularises the saliencies at the cut point (at="cut" only). Its CSA term contrasts
+# the samples of one batch: under DDP the negatives are a rank's own samples, so only the TSR
+# configuration equals one process on the concatenated batch ("ddp": False opts the other out of
+# tests/distributed/test_ddp_registry.py). With identical tasks TSR is constant (P = 1/m), CSA
+# is not; the regulariser is scale-free, so the update has no degree ("scaling": False).
+# Gradient accumulation is refused ("accumulate": False; tested in test_rep_mtl.py).
+REGISTRY += [
+    Entry(
+        "RepMTL-TSR",
+        lambda m: {"transforms": T.RepMTL(lambda_csa=0.0)},
+        at=("cut",),
+        extras={"accumulate": False},
+    ),
+    Entry(
+        "RepMTL+UPGrad",
+        lambda m: {"aggregator": A.UPGrad(), "transforms": T.RepMTL()},
+        at=("cut",),
+        identical=None,
+        extras={"ddp": False, "accumulate": False, "scaling": False},
+    ),
+    _bench_only(
+        Bench(
+            "Rep-MTL",
+            "weighting=weighting.ScaleInvariant(m), transforms=[transforms.RepMTL()]",
+            at="cut",
+            note="log losses and the saliency regulariser at the representation, as in its paper",
+        )
+    ),
+]
+# F-MTL needs a closure at every step (backward(losses, closure=...)), which the generic
+# battery does not pass: these entries run in tests/unit/test_fmtl.py (resume, refusal, the
+# equations) and tests/distributed/test_ddp_fmtl_arl.py (DDP). ARL needs a model with modality
+# branches and auxiliary unimodal losses: tests/unit/test_arl.py and the same DDP test.
+CLOSURE_ENTRIES: list[Entry] = [
+    Entry(
+        "FMTL",
+        lambda m: {"aggregator": A.FMTL(rho=0.05)},
+        at=P,
+        bench=(
+            Bench(
+                "F-MTL",
+                "aggregator=aggregation.FMTL(rho=0.05)",
+                note="per-task SAM, the sum of the loss and flatness directions",
+                closure=True,
+            ),
+        ),
+    ),
+    Entry(
+        "FMTL+UPGrad",
+        lambda m: {"aggregator": A.FMTL(A.UPGrad(), rho=0.05)},
+        at=P,
+        bench=(
+            Bench(
+                "F-MTL-UPGrad",
+                "aggregator=aggregation.FMTL(aggregation.UPGrad(), rho=0.05)",
+                note="UPGrad on each direction set",
+                closure=True,
+            ),
+        ),
+    ),
+    Entry(
+        "FMTL+PCGrad-adaptive",
+        lambda m: {"aggregator": A.FMTL(A.PCGrad(seed=1), rho=0.5, adaptive=True)},
+        at=P,
+        permutation=False,
+    ),
+]
+
 
 TaskType = Literal["regression", "classification"]
 
@@ -664,7 +737,7 @@ def build_bench(
 def bench_rows(registry: Sequence[Entry] | None = None) -> dict[str, Bench]:
     """Every benchmark row by name, in registry order (a repeated name raises)."""
     out: dict[str, Bench] = {}
-    for e in REGISTRY if registry is None else registry:
+    for e in [*REGISTRY, *CLOSURE_ENTRIES] if registry is None else registry:
         for b in e.bench:
             if b.name in out:
                 raise ValueError(f"benchmark row {b.name!r} is declared twice")

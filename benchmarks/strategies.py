@@ -47,6 +47,7 @@ class Spec:
     transforms: Any = None
     # the method's reference weights the task heads' gradients (registry.Bench.reference_heads)
     reference_heads: bool = False
+    closure: bool = False  # the step needs backward(losses, closure=...) (F-MTL)
     # strategies that need epoch statistics (IGB, DWA) have balancer.epoch_end() called anyway
 
 
@@ -64,6 +65,7 @@ class Factory:
             at=self.row.at,
             transforms=kw.get("transforms"),
             reference_heads=self.row.reference_heads,
+            closure=self.row.closure,
         )
 
 

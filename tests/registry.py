@@ -8,9 +8,9 @@ configurations. To add a strategy, add an ``Entry`` to ``benchmarks/registry.py`
 
 from __future__ import annotations
 
+from benchmarks.registry import CLOSURE_ENTRIES, Bench, Entry, mtlbal
 from benchmarks.registry import REGISTRY as _ALL
-from benchmarks.registry import Bench, Entry, mtlbal
 
 REGISTRY: list[Entry] = [e for e in _ALL if e.battery]
 
-__all__ = ["REGISTRY", "Bench", "Entry", "mtlbal"]
+__all__ = ["CLOSURE_ENTRIES", "REGISTRY", "Bench", "Entry", "mtlbal"]

@@ -77,6 +77,7 @@ from torch.profiler import ProfilerActivity, profile
 import mtlbal
 from benchmarks.registry import build_alone
 from mtlbal.aggregation.base import Aggregator, GramianAggregator
+from mtlbal.step import Need
 from mtlbal.weighting.base import Equal, LossWeighting
 
 __all__ = [
@@ -304,7 +305,10 @@ class MtlbalRunner(Runner):
         self.opt = mtlbal.wrap(torch.optim.Adam(self.model.parameters(), lr=1e-4), self.balancer)
 
     def backward(self, losses: list[Tensor]) -> None:
-        self.opt.backward(losses)  # type: ignore[attr-defined]
+        if Need.CLOSURE in self.balancer.needs:  # F-MTL: its perturbed passes re-run the forward
+            self.opt.backward(losses, closure=self.forward)  # type: ignore[attr-defined]
+        else:
+            self.opt.backward(losses)  # type: ignore[attr-defined]
 
     def close(self) -> None:
         self.balancer.remove()
@@ -472,6 +476,8 @@ def build_variants(
                 )
         else:
             wheres = (["cut"] if not only_params else []) + (["params"] if params else [])
+            if Need.CLOSURE in getattr(s.cls, "needs", frozenset()):
+                wheres = [w for w in wheres if w == "params"]  # F-MTL: at the parameters only
             for where in wheres:
                 out.append(
                     MtlbalRunner(

@@ -122,6 +122,7 @@ def _trajectory(
         weighting=spec.weighting,
         aggregator=spec.aggregator,
         at=point if spec.at == "cut" else "params",
+        transforms=spec.transforms,
         nonfinite="off",
     )
     opt = mtlbal.wrap(torch.optim.Adam(point.parameters(), lr=lr), balancer)
@@ -131,7 +132,15 @@ def _trajectory(
     for k in range(steps):
         losses = toy_losses(point()) - shift
         opt.zero_grad(set_to_none=True)
-        opt.backward({"L1": losses[0], "L2": losses[1]})
+        if spec.closure:  # F-MTL: the losses again at the perturbed point
+
+            def closure() -> dict[str, Tensor]:
+                again = toy_losses(point()) - shift
+                return {"L1": again[0], "L2": again[1]}
+
+            opt.backward({"L1": losses[0], "L2": losses[1]}, closure=closure)
+        else:
+            opt.backward({"L1": losses[0], "L2": losses[1]})
         opt.step()
         if callable(getattr(balancer.weighting, "update", None)):
             with torch.no_grad():  # FAMO: the same point re-evaluated after the step
@@ -203,6 +212,10 @@ def run(
     tiny: bool = False,
 ) -> dict[str, Any]:
     names, missing = select_strategies(strategies)
+    # a regulariser of per-sample representations (Rep-MTL) has no batch on a 2-D point
+    for n in [n for n in names if S.get(n)(2, 0).transforms]:
+        names.remove(n)
+        missing[n] = "needs a batch of representations (not a single point)"
     n_steps = steps if steps is not None else (20 if tiny else 300 if quick else 5000)
     lr = lr if lr is not None else (8e-2 if quick else 5e-3)
     scale = 0.1

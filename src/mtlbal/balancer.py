@@ -42,6 +42,7 @@ from mtlbal._graph import reachable
 from mtlbal._losses import Losses, Normalized, given_tensors, normalize_losses
 from mtlbal._transaction import StrategySnapshot
 from mtlbal.aggregation.base import Aggregator, GramianAggregator
+from mtlbal.aggregation.fmtl import FMTL, flat_pass
 from mtlbal.engine.base import GradWrites, PerTaskGrads
 from mtlbal.engine.branches import BranchStage
 from mtlbal.engine.cut import CutPerTaskGrads, CutPoint, check_selector, split_task_grads
@@ -49,6 +50,7 @@ from mtlbal.engine.dense import DensePerTaskGrads, batched_grads, task_grad_norm
 from mtlbal.engine.fallback import BatchedBackward
 from mtlbal.engine.layerwise import LayerwiseCapture, layerwise_per_task_grads
 from mtlbal.step import Need, StepContext, StepInfo, gramian_stats
+from mtlbal.transforms.arl import ARL
 from mtlbal.transforms.base import GradientTransform
 from mtlbal.transforms.branch_calibration import BranchCalibration
 from mtlbal.weighting.base import Equal, LossWeighting
@@ -77,6 +79,12 @@ class _Step:
     # missing tasks: every task (canonical order) and the indices of `names` in it (None: all)
     all_names: tuple[str, ...] = ()
     present: tuple[int, ...] | None = None
+    # Need.CLOSURE (F-MTL): re-runs the forward and returns the losses; the heads' per-task
+    # gradients at θ, kept for the perturbed passes instead of being written
+    closure: Callable[[], Any] | None = None
+    flat_heads: tuple[list[Tensor], list[Tensor]] | None = None
+    branch_coeffs: Tensor | None = None  # ARL's per-modality coefficients (solve stage)
+    regularizer: Tensor | None = None  # Rep-MTL's value (reported in info.extras)
 
 
 class _Refused(Exception):
@@ -301,6 +309,34 @@ class Balancer:
         for st in self.strategies:
             needs.update(getattr(st, "needs", frozenset()))
         self.needs: frozenset[Need] = frozenset(needs)
+        if Need.CLOSURE in self.needs:
+            who = next(
+                type(st).__name__
+                for st in self.strategies
+                if Need.CLOSURE in getattr(st, "needs", frozenset())
+            )
+            if at != "params":
+                raise ValueError(
+                    f"{who} perturbs the shared parameters and needs their per-task gradients: "
+                    "use at='params', not a cut point"
+                )
+            if accumulate > 1:
+                raise ValueError(f"{who} re-runs the forward (a closure): no gradient accumulation")
+            if calib is not None:
+                raise ValueError(f"{who} does not combine with modality branches")
+        if Need.SALIENCY in self.needs:
+            who = next(
+                type(st).__name__
+                for st in self.strategies
+                if Need.SALIENCY in getattr(st, "needs", frozenset())
+            )
+            if not isinstance(at, nn.Module):
+                raise ValueError(
+                    f"{who} regularises the task saliencies at the shared representation: it "
+                    "needs a cut point (at=module)"
+                )
+            if accumulate > 1:
+                raise ValueError(f"{who} does not support gradient accumulation yet")
         self._accum_mode: AccumulationMode = self._accumulation_mode()
         if accumulate > 1:
             self._check_accumulation()
@@ -329,6 +365,7 @@ class Balancer:
                 and at == "params"
                 and self._needs_grads
                 and accumulate == 1
+                and Need.CLOSURE not in self.needs  # the perturbed forwards would be recorded
             ):
                 capture = LayerwiseCapture(self.shared_modules)
                 if capture.modules or engine == "layerwise":
@@ -549,6 +586,7 @@ class Balancer:
         scaler: Any | None = None,
         lr_factor: float | None = None,
         last: bool | None = None,
+        closure: Callable[[], Any] | None = None,
     ) -> StepInfo:
         """Fill ``.grad`` of every parameter the losses reach; return what was done.
 
@@ -578,7 +616,32 @@ class Balancer:
                 ``.grad``) or not (``False``: keep them, write nothing, ``info.pending``).
                 Default ``None``: close when the window holds ``accumulate`` micro-batches
                 (every call when ``accumulate=1``).
+            closure: for a strategy that declares ``Need.CLOSURE`` (F-MTL): a function
+                without arguments that runs the forward on the same batch again and returns
+                the losses (a dict with the same task names, or a sequence in the same order).
+                It is called with the parameters perturbed, which are restored bitwise after
+                each call. Required by such a strategy, refused otherwise.
         """
+        if Need.CLOSURE in self.needs:
+            if closure is None:
+                who = next(
+                    type(st).__name__
+                    for st in self.strategies
+                    if Need.CLOSURE in getattr(st, "needs", frozenset())
+                )
+                raise ValueError(
+                    f"{who} needs a closure that re-runs the forward and returns the losses: "
+                    "call backward(losses, closure=closure) (nothing was changed)"
+                )
+            if not callable(closure):
+                raise TypeError(f"closure must be callable, got {type(closure).__name__}")
+            if scaler is not None:
+                raise ValueError("a closure-driven step (F-MTL) does not support a GradScaler")
+        elif closure is not None:
+            raise ValueError(
+                "a closure was given but no strategy of this Balancer needs one "
+                "(Need.CLOSURE: F-MTL)"
+            )
         if last is not None and not isinstance(last, bool):
             raise TypeError(f"last must be True, False or None, got {last!r}")
         window = self._window
@@ -590,6 +653,7 @@ class Balancer:
             self._window = None  # the whole window is skipped
             return self._skipped(r.args[0])
         step.lr_factor = 1.0 if lr_factor is None else float(lr_factor)
+        step.closure = closure
         if window is not None or not closing:
             return self._accumulate_step(step, scaler, closing)
         snapshot = StrategySnapshot(self.strategies)
@@ -950,6 +1014,11 @@ class Balancer:
         needs_grads = self._needs_grads
         checking = self.nonfinite != "off" or scaler is not None
         stacked, ctx = self._context(step)
+        if self._branches is not None and isinstance(self._branches.calibration, ARL):
+            # from the (global) losses, before anything is written: a refusal changes nothing
+            step.branch_coeffs = self._branches.calibration.coefficients(
+                dict(zip(step.names, step.raw.unbind()))
+            )
         if Need.LAYER_NORMS in self.weighting.needs:
             ctx.layer_grad_norms = self._layer_grad_norms(step)
         weighted = self.weighting.objectives(stacked, ctx)
@@ -985,6 +1054,8 @@ class Balancer:
             if not self._batched_backward.batched:  # the exact fallback (fallback.py)
                 info.extras["per_task_backward"] = self._batched_backward.reason
         gram = grads.gramian()
+        if step.regularizer is not None:
+            info.extras["rep_mtl"] = step.regularizer
         if checking:
             finite = torch.isfinite(gram.diagonal()).all()
             if world == 1:
@@ -996,6 +1067,9 @@ class Balancer:
                 return self._nonfinite_grads(step, grads, gram, info, scaler)
         unscaled = gram if step.scale is None else gram / (step.scale.to(gram.dtype) ** 2)
         info.gramian = unscaled.detach()
+        if step.closure is not None:
+            assert isinstance(grads, DensePerTaskGrads)
+            self._flat_pass(step, grads, info, ctx, checking)
         self._aggregate(step, grads, unscaled, info, ctx)
         return info
 
@@ -1043,6 +1117,7 @@ class Balancer:
         return (
             (self.aggregator is not None and Need.GRAMIAN in self.aggregator.needs)
             or self.diagnostics
+            or any(Need.SALIENCY in t.needs for t in self.transforms)
             or any(
                 Need.GRAMIAN in t.needs and t.applies_to(p)
                 for t in self.transforms
@@ -1064,11 +1139,35 @@ class Balancer:
     ) -> CutPerTaskGrads:
         outs = [z for z, _ in step.captured]
         leaves = [leaf for _, leaf in step.captured]
-        per_task = split_task_grads(objectives, stacked, step.values, leaves)
+        reg = next((t for t in self.transforms if Need.SALIENCY in t.needs), None)
+        extra_cot = None
+        if reg is not None:
+            # Rep-MTL: the saliencies with their graph; the regulariser reaches the heads in
+            # the commit's backward and the trunk through its gradient at the representation
+            if len(leaves) != 1:
+                raise ValueError(
+                    f"{type(reg).__name__} regularises one representation: the cut module ran "
+                    f"{len(leaves)} times in this forward"
+                )
+            saliency = split_task_grads(objectives, stacked, step.values, leaves, create_graph=True)
+            per_task = [s.detach() for s in saliency]
+            regularizer: Callable[[Tensor], Tensor] = getattr(reg, "regularizer")  # noqa: B009
+            r = regularizer(saliency[0])
+            if step.scale is not None:  # the saliencies are scale-free; .grad is scaled
+                r = r * step.scale.to(r.dtype)
+            if r.requires_grad:  # (both λ = 0: nothing to add)
+                extra_cot = list(
+                    torch.autograd.grad(r, leaves, retain_graph=True, materialize_grads=True)
+                )
+                total = total + r
+            step.regularizer = r.detach()
+        else:
+            per_task = split_task_grads(objectives, stacked, step.values, leaves)
         # ONE backward call at the commit runs the heads (gradient of Σ ℓ_t, plus learnable
         # strategy parameters) and the trunk (the combined gradient at z) together, so DDP's
         # reducer sees a single backward
         grads = CutPerTaskGrads(outs, per_task, extra_roots=[total])
+        grads.extra_cot = extra_cot
         if step.world > 1:
             if self.aggregator is not None and not isinstance(self.aggregator, GramianAggregator):
                 raise NotImplementedError(
@@ -1118,9 +1217,73 @@ class Balancer:
             # solves the same problem and writes the same .grad
             per_task = [dist_util.all_mean(g) for g in per_task]
         shared_grads = [self._per_task_transforms(p, g) for p, g in zip(shared, per_task)]
-        for q, g in zip(others, per_task[len(shared) :]):
+        if step.closure is not None:
+            # F-MTL: the heads get their sharpness-aware gradient (the perturbed passes); the
+            # strategies' own parameters their plain one
+            own_ids = {id(q) for q in self.parameters()}
+            heads = [
+                (q, g) for q, g in zip(others, per_task[len(shared) :]) if id(q) not in own_ids
+            ]
+            step.flat_heads = ([q for q, _ in heads], [g for _, g in heads])
+            others_written = [
+                (q, g) for q, g in zip(others, per_task[len(shared) :]) if id(q) in own_ids
+            ]
+        else:
+            others_written = list(zip(others, per_task[len(shared) :]))
+        for q, g in others_written:
             step.writes.add(q, g.sum(0))
         return DensePerTaskGrads(shared, shared_grads)
+
+    def _flat_pass(
+        self,
+        step: _Step,
+        grads: DensePerTaskGrads,
+        info: StepInfo,
+        ctx: StepContext,
+        checking: bool,
+    ) -> None:
+        # F-MTL's perturbed passes (mtlbal.aggregation.fmtl): the flatness directions H go to
+        # the aggregator through the context, the heads' sharpness-aware gradients are staged
+        agg = self.aggregator
+        assert isinstance(agg, FMTL) and step.closure is not None and step.flat_heads is not None
+        heads, head_grads = step.flat_heads
+        flat, head_sums, sam_losses = flat_pass(
+            step.closure,
+            step.names,
+            grads.params,
+            grads.grads,
+            heads,
+            head_grads,
+            info.loss_weights.detach(),
+            rho=agg.rho,
+            adaptive=agg.adaptive,
+            modules=self.shared_modules,
+            world=step.world,
+        )
+        flat_grads = DensePerTaskGrads(grads.params, flat)
+        norms2 = flat_grads.gramian().diagonal()
+        if checking:
+            ok = torch.isfinite(norms2).all() & torch.isfinite(sam_losses).all()
+            if not bool(ok):  # the strategy's extra host sync (FMTL.host_sync)
+                bad = [
+                    n
+                    for n, a, b in zip(
+                        step.names,
+                        torch.isfinite(sam_losses).tolist(),
+                        torch.isfinite(norms2).tolist(),
+                    )
+                    if not (a and b)
+                ]
+                if self.nonfinite == "skip":
+                    raise _Refused
+                raise ValueError(
+                    f"non-finite loss or gradient of task(s) {', '.join(map(repr, bad))} at the "
+                    "perturbed parameters (F-MTL's closure): nothing was changed"
+                )
+        ctx.extras["flat_jacobian"] = flat_grads.jacobian()
+        info.extras["flat_norms"] = norms2.clamp_min(0).sqrt().detach()
+        for q, g in zip(heads, head_sums):
+            step.writes.add(q, g)
 
     def _aggregate(
         self, step: _Step, grads: PerTaskGrads, gram: Tensor, info: StepInfo, ctx: StepContext
@@ -1154,7 +1317,7 @@ class Balancer:
         with self._combined_hooks(step):
             step.writes.commit()
             if step.branch_caps is not None and self._branches is not None:
-                self._branches.backward(step.branch_caps, info.extras)
+                self._branches.backward(step.branch_caps, info.extras, step.branch_coeffs)
         for _, leaf in step.captured:
             leaf.grad = None
         self._spent = [weakref.ref(v) for v in step.given]

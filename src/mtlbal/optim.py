@@ -156,7 +156,12 @@ class BalancedOptimizer(Optimizer):
         self.optimizer.defaults = value
 
     def backward(
-        self, losses: Losses, *, scaler: Any | None = None, last: bool | None = None
+        self,
+        losses: Losses,
+        *,
+        scaler: Any | None = None,
+        last: bool | None = None,
+        closure: Callable[[], Any] | None = None,
     ) -> StepInfo:
         """``balancer.backward(losses, scaler=scaler, lr_factor=..., last=last)``: fill
         ``.grad``, return the step info (the learning-rate factor of the wrapped optimizer is
@@ -165,9 +170,12 @@ class BalancedOptimizer(Optimizer):
 
         With a ``scaler``, call ``scaler.step(opt)`` next (not ``opt.step()``): the scaler
         unscales the model's gradients, the wrapper those of the strategy parameters.
+        ``closure``: for F-MTL (``Need.CLOSURE``), re-runs the forward and returns the losses.
         """
         self._pending["scaler"] = scaler
-        return self.balancer.backward(losses, scaler=scaler, lr_factor=self.lr_factor(), last=last)
+        return self.balancer.backward(
+            losses, scaler=scaler, lr_factor=self.lr_factor(), last=last, closure=closure
+        )
 
     def epoch_end(self) -> None:
         """``balancer.epoch_end()``: mark the end of a training epoch (IGB, DWA)."""

@@ -27,6 +27,10 @@ class Need(str, Enum):
     ``grad_norm_params`` (GradNorm). ``LR_FACTOR``: ``lr_0 / lr_now`` of the optimizer (IGB
     v2). ``EPOCHS``: epoch boundaries (``epoch_end``: DWA, IGB). ``LOSSES_AFTER_STEP``: the
     losses re-evaluated on the same batch after the optimizer step (``Balancer.update``: FAMO).
+    ``CLOSURE``: a function that re-runs the forward on the step's batch and returns the losses
+    again (``backward(losses, closure=...)``: F-MTL's perturbed passes); a step without one is
+    refused. ``SALIENCY``: the per-task gradients at the cut point taken with their graph
+    (second order), for a regulariser of the task saliencies (Rep-MTL).
     """
 
     GRAMIAN = "gramian"
@@ -35,6 +39,8 @@ class Need(str, Enum):
     LR_FACTOR = "lr_factor"
     EPOCHS = "epochs"
     LOSSES_AFTER_STEP = "losses_after_step"
+    CLOSURE = "closure"
+    SALIENCY = "saliency"
 
 
 @dataclass

@@ -45,6 +45,8 @@ def _ddp_supported(e: Entry, at: str) -> bool:
     # a Jacobian aggregator (TrimmedMean, GradDrop) at a cut point needs the representation
     # Jacobian of the whole batch, which is not gathered across processes: the Balancer refuses
     # it (NotImplementedError); at the parameters it runs like any other
+    if not e.extras.get("ddp", True):  # documented as not equal to one process
+        return False
     agg = e.make(M).get("aggregator")
     jac = agg is not None and not isinstance(agg, mtlbal.aggregation.GramianAggregator)
     return not (at == "cut" and jac)

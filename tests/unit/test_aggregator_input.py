@@ -91,16 +91,21 @@ def test_symmetry_is_relative_to_scale(cls: type[A.GramianAggregator]) -> None:
 def test_jacobian_refusals(cls: type[A.Aggregator]) -> None:
     j = _jac()
     # a method that needs the losses (MoCo's loss normalisation) gets them
-    kw = {"losses": torch.ones(3, dtype=j.dtype)} if Need.LOSSES in cls.needs else {}
+    kw: dict[str, Any] = (
+        {"losses": torch.ones(3, dtype=j.dtype)} if Need.LOSSES in cls.needs else {}
+    )
+    if Need.CLOSURE in cls.needs:  # F-MTL: standalone, the flatness directions are an input
+        kw["flat"] = j.flip(0)
     _make(cls)(j, **kw)
+    kw.pop("losses", None)
     with pytest.raises(TypeError, match="floating"):
-        _make(cls)(torch.ones(3, 5, dtype=torch.int32))
+        _make(cls)(torch.ones(3, 5, dtype=torch.int32), **kw)
     with pytest.raises(ValueError, match=r"\[m, n\]"):
-        _make(cls)(j.reshape(-1))
+        _make(cls)(j.reshape(-1), **kw)
     with pytest.raises(ValueError, match=r"\[m, n\]"):
-        _make(cls)(j[None])
+        _make(cls)(j[None], **kw)
     for v in (float("nan"), float("-inf")):
         bad = j.clone()
         bad[2, 3] = v
         with pytest.raises(ValueError, match="non-finite"):
-            _make(cls)(bad)
+            _make(cls)(bad, **kw)

@@ -160,7 +160,7 @@ def test_unsupported_refuses_before_anything_changes(entry: Entry) -> None:
     p = make_problem(M)
     if entry.extras.get("positive_losses"):
         pass  # the problem's losses are ≥ 0.1 · (t + 1) > 0 already
-    bal, opt = _build(entry, M, p, "params")
+    bal, opt = _build(entry, M, p, entry.at[0])
     _warm_up(entry, p, opt)
     opt.zero_grad()
     bal.backward(p.losses())  # .grad filled: the refusal must leave it as it is
@@ -203,13 +203,13 @@ def _run(entry: Entry, p: Problem, opt: Any, start: int, stop: int) -> list[Tens
 def test_resume_across_missing_steps(entry: Entry) -> None:
     k, n = 3, 7
     p = make_problem(M)
-    _, opt = _build(entry, M, p, "params")
+    _, opt = _build(entry, M, p, entry.at[0])
     _run(entry, p, opt, 0, 1)  # the task set is learnt from a full first step
     w_full = _run(entry, p, opt, 1, n)
     final = [q.detach().clone() for q in p.params()]
 
     p1 = make_problem(M)
-    _, opt1 = _build(entry, M, p1, "params")
+    _, opt1 = _build(entry, M, p1, entry.at[0])
     w_a = _run(entry, p1, opt1, 0, 1)[1:] + _run(entry, p1, opt1, 1, k)
     buf = io.BytesIO()
     torch.save(opt1.state_dict(), buf)
@@ -218,7 +218,7 @@ def test_resume_across_missing_steps(entry: Entry) -> None:
     with torch.no_grad():
         for a, b in zip(p2.params(), p1.params()):
             a.copy_(b)
-    bal2, opt2 = _build(entry, M, p2, "params")
+    bal2, opt2 = _build(entry, M, p2, entry.at[0])
     opt2.load_state_dict(torch.load(buf, weights_only=False))
     assert bal2.tasks == NAMES
     w_b = _run(entry, p2, opt2, k, n)

@@ -28,6 +28,7 @@ import mtlbal._stateful
 from mtlbal import aggregation as A
 from mtlbal import transforms as T
 from mtlbal import weighting as W
+from mtlbal.step import Need
 from registry import REGISTRY, Entry
 
 M = 3
@@ -207,8 +208,9 @@ def test_identical_declarations_are_explained() -> None:
         assert e.identical in ("sum", "mean", "scaled", "parallel", None), e.name
         if e.identical is None:
             # per-task randomness, or a method that is not symmetric in the tasks (PCD's primary,
-            # M-ConFIG's cyclic schedule); random (Random) or fixed unequal (Constant) weights
-            names = ("RLW", "IGBv2", "MConFIG", "Random", "Constant")
+            # M-ConFIG's cyclic schedule); random (Random) or fixed unequal (Constant) weights;
+            # Rep-MTL's CSA term, whose gradient does not vanish for identical saliencies
+            names = ("RLW", "IGBv2", "MConFIG", "Random", "Constant", "RepMTL+")
             assert any(k in e.name for k in names) or e.name == "PCD", e.name
 
 
@@ -323,6 +325,9 @@ def test_every_aggregator_class_declares_homogeneity() -> None:
             isinstance(cls, type)
             and issubclass(cls, A.Aggregator)
             and not cls.__name__.endswith("Aggregator")
+            # F-MTL takes the flatness directions too (FMTL()(J, flat=H)); its scaling is
+            # checked in test_fmtl.py (standalone: the wrapped one's degree; in a Balancer none)
+            and Need.CLOSURE not in cls.needs
         ):
             assert any(type(a) is cls for a in AGGS), name
 
@@ -359,6 +364,8 @@ SCALING = [
     if "aggregator" in e.make(M)
     and "weighting" not in e.make(M)
     and type(e.make(M)["aggregator"]).__name__ not in NO_DEGREE
+    # a regulariser of the saliencies (Rep-MTL) is scale-free: the update has no degree
+    and e.extras.get("scaling", True)
 ]
 
 
@@ -597,6 +604,8 @@ NON_DEFAULT: dict[str, dict[str, Any]] = {
     "TrimmedMean": {"trim_number": 1, "reduction": "mean"},
     "GradDrop": {"leak": [0.1, 0.0, 0.5], "seed": 3, "reduction": "mean"},
     "CRMOGM": {"aggregator": A.MGDA(), "alpha": 0.5, "initial_weights": [1.0, 1.0, 1.0]},
+    "FMTL": {"aggregator": A.UPGrad(), "rho": 0.1, "adaptive": True},
+    "RepMTL": {"lambda_tsr": 0.7, "lambda_csa": 1.1, "tau": 0.2},
     # score="grad" needs grads=/closure= (not configuration data): not rebuilt by eval(repr)
     "SparseMask": {
         "ratio": 0.25,

@@ -11,6 +11,7 @@ from mtlbal.aggregation.dbmtl import DBMTL
 from mtlbal.aggregation.dualproj import DualProj
 from mtlbal.aggregation.excess_mtl import ExcessMTL
 from mtlbal.aggregation.fairgrad import FairGrad, FairGradSolverWarning
+from mtlbal.aggregation.fmtl import FMTL
 from mtlbal.aggregation.graddrop import GradDrop
 from mtlbal.aggregation.gradvac import GradVac
 from mtlbal.aggregation.imtl import IMTLG
@@ -32,6 +33,7 @@ from mtlbal.aggregation.upgrad import UPGrad
 __all__ = [
     "CRMOGM",
     "DBMTL",
+    "FMTL",
     "IMTLG",
     "MGDA",
     "PCD",

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from mtlbal import _distributed as dist_util
 from mtlbal.engine.cut import CutPoint
+from mtlbal.transforms.arl import ARL
 from mtlbal.transforms.branch_calibration import BranchCalibration, branch_norms
 
 __all__ = ["BranchStage"]
@@ -44,7 +45,10 @@ class BranchStage:
             c.remove()
 
     def backward(
-        self, captured: list[list[tuple[Tensor, Tensor]]], extras: dict[str, Tensor]
+        self,
+        captured: list[list[tuple[Tensor, Tensor]]],
+        extras: dict[str, Tensor],
+        coefficients: Tensor | None = None,
     ) -> None:
         live = [caps for caps in captured if caps]
         if not live:
@@ -59,7 +63,16 @@ class BranchStage:
                 "feed the losses (and lie upstream of the cut point, if any)"
             )
         calib = self.calibration
-        if calib.per_sample:
+        if isinstance(calib, ARL):  # ARL: inverse-variance coefficients, not norm matching
+            if len(live) != len(captured):
+                raise ValueError("ARL: every modality branch must feed the losses at every step")
+            assert coefficients is not None  # computed in the solve stage
+            kappa = coefficients
+            flat = [torch.cat([x.reshape(-1) for x in g]) for g in grads]
+            extras["branch_norms"] = _global_norms(branch_norms(flat), True).detach()
+            extras["branch_weights"] = kappa.detach()
+            new = [[(x * k.to(x.dtype)) for x in g] for g, k in zip(grads, kappa)]
+        elif calib.per_sample:
             counts = {len(g) for g in grads}
             if len(counts) != 1:
                 raise ValueError(

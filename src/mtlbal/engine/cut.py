@@ -235,6 +235,8 @@ def split_task_grads(
     stacked: Tensor,
     losses: Sequence[Tensor],
     inputs: Sequence[Tensor],
+    *,
+    create_graph: bool = False,
 ) -> list[Tensor]:
     """``[m, *x.shape]`` gradients of ``objectives`` w.r.t. ``inputs``, one task at a time.
 
@@ -243,12 +245,20 @@ def split_task_grads(
     backward through the weighting), ``∂ℓ_t/∂x = Σ_s C_ts ∂L_s/∂x``, and each ``∂L_s/∂x`` is
     taken from the scalar ``L_s`` itself, so autograd visits only task ``s``'s own head: the
     heads cost one pass in total instead of the ``m`` passes (mostly with zero cotangents) of a
-    batched backward from the stacked vector.
+    batched backward from the stacked vector. With ``create_graph`` the gradients keep their
+    graph (``C`` held fixed), for a regulariser differentiated through them (Rep-MTL).
     """
     (c,) = batched_grads(objectives, [stacked], retain_graph=True)  # [m, m]
+    if create_graph:  # the multipliers C are held fixed; the gradients keep their graph
+        c = c.detach()
     rows = [
         torch.autograd.grad(
-            loss, list(inputs), retain_graph=True, allow_unused=True, materialize_grads=True
+            loss,
+            list(inputs),
+            retain_graph=True,
+            allow_unused=True,
+            materialize_grads=True,
+            create_graph=create_graph,
         )
         for loss in losses
     ]
@@ -280,6 +290,9 @@ class CutPerTaskGrads(PerTaskGrads):
         self.extra_roots = list(extra_roots)
         self.m = int(self.grads[0].shape[0])
         self._gramian: Tensor | None = None
+        # added to the cotangent of each output whatever the combination (a regulariser's
+        # gradient at the representation: Rep-MTL)
+        self.extra_cot: list[Tensor] | None = None
 
     def gramian(self) -> Tensor:
         if self._gramian is None:
@@ -307,6 +320,8 @@ class CutPerTaskGrads(PerTaskGrads):
         self._stage(cot, writes)
 
     def _stage(self, cot: list[Tensor], writes: GradWrites) -> None:
+        if self.extra_cot is not None:
+            cot = [c + e.to(c.dtype) for c, e in zip(cot, self.extra_cot)]
         roots = self.outputs + self.extra_roots
         grads: list[Tensor | None] = [*cot, *[None] * len(self.extra_roots)]
         writes.backward(roots, grads)

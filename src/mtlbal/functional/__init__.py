@@ -9,6 +9,7 @@ from mtlbal.aggregation.dbmtl import dbmtl_step
 from mtlbal.aggregation.dualproj import dualproj_weights
 from mtlbal.aggregation.excess_mtl import excess_mtl_step
 from mtlbal.aggregation.fairgrad import fairgrad_weights
+from mtlbal.aggregation.fmtl import fmtl_direction, sam_perturbation
 from mtlbal.aggregation.graddrop import graddrop
 from mtlbal.aggregation.gradvac import gradvac_weights
 from mtlbal.aggregation.imtl import imtlg_weights
@@ -26,6 +27,7 @@ from mtlbal.aggregation.sdmgrad import sdmgrad_step
 from mtlbal.aggregation.sum import sum_weights
 from mtlbal.aggregation.trimmed_mean import trimmed_mean
 from mtlbal.aggregation.upgrad import upgrad_weights
+from mtlbal.transforms.arl import arl_coefficients
 from mtlbal.transforms.branch_calibration import branch_norms, calibrate_branch_grads
 from mtlbal.transforms.sparse_mask import global_mask, psn_mask
 from mtlbal.weighting.cosmos import cosmos_weights
@@ -47,6 +49,7 @@ from mtlbal.weighting.uw_so import uw_so_weights
 __all__ = [
     "aligned_mtl_balance",
     "aligned_mtl_weights",
+    "arl_coefficients",
     "branch_norms",
     "cagrad_weights",
     "calibrate_branch_grads",
@@ -61,6 +64,7 @@ __all__ = [
     "fairgrad_weights",
     "famo_logit_grad",
     "famo_objectives",
+    "fmtl_direction",
     "geometric_mean_weights",
     "global_mask",
     "go4align_indicators",
@@ -91,6 +95,7 @@ __all__ = [
     "psn_mask",
     "random_weights",
     "rlw_weights",
+    "sam_perturbation",
     "scale_invariant_objectives",
     "sdmgrad_step",
     "stch_scalarization",

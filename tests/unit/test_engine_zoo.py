@@ -267,16 +267,29 @@ def test_cost_choice_by_shape() -> None:
     # a convolution on many rows (after im2col) takes the batched backward, a wide Linear on a
     # small batch takes the identity
     torch.manual_seed(0)
-    conv = nn.Conv2d(8, 8, 3, padding=1).to(DT)
+    conv = nn.Conv2d(32, 32, 3, padding=1).to(DT)
     lin = nn.Linear(128, 128).to(DT)
     model = nn.ModuleList([conv, lin])
     cap = LayerwiseCapture([model])
-    z = lin(conv(torch.randn(2, 8, 16, 16, dtype=DT)).mean((2, 3)).repeat(1, 16))
+    z = lin(conv(torch.randn(2, 32, 16, 16, dtype=DT)).mean((2, 3)).repeat(1, 4))
     losses = heads(z)
-    eng = layerwise_per_task_grads(losses, cap.take(), list(model.parameters()), policy="cost")
+    shared = list(model.parameters())
+    J = loop_jacobian(losses, shared)
+    eng = layerwise_per_task_grads(losses, cap.take(), shared, policy="cost")
     assert eng.paths[id(conv.weight)][0] == "batched"
     assert eng.paths[id(lin.weight)][0] == "identity"
     assert eng.paths[id(lin.bias)][0] == "identity"
+    # the convolution's backward is large per task: m plain backward passes, same values
+    assert eng.per_task_loop
+    torch.testing.assert_close(eng.gramian(), J @ J.T, **TOL)
+    torch.testing.assert_close(eng.jacobian(), J, **TOL)
+    cap.remove()
+    # a small model keeps the one vmapped backward
+    small, x = _setup("linear_wide_batch")
+    cap = LayerwiseCapture([small])
+    losses = heads(small(x))
+    eng = layerwise_per_task_grads(losses, cap.take(), list(small.parameters()), policy="cost")
+    assert not eng.per_task_loop
     cap.remove()
 
 

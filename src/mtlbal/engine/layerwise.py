@@ -443,6 +443,25 @@ def identity_cost(
     return ident, batched, ident_mem, m * d_in * d_out
 
 
+# multiply-adds of one task's backward per autograd node above which a loop of m plain backward
+# passes is used rather than one vmapped backward (the per-node overhead of the loop is then
+# negligible, and the vmapped backward's batching rules, expanded saved tensors and m ×
+# activation gradients are not)
+_LOOP_WORK_PER_NODE = 1 << 16
+
+
+def _loop_pays(records: Sequence[LayerRecord], nodes: int) -> bool:
+    """Whether the recorded layers' backward work per task, per graph node, is large."""
+    work = 0
+    for rec in records:
+        if isinstance(rec.module, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+            n, d_in, d_out = _rows_dims(rec)
+            work += n * d_in * d_out
+        elif isinstance(rec.module, _NORMS):
+            work += rec.a.numel()
+    return work >= _LOOP_WORK_PER_NODE * max(nodes, 1)
+
+
 def _choose_by_cost(
     shared: Sequence[Tensor],
     covered: set[int],
@@ -624,6 +643,8 @@ class LayerwisePerTaskGrads(PerTaskGrads):
         # per parameter id: (path, why, fell back for a reason other than cost), path one of
         # "identity", "per-task" (rebuilt from the layer's output gradients), "batched"
         self.paths: dict[int, tuple[str, str, bool]] = {}
+        # whether the backward ran once per task rather than batched (see ``policy``)
+        self.per_task_loop = False
 
     def _per_task(self, p: Tensor) -> Tensor:
         if id(p) in self.dense:
@@ -961,7 +982,11 @@ def layerwise_per_task_grads(
             its layer's weight; norm affine parameters take the batched backward, which forms
             them at the same cost without keeping ``m ×`` the layer's output); every other
             parameter takes the batched backward. :attr:`LayerwisePerTaskGrads.paths` says
-            which path each parameter took and why.
+            which path each parameter took and why. Where some parameters take the batched
+            backward and every task's backward is large (the recorded layers' multiply-adds
+            per graph node above ``2¹⁶``), it runs as ``m`` plain backward passes (the
+            per-task loop: the same values, none of vmap's batching overhead, and no
+            ``m ×`` activation gradients held at once; ``per_task_loop`` says so).
     """
     staged = writes if writes is not None else GradWrites()
     m = objectives.shape[0]
@@ -1010,6 +1035,10 @@ def layerwise_per_task_grads(
     elif policy != "cover":
         raise ValueError(f"unknown policy {policy!r} (expected 'cover' or 'cost')")
     needed = [rec for rec in live if any(id(p) in covered for p in rec.params.values())]
+    # m plain backward passes instead of one vmapped one where every task's backward is large
+    # (see _loop_pays); identical values, no m × activations held at once
+    some_batched = any(id(p) not in covered for p in shared)
+    loop = policy == "cost" and some_batched and m > 1 and _loop_pays(live, len(seen))
     # a record not needed must not keep its layer's input alive through the backward (the
     # graph frees it as the backward passes): the records are this step's, used once
     keep = {id(rec) for rec in needed}
@@ -1046,7 +1075,9 @@ def layerwise_per_task_grads(
         )
         for q, g in zip(others, og):
             staged.add(q, g)
-    if inputs and outputs and mode is not None:
+    if inputs and outputs and loop:
+        grads = _batched(outputs, cotangents, inputs, shapes, 0, retain_after)
+    elif inputs and outputs and mode is not None:
         outs_, cots_ = outputs, cotangents
         grads = mode.run(
             lambda retain: _batched(outs_, cots_, inputs, shapes, chunk_size, retain),
@@ -1112,6 +1143,7 @@ def layerwise_per_task_grads(
                 paths[pid] = ("per-task", "rebuilt from the layer's output gradients", False)
     out = LayerwisePerTaskGrads(shared, terms, dense, m)
     out.task_split = used_split
+    out.per_task_loop = loop
     out.paths = paths
     if writes is None:
         staged.commit()

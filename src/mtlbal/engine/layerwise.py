@@ -446,7 +446,8 @@ def identity_cost(
 # multiply-adds of one task's backward per autograd node above which a loop of m plain backward
 # passes is used rather than one vmapped backward (the per-node overhead of the loop is then
 # negligible, and the vmapped backward's batching rules, expanded saved tensors and m ×
-# activation gradients are not)
+# activation gradients are not). Measured on CPU (benchmarks/engine_zoo.py); on an accelerator,
+# where one batched kernel replaces m launches, the vmapped backward is kept.
 _LOOP_WORK_PER_NODE = 1 << 16
 
 
@@ -984,7 +985,7 @@ def layerwise_per_task_grads(
             parameter takes the batched backward. :attr:`LayerwisePerTaskGrads.paths` says
             which path each parameter took and why. Where some parameters take the batched
             backward and every task's backward is large (the recorded layers' multiply-adds
-            per graph node above ``2¹⁶``), it runs as ``m`` plain backward passes (the
+            per graph node above ``2¹⁶``) on a CPU, it runs as ``m`` plain backward passes (the
             per-task loop: the same values, none of vmap's batching overhead, and no
             ``m ×`` activation gradients held at once; ``per_task_loop`` says so).
     """
@@ -1038,7 +1039,13 @@ def layerwise_per_task_grads(
     # m plain backward passes instead of one vmapped one where every task's backward is large
     # (see _loop_pays); identical values, no m × activations held at once
     some_batched = any(id(p) not in covered for p in shared)
-    loop = policy == "cost" and some_batched and m > 1 and _loop_pays(live, len(seen))
+    loop = (
+        policy == "cost"
+        and some_batched
+        and m > 1
+        and objectives.device.type == "cpu"  # measured on CPU only (see _LOOP_WORK_PER_NODE)
+        and _loop_pays(live, len(seen))
+    )
     # a record not needed must not keep its layer's input alive through the backward (the
     # graph frees it as the backward passes): the records are this step's, used once
     keep = {id(rec) for rec in needed}

@@ -1125,7 +1125,7 @@ class Balancer:
                 mode=self._batched_backward,
                 policy="cost" if self.engine == "auto" else "cover",
             )
-            self._note_paths(lw.paths)
+            self._note_paths(lw.paths, loop=lw.per_task_loop)
             return lw
         why = "engine='dense'" if self.engine == "dense" else "no supported layer recorded"
         if step.world > 1:
@@ -1145,8 +1145,8 @@ class Balancer:
             step.writes.add(q, g.sum(0))
         return DensePerTaskGrads(shared, shared_grads)
 
-    def _note_paths(self, paths: dict[int, tuple[str, str, bool]]) -> None:
-        if not self._batched_backward.batched:
+    def _note_paths(self, paths: dict[int, tuple[str, str, bool]], loop: bool = False) -> None:
+        if loop or not self._batched_backward.batched:
             paths = {
                 k: (f"{v[0]} (per-task loop)" if v[0] == "batched" else v[0], v[1], v[2])
                 for k, v in paths.items()

@@ -108,7 +108,8 @@ class StepInfo:
             weight is reported for them (neither 0 nor NaN), so a logger
             (:func:`mtlbal.logging.info_to_dict`) writes nothing for them.
         engine_paths: where per-task gradients were formed at the parameters: shared
-            parameter name → ``"identity"``, ``"per-task"`` or ``"batched"`` (see
+            parameter name → ``"identity"``, ``"per-task"`` or ``"batched"`` (``"batched
+            (per-task loop)"`` where that backward ran as ``m`` plain passes; see
             :mod:`mtlbal.engine.report`; ``Balancer.describe()`` says why); ``None`` at a cut
             point and when no per-task gradient was formed.
     """

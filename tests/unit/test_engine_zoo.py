@@ -271,7 +271,8 @@ def test_cost_choice_by_shape() -> None:
     lin = nn.Linear(128, 128).to(DT)
     model = nn.ModuleList([conv, lin])
     cap = LayerwiseCapture([model])
-    z = lin(conv(torch.randn(2, 32, 16, 16, dtype=DT)).mean((2, 3)).repeat(1, 4))
+    x = torch.randn(2, 32, 16, 16, dtype=DT)
+    z = lin(conv(x).mean((2, 3)).repeat(1, 4))
     losses = heads(z)
     shared = list(model.parameters())
     J = loop_jacobian(losses, shared)
@@ -284,6 +285,15 @@ def test_cost_choice_by_shape() -> None:
     torch.testing.assert_close(eng.gramian(), J @ J.T, **TOL)
     torch.testing.assert_close(eng.jacobian(), J, **TOL)
     cap.remove()
+    # the same through the Balancer: reported, and the final .grad exact
+    bal = mtlbal.Balancer(model, aggregator=UPGrad())
+    info = bal.backward(list(heads(lin(conv(x).mean((2, 3)).repeat(1, 4))).unbind()))
+    assert info.engine_paths is not None
+    assert info.engine_paths["0.weight"] == "batched (per-task loop)"
+    assert info.engine_paths["1.weight"] == "identity"
+    got = torch.cat([p.grad.reshape(-1) for p in shared])  # type: ignore[union-attr]
+    torch.testing.assert_close(got, upgrad_weights(J @ J.T) @ J, **TOL)
+    bal.remove()
     # a small model keeps the one vmapped backward
     small, x = _setup("linear_wide_batch")
     cap = LayerwiseCapture([small])

@@ -8,8 +8,9 @@ Paths (at the parameters):
 - ``per-task``: per-task weight gradients rebuilt from ``δ_t`` and the layer input
   (``engine="layerwise"`` where the identity costs more);
 - ``batched``: the parameter's own batched backward (``[m, *p.shape]`` per-task gradients from
-  one vmapped backward, :mod:`mtlbal.engine.dense`); ``batched (per-task loop)`` where the graph
-  cannot be vmapped (:mod:`mtlbal.engine.fallback`).
+  one vmapped backward, :mod:`mtlbal.engine.dense`); ``batched (per-task loop)`` where it ran
+  as ``m`` plain backward passes: the graph cannot be vmapped (:mod:`mtlbal.engine.fallback`),
+  or ``engine="auto"`` found every task's backward large enough on a CPU.
 
 At a cut point the per-task gradients are those of the representation: no parameter path.
 

@@ -1156,6 +1156,15 @@ class Balancer:
         for pid, why in self._by_design.items():
             if pid in paths and paths[pid][2]:
                 paths[pid] = (paths[pid][0], why, False)
+        if self._capture is not None:  # a supported layer whose call was not recorded
+            hooked = {id(q) for mod in self._capture.modules for q in mod.parameters()}
+            for pid, (path, why, fell) in list(paths.items()):
+                if fell and pid in hooked and why.startswith("not the weight"):
+                    why = (
+                        "its layer's call was not recorded (inside a torch.compile'd region, "
+                        "or called through another path than its forward)"
+                    )
+                    paths[pid] = (path, why, fell)
         self._engine_paths = paths
         fell = [id(p) for p in self.shared_params if paths.get(id(p), ("", "", False))[2]]
         if fell and not self._warned_fallback:

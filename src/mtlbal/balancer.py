@@ -1158,13 +1158,13 @@ class Balancer:
                 paths[pid] = (paths[pid][0], why, False)
         if self._capture is not None:  # a supported layer whose call was not recorded
             hooked = {id(q) for mod in self._capture.modules for q in mod.parameters()}
-            for pid, (path, why, fell) in list(paths.items()):
-                if fell and pid in hooked and why.startswith("not the weight"):
+            for pid, (path, why, warn) in list(paths.items()):
+                if warn and pid in hooked and why.startswith("not the weight"):
                     why = (
-                        "its layer's call was not recorded (inside a torch.compile'd region, "
-                        "or called through another path than its forward)"
+                        "its layer's call was not recorded (a forward run before the Balancer "
+                        "existed, inside a torch.compile'd region, or not through its forward)"
                     )
-                    paths[pid] = (path, why, fell)
+                    paths[pid] = (path, why, warn)
         self._engine_paths = paths
         fell = [id(p) for p in self.shared_params if paths.get(id(p), ("", "", False))[2]]
         if fell and not self._warned_fallback:

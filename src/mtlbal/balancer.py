@@ -23,6 +23,7 @@ every tensor and every piece of state bitwise as it was.
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -43,6 +44,7 @@ from mtlbal._losses import Losses, Normalized, given_tensors, normalize_losses
 from mtlbal._transaction import StrategySnapshot
 from mtlbal.aggregation.base import Aggregator, GramianAggregator
 from mtlbal.aggregation.fmtl import FMTL, flat_pass
+from mtlbal.engine import report as engine_report
 from mtlbal.engine.base import GradWrites, PerTaskGrads
 from mtlbal.engine.branches import BranchStage
 from mtlbal.engine.cut import CutPerTaskGrads, CutPoint, check_selector, split_task_grads
@@ -349,6 +351,11 @@ class Balancer:
         # batched per-task backward, or one task at a time where the graph cannot be batched
         # (a torch.compile'd model): decided at the first step that forms them, then kept
         self._batched_backward = BatchedBackward()
+        # the path of each shared parameter at the last step (engine.report), warned once
+        self._engine_paths: dict[int, tuple[str, str, bool]] | None = None
+        self._warned_fallback = False
+        self._names_cache: dict[int, tuple[str, str]] | None = None
+        self._by_design: dict[int, str] | None = None
 
         # ---- hooks last; all removed if any registration fails, and when the Balancer is
         # garbage-collected without remove()
@@ -576,6 +583,10 @@ class Balancer:
         self.__dict__.setdefault("_batched_backward", BatchedBackward())
         self.__dict__.setdefault("_window", None)
         self.__dict__.setdefault("accumulate", 1)
+        self._engine_paths = None  # keyed by the original's parameter ids
+        self._names_cache = None
+        self._by_design = None
+        self.__dict__.setdefault("_warned_fallback", False)
         self._finalizer = weakref.finalize(self, _remove_all, self._handles())
 
     # ------------------------------------------------------------------ the step
@@ -1053,6 +1064,11 @@ class Balancer:
             grads = self._form_at_params(step, objectives, aux)
             if not self._batched_backward.batched:  # the exact fallback (fallback.py)
                 info.extras["per_task_backward"] = self._batched_backward.reason
+            if self._engine_paths is not None:
+                names = self._param_names()
+                info.engine_paths = {
+                    names[pid][0]: path for pid, (path, _, _) in self._engine_paths.items()
+                }
         gram = grads.gramian()
         if step.regularizer is not None:
             info.extras["rep_mtl"] = step.regularizer
@@ -1194,7 +1210,7 @@ class Balancer:
                 if ga is not None:
                     step.writes.add(o, ga)
         if self._capture is not None and step.world == 1:
-            return layerwise_per_task_grads(
+            lw = layerwise_per_task_grads(
                 objectives,
                 step.records,
                 shared,
@@ -1206,7 +1222,14 @@ class Balancer:
                 task_losses=step.values,
                 writes=step.writes,
                 mode=self._batched_backward,
+                policy="cost" if self.engine == "auto" else "cover",
             )
+            self._note_paths(lw.paths, loop=lw.per_task_loop)
+            return lw
+        why = "engine='dense'" if self.engine == "dense" else "no supported layer recorded"
+        if step.world > 1:
+            why = "under DDP (the per-task gradients are all-reduced)"
+        self._note_paths({id(p): ("batched", why, False) for p in shared})
         per_task = batched_grads(
             objectives, shared + others, chunk_size=self.chunk_size, mode=self._batched_backward
         )
@@ -1284,6 +1307,64 @@ class Balancer:
         info.extras["flat_norms"] = norms2.clamp_min(0).sqrt().detach()
         for q, g in zip(heads, head_sums):
             step.writes.add(q, g)
+
+    def _note_paths(self, paths: dict[int, tuple[str, str, bool]], loop: bool = False) -> None:
+        if loop or not self._batched_backward.batched:
+            paths = {
+                k: (f"{v[0]} (per-task loop)" if v[0] == "batched" else v[0], v[1], v[2])
+                for k, v in paths.items()
+            }
+        if self._by_design is None:
+            self._by_design = engine_report.batched_by_design(self.shared_modules)
+        for pid, why in self._by_design.items():
+            if pid in paths and paths[pid][2]:
+                paths[pid] = (paths[pid][0], why, False)
+        if self._capture is not None:  # a supported layer whose call was not recorded
+            hooked = {id(q) for mod in self._capture.modules for q in mod.parameters()}
+            for pid, (path, why, warn) in list(paths.items()):
+                if warn and pid in hooked and why.startswith("not the weight"):
+                    why = (
+                        "its layer's call was not recorded (a forward run before the Balancer "
+                        "existed, inside a torch.compile'd region, or not through its forward)"
+                    )
+                    paths[pid] = (path, why, warn)
+        self._engine_paths = paths
+        fell = [id(p) for p in self.shared_params if paths.get(id(p), ("", "", False))[2]]
+        if fell and not self._warned_fallback:
+            self._warned_fallback = True
+            names = self._param_names()
+            listed = ", ".join(f"{names[k][0]} ({names[k][1]})" for k in fell[:5])
+            more = f" and {len(fell) - 5} more" if len(fell) > 5 else ""
+            warnings.warn(
+                f"{len(fell)} shared parameter(s) take the batched backward instead of the "
+                f"layer-wise path: {listed}{more} (exact, but it forms [m, *shape] per-task "
+                "gradients); Balancer.describe() says why",
+                engine_report.EngineFallbackWarning,
+                stacklevel=5,
+            )
+
+    def _param_names(self) -> dict[int, tuple[str, str]]:
+        if self._names_cache is None:
+            self._names_cache = engine_report.parameter_names(
+                self.shared_modules, self.shared_params
+            )
+        return self._names_cache
+
+    def describe(self) -> str:
+        """A table of the path each shared parameter's per-task gradients took at the last
+        step at the parameters (``identity``, ``per-task``, ``batched``) and why; see
+        :mod:`mtlbal.engine.report`. ``info.engine_paths`` holds the same paths per step."""
+        names = self._param_names()
+        if self._cut is not None:
+            return (
+                f"engine={self.engine!r}, at a cut point: per-task gradients of the representation"
+            )
+        return engine_report.describe_paths(
+            self.shared_params,
+            names,
+            self._engine_paths,
+            f"engine={self.engine!r}, per-task gradients at the parameters (last step):",
+        )
 
     def _aggregate(
         self, step: _Step, grads: PerTaskGrads, gram: Tensor, info: StepInfo, ctx: StepContext

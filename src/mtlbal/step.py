@@ -113,6 +113,11 @@ class StepInfo:
             otherwise. They are not in ``tasks`` and have no entry in any per-task field: no
             weight is reported for them (neither 0 nor NaN), so a logger
             (:func:`mtlbal.logging.info_to_dict`) writes nothing for them.
+        engine_paths: where per-task gradients were formed at the parameters: shared
+            parameter name → ``"identity"``, ``"per-task"`` or ``"batched"`` (``"batched
+            (per-task loop)"`` where that backward ran as ``m`` plain passes; see
+            :mod:`mtlbal.engine.report`; ``Balancer.describe()`` says why); ``None`` at a cut
+            point and when no per-task gradient was formed.
     """
 
     tasks: tuple[str, ...]
@@ -127,6 +132,7 @@ class StepInfo:
     micro_batches: int = 1
     extras: dict[str, Any] = field(default_factory=dict)
     missing: tuple[str, ...] = ()
+    engine_paths: dict[str, str] | None = None
     _stats: tuple[Tensor, Tensor, Tensor] | None = field(default=None, repr=False, compare=False)
 
     def _derived(self) -> tuple[Tensor, Tensor, Tensor] | None:

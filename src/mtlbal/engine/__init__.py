@@ -9,6 +9,7 @@ from mtlbal.engine.layerwise import (
     LayerwisePerTaskGrads,
     layerwise_per_task_grads,
 )
+from mtlbal.engine.report import EngineFallbackWarning
 
 __all__ = [
     "BatchedBackward",
@@ -16,6 +17,7 @@ __all__ = [
     "CutPerTaskGrads",
     "CutPoint",
     "DensePerTaskGrads",
+    "EngineFallbackWarning",
     "GradWrites",
     "LayerwiseCapture",
     "LayerwisePerTaskGrads",

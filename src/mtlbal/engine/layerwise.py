@@ -93,7 +93,8 @@ __all__ = [
 # above this many elements for the [N, N] row Gramian ``a aᵀ`` the identity is not used
 _MAX_ROW_GRAM = 1 << 24
 
-_NORMS = (nn.LayerNorm, nn.BatchNorm1d, nn.BatchNorm2d)
+_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_NORMS = (nn.LayerNorm, nn.GroupNorm, *_BATCHNORMS)
 
 
 def _direct_param(module: nn.Module, name: str) -> Tensor | None:
@@ -138,10 +139,10 @@ def supported_module(module: nn.Module) -> bool:
         )
     if isinstance(module, nn.LayerNorm):
         return _own_forward(module, nn.LayerNorm) and module.elementwise_affine
-    if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
-        norm: type[nn.Module] = (
-            nn.BatchNorm1d if isinstance(module, nn.BatchNorm1d) else nn.BatchNorm2d
-        )
+    if isinstance(module, nn.GroupNorm):
+        return _own_forward(module, nn.GroupNorm) and module.affine
+    if isinstance(module, _BATCHNORMS):
+        norm = next(b for b in _BATCHNORMS if isinstance(module, b))
         return _own_forward(module, norm) and module.affine
     return False
 
@@ -198,7 +199,7 @@ class LayerwiseCapture:
         if not params:
             return
         extra: dict[str, Any] = {}
-        if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
+        if isinstance(module, _BATCHNORMS):
             batch_stats = module.training or module.running_mean is None
             extra["batch_stats"] = batch_stats
             if not batch_stats:
@@ -334,7 +335,8 @@ def _channel_rows(x: Tensor, channel_dim: int) -> Tensor:
 
 
 def _norm_rows(rec: LayerRecord, delta: Tensor) -> tuple[Tensor, Tensor]:
-    """Normalised input ``x̂`` ``[N, D]`` and ``δ`` ``[m, N, D]`` of a LayerNorm / BatchNorm."""
+    """Normalised input ``x̂`` ``[N, D]`` and ``δ`` ``[m, N, D]`` of a LayerNorm / GroupNorm /
+    BatchNorm (``D`` the affine parameters' length)."""
     mod = rec.module
     m = delta.shape[0]
     x = rec.a
@@ -344,7 +346,15 @@ def _norm_rows(rec: LayerRecord, delta: Tensor) -> tuple[Tensor, Tensor]:
         var, mean = torch.var_mean(xr, dim=1, correction=0, keepdim=True)
         xhat = (xr - mean) * torch.rsqrt(var + mod.eps)
         return xhat, delta.reshape(m, -1, d)
-    assert isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d))
+    if isinstance(mod, nn.GroupNorm):
+        # x [B, C, *]: statistics per sample and group of C / groups channels
+        b, c = x.shape[0], x.shape[1]
+        xg = x.reshape(b, mod.num_groups, -1)
+        var, mean = torch.var_mean(xg, dim=2, correction=0, keepdim=True)
+        xhat = ((xg - mean) * torch.rsqrt(var + mod.eps)).reshape(x.shape)
+        dr = delta.movedim(2, -1).reshape(m, -1, c) if delta.dim() > 3 else delta
+        return _channel_rows(xhat, 1), dr
+    assert isinstance(mod, _BATCHNORMS)
     xr = _channel_rows(x, 1 if x.dim() > 1 else 0)
     if rec.extra["batch_stats"]:
         var, mean = torch.var_mean(xr, dim=0, correction=0, keepdim=True)
@@ -353,6 +363,160 @@ def _norm_rows(rec: LayerRecord, delta: Tensor) -> tuple[Tensor, Tensor]:
     xhat = (xr - mean.to(xr.dtype)) * torch.rsqrt(var.to(xr.dtype) + mod.eps)
     dr = delta.movedim(2, -1).reshape(m, -1, xr.shape[1]) if delta.dim() > 2 else delta
     return xhat, dr
+
+
+# ---------------------------------------------------------------------------- path choice
+Path = tuple[str, str, bool]  # (path, why, fell back for a reason other than cost)
+
+
+def _fallback_paths(
+    shared: Sequence[Tensor],
+    covered: set[int],
+    forced: set[int],
+    invalid: set[int],
+    uses: dict[int, list[tuple[LayerRecord, str]]],
+) -> dict[int, Path]:
+    """Why each shared parameter outside ``covered`` takes the batched backward."""
+    paths: dict[int, Path] = {}
+    for p in shared:
+        pid = id(p)
+        if pid in covered:
+            continue
+        if pid in forced:
+            why, fell = "a gradient transform acts on its per-task gradients", False
+        elif pid in invalid:
+            why, fell = "its layer's recorded input was modified in place after the call", True
+        elif not uses.get(pid):
+            why = (
+                "not the weight or bias of a recorded call of a supported layer (an "
+                "unsupported module, a bare parameter, or a functional use)"
+            )
+            fell = True
+        elif len({k for _, k in uses[pid]}) > 1:
+            why, fell = "used by calls of different layer types", True
+        else:
+            why, fell = "also used outside its recorded layer calls (e.g. functionally)", True
+        paths[pid] = ("batched", why, fell)
+    return paths
+
+
+def _rows_dims(rec: LayerRecord) -> tuple[int, int, int]:
+    """``(N, d_in, d_out)`` of a recorded Linear / convolution / embedding call: rows (after
+    im2col for a convolution), input and output features."""
+    mod = rec.module
+    if isinstance(mod, nn.Embedding):
+        return rec.a.numel(), 1, int(rec.out_shape[-1])
+    if isinstance(mod, (nn.Conv1d, nn.Conv2d)):
+        c_out = int(mod.out_channels)
+        d_in = int(mod.in_channels) * math.prod(mod.kernel_size)
+        return math.prod(rec.out_shape) // max(c_out, 1), d_in, c_out
+    d_in = int(rec.a.shape[-1])
+    return rec.a.numel() // max(d_in, 1), d_in, int(rec.out_shape[-1])
+
+
+def identity_cost(
+    kind: str, n: int, d_in: int, d_out: int, m: int, vocab: int = 0, im2col: bool = False
+) -> tuple[int, int, int, int]:
+    """Multiply-adds and kept elements of the activation identity and of the parameter's own
+    batched backward for one weight seen on ``n`` rows: ``(ident_ops, batched_ops,
+    ident_mem, batched_mem)``.
+
+    Identity (``kind="mm"``): row Gramian ``a aᵀ`` (``N²·d_in``), ``(a aᵀ) δ_t`` for every task
+    (``m·N²·d_out``), the ``m²`` inner products (``m²·N·d_out``) and the combined gradient
+    ``(Σ_t w_t δ_t)ᵀ a`` (``N·d_in·d_out``); it keeps ``N²`` + ``m·N·d_out`` (+ ``N·d_in``
+    im2col rows for a convolution). Batched backward: the per-task weight gradients
+    (``m·N·d_in·d_out``), their Gramian (``m²·d_in·d_out``) and the combination
+    (``m·d_in·d_out``); it keeps ``m·d_in·d_out``. For an embedding (``kind="embed"``)
+    ``d_in = 1``, the row Gramian is ``[idx_b = idx_c]`` and the batched backward scatters into
+    ``m × vocab × d_out``.
+    """
+    if kind == "embed":
+        ident = n * n + m * n * n * d_out + m * m * n * d_out + n * d_out
+        batched = m * n * d_out + m * m * vocab * d_out + m * vocab * d_out
+        return ident, batched, n * n + m * n * d_out, m * vocab * d_out
+    ident = n * n * d_in + m * n * n * d_out + m * m * n * d_out + n * d_in * d_out
+    ident_mem = n * n + m * n * d_out
+    if im2col:
+        ident += n * d_in
+        ident_mem += n * d_in
+    batched = m * n * d_in * d_out + m * m * d_in * d_out + m * d_in * d_out
+    return ident, batched, ident_mem, m * d_in * d_out
+
+
+# multiply-adds of one task's backward per autograd node above which a loop of m plain backward
+# passes is used rather than one vmapped backward (the per-node overhead of the loop is then
+# negligible, and the vmapped backward's batching rules, expanded saved tensors and m ×
+# activation gradients are not). Measured on CPU (benchmarks/engine_zoo.py); on an accelerator,
+# where one batched kernel replaces m launches, the vmapped backward is kept.
+_LOOP_WORK_PER_NODE = 1 << 16
+
+
+def _loop_pays(records: Sequence[LayerRecord], nodes: int) -> bool:
+    """Whether the recorded layers' backward work per task, per graph node, is large."""
+    work = 0
+    for rec in records:
+        if isinstance(rec.module, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+            n, d_in, d_out = _rows_dims(rec)
+            work += n * d_in * d_out
+        elif isinstance(rec.module, _NORMS):
+            work += rec.a.numel()
+    return work >= _LOOP_WORK_PER_NODE * max(nodes, 1)
+
+
+def _choose_by_cost(
+    shared: Sequence[Tensor],
+    covered: set[int],
+    uses: dict[int, list[tuple[LayerRecord, str]]],
+    m: int,
+    paths: dict[int, Path],
+) -> set[int]:
+    """The covered parameters that take the identity path (weights where it is cheaper in
+    time and memory than their batched backward; biases of those layers); ``paths`` gets
+    every covered parameter's path and why."""
+    chosen: set[int] = set()
+    for p in shared:
+        pid = id(p)
+        if pid not in covered or uses[pid][0][1] not in ("mm", "embed"):
+            continue
+        kind = uses[pid][0][1]
+        n = d_in = d_out = 0
+        conv = False
+        for rec, _ in uses[pid]:
+            ni, d_in, d_out = _rows_dims(rec)
+            n += ni
+            conv = conv or isinstance(rec.module, (nn.Conv1d, nn.Conv2d))
+        ident, batched, ident_mem, batched_mem = identity_cost(
+            kind, n, d_in, d_out, m, vocab=int(p.shape[0]), im2col=conv
+        )
+        what = type(uses[pid][0][0].module).__name__
+        if n * n <= _MAX_ROW_GRAM and ident < batched and ident_mem <= batched_mem:
+            chosen.add(pid)
+            why = f"{what}, {n} rows: identity {ident:.2g} ops < batched {batched:.2g}"
+            paths[pid] = ("identity", why, False)
+        else:
+            why = f"{what}, {n} rows: batched {batched:.2g} ops ≤ identity {ident:.2g}"
+            if ident < batched:
+                why = f"{what}, {n} rows: the identity would keep {ident_mem:.2g} elements"
+            paths[pid] = ("batched", why, False)
+    for p in shared:
+        pid = id(p)
+        if pid not in covered or pid in chosen or pid in paths:
+            continue
+        kind = uses[pid][0][1]
+        weights = [rec.params.get("weight") for rec, _ in uses[pid]]
+        if kind == "sum" and all(w is not None and id(w) in chosen for w in weights):
+            chosen.add(pid)
+            paths[pid] = ("identity", "bias of a layer whose weight takes the identity", False)
+        elif kind == "diag" or isinstance(uses[pid][0][0].module, _NORMS):
+            why = "norm affine: the batched backward forms it at the same cost, keeping less"
+            paths[pid] = ("batched", why, False)
+        else:
+            paths[pid] = (
+                "batched",
+                "bias of a layer whose weight takes the batched backward",
+                False,
+            )
+    return chosen
 
 
 # ---------------------------------------------------------------------------- contributions
@@ -377,8 +541,11 @@ class _Term:
         self.delta = delta  # [m, N, d_out]
         self.a = a  # [N, d_in] ("mm"), x̂ [N, D] ("diag")
         self.idx = idx  # [N] ("embed")
+        self.identity: bool | None = None  # set when the path was chosen beforehand
 
     def uses_identity(self) -> bool:
+        if self.identity is not None:
+            return self.identity
         m, n, d_out = self.delta.shape
         if self.kind == "mm":
             assert self.a is not None
@@ -474,6 +641,11 @@ class LayerwisePerTaskGrads(PerTaskGrads):
         self._gramian: Tensor | None = None
         # whether the heads were backpropagated per task (see ``task_losses``)
         self.task_split = False
+        # per parameter id: (path, why, fell back for a reason other than cost), path one of
+        # "identity", "per-task" (rebuilt from the layer's output gradients), "batched"
+        self.paths: dict[int, tuple[str, str, bool]] = {}
+        # whether the backward ran once per task rather than batched (see ``policy``)
+        self.per_task_loop = False
 
     def _per_task(self, p: Tensor) -> Tensor:
         if id(p) in self.dense:
@@ -777,6 +949,7 @@ def layerwise_per_task_grads(
     task_losses: Sequence[Tensor] | None = None,
     writes: GradWrites | None = None,
     mode: BatchedBackward | None = None,
+    policy: str = "cover",
 ) -> LayerwisePerTaskGrads:
     """Per-task gradients of ``shared_params`` from the recorded layer calls.
 
@@ -803,6 +976,18 @@ def layerwise_per_task_grads(
         mode: where the batched backward cannot run on the graph (e.g. a
             ``torch.compile``'d model), take the rows one backward at a time instead
             (:class:`~mtlbal.engine.fallback.BatchedBackward` remembers the choice).
+        policy: ``"cover"``: every parameter the recorded calls cover is rebuilt from them
+            (the identity or the per-task weight gradients, whichever is cheaper);
+            ``"cost"``: a covered weight takes the activation identity only where it costs
+            less time and memory than the parameter's own batched backward (a bias follows
+            its layer's weight; norm affine parameters take the batched backward, which forms
+            them at the same cost without keeping ``m ×`` the layer's output); every other
+            parameter takes the batched backward. :attr:`LayerwisePerTaskGrads.paths` says
+            which path each parameter took and why. Where some parameters take the batched
+            backward and every task's backward is large (the recorded layers' multiply-adds
+            per graph node above ``2¹⁶``) on a CPU, it runs as ``m`` plain backward passes (the
+            per-task loop: the same values, none of vmap's batching overhead, and no
+            ``m ×`` activation gradients held at once; ``per_task_loop`` says so).
     """
     staged = writes if writes is not None else GradWrites()
     m = objectives.shape[0]
@@ -845,7 +1030,29 @@ def layerwise_per_task_grads(
             and global_counts.get(pid, 0) == local_total.get(pid, 0)
         ):
             covered.add(pid)
+    paths = _fallback_paths(shared, covered, forced, invalid, uses)
+    if policy == "cost":
+        covered = _choose_by_cost(shared, covered, uses, m, paths)
+    elif policy != "cover":
+        raise ValueError(f"unknown policy {policy!r} (expected 'cover' or 'cost')")
     needed = [rec for rec in live if any(id(p) in covered for p in rec.params.values())]
+    # m plain backward passes instead of one vmapped one where every task's backward is large
+    # (see _loop_pays); identical values, no m × activations held at once
+    some_batched = any(id(p) not in covered for p in shared)
+    loop = (
+        policy == "cost"
+        and some_batched
+        and m > 1
+        and objectives.device.type == "cpu"  # measured on CPU only (see _LOOP_WORK_PER_NODE)
+        and _loop_pays(live, len(seen))
+    )
+    # a record not needed must not keep its layer's input alive through the backward (the
+    # graph frees it as the backward passes): the records are this step's, used once
+    keep = {id(rec) for rec in needed}
+    for rec in records:
+        if id(rec) not in keep:
+            rec.a = rec.a.new_empty(0)
+            rec.extra = {}
     fallback = [p for p in shared if id(p) not in covered]
 
     retain_after = retain_graph
@@ -875,7 +1082,9 @@ def layerwise_per_task_grads(
         )
         for q, g in zip(others, og):
             staged.add(q, g)
-    if inputs and outputs and mode is not None:
+    if inputs and outputs and loop:
+        grads = _batched(outputs, cotangents, inputs, shapes, 0, retain_after)
+    elif inputs and outputs and mode is not None:
         outs_, cots_ = outputs, cotangents
         grads = mode.run(
             lambda retain: _batched(outs_, cots_, inputs, shapes, chunk_size, retain),
@@ -930,9 +1139,19 @@ def layerwise_per_task_grads(
             a = rs[0]["a"] if len(rs) == 1 else torch.cat([x["a"] for x in rs], dim=0)
         elif kind == "embed":
             idx = rs[0]["idx"] if len(rs) == 1 else torch.cat([x["idx"] for x in rs], dim=0)
-        terms[pid] = [_Term(p, kind, d, a=a, idx=idx)]
+        term = _Term(p, kind, d, a=a, idx=idx)
+        if policy == "cost" and kind in ("mm", "embed"):
+            term.identity = True  # chosen by _choose_by_cost
+        terms[pid] = [term]
+        if pid not in paths:
+            if kind in ("mm", "embed") and term.uses_identity():
+                paths[pid] = ("identity", "cheaper than the per-task weight gradients", False)
+            else:
+                paths[pid] = ("per-task", "rebuilt from the layer's output gradients", False)
     out = LayerwisePerTaskGrads(shared, terms, dense, m)
     out.task_split = used_split
+    out.per_task_loop = loop
+    out.paths = paths
     if writes is None:
         staged.commit()
     return out

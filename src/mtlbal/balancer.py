@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from mtlbal import _accumulate
+from mtlbal import _accumulate, _amortise
 from mtlbal import _distributed as dist_util
 from mtlbal._accumulate import AccumulationMode, Window
 from mtlbal._checkpoint import balancer_state_dict, load_balancer_state_dict
@@ -77,6 +77,7 @@ class _Step:
     # missing tasks: every task (canonical order) and the indices of `names` in it (None: all)
     all_names: tuple[str, ...] = ()
     present: tuple[int, ...] | None = None
+    solved: Tensor | None = None  # a Gramian aggregator's weights (solve_every)
 
 
 class _Refused(Exception):
@@ -169,6 +170,14 @@ class Balancer:
             labels): the task set is otherwise learnt from the first step. A later step may
             leave tasks out (a dict without them, or ``None`` for them): see
             :meth:`backward`. With ``tasks`` given, any other name is refused.
+        solve_every: amortised balancing (:mod:`mtlbal._amortise`): with ``k > 1`` the
+            per-task gradients are formed and the aggregator solved on the first step and then
+            every ``k``-th step (and on a step whose task set changed); in between the last
+            weights ``w`` are reused with one ordinary backward of ``Σ_t w_t ℓ_t`` (the heads
+            still receive ``Σ_t ∇ℓ_t``), ``info.reused`` set. Needs a Gramian aggregator (its
+            update is ``Jᵀ w``); refused with a Jacobian aggregator, transforms, gradient
+            accumulation or modality branches. The aggregator's state advances on solve steps
+            only. Default 1 (solve every step).
 
     Example:
         >>> import torch, mtlbal
@@ -198,6 +207,7 @@ class Balancer:
         branches: Sequence[nn.Module] | BranchCalibration | None = None,
         accumulate: int = 1,
         tasks: Sequence[str] | None = None,
+        solve_every: int = 1,
     ) -> None:
         # ---- validate the whole configuration first: no hook exists until it has passed
         shared_list = list(shared) if not isinstance(shared, nn.Module) else [shared]
@@ -256,6 +266,13 @@ class Balancer:
             if not isinstance(t, GradientTransform):
                 raise TypeError(f"transforms must be GradientTransforms, got {type(t).__name__}")
         declared = _check_declared_tasks(tasks, weighting)
+        _amortise.check_solve_every(
+            solve_every,
+            aggregator=aggregator,
+            transforms=tlist,
+            accumulate=accumulate,
+            branches=branches,
+        )
         calib: BranchCalibration | None = None
         if branches is not None:
             calib = (
@@ -279,6 +296,8 @@ class Balancer:
         self.at: Literal["params"] | nn.Module = at
         self.select = select
         self.accumulate = accumulate
+        self.solve_every = solve_every
+        self._amortiser = _amortise.Amortiser(solve_every) if solve_every > 1 else None
         self.step_count = 0
         # every task name (canonical order): declared, or learnt from the first step
         self.tasks: tuple[str, ...] | None = declared
@@ -515,6 +534,7 @@ class Balancer:
             ("diagnostics", False),
             ("chunk_size", None),
             ("engine", "auto"),
+            ("solve_every", 1),
         ):
             value = getattr(self, name)
             if value != default:
@@ -539,6 +559,8 @@ class Balancer:
         self.__dict__.setdefault("_batched_backward", BatchedBackward())
         self.__dict__.setdefault("_window", None)
         self.__dict__.setdefault("accumulate", 1)
+        self.__dict__.setdefault("solve_every", 1)
+        self.__dict__.setdefault("_amortiser", None)
         self._finalizer = weakref.finalize(self, _remove_all, self._handles())
 
     # ------------------------------------------------------------------ the step
@@ -964,7 +986,9 @@ class Balancer:
         total = objectives.sum() if aux is None else objectives.sum() + aux
 
         domain = weighted.domain if checking else None
-        if not needs_grads:  # the loss-level backward only
+        amortiser = self._amortiser
+        reuse = amortiser is not None and not amortiser.due(self.step_count, step.names)
+        if not needs_grads or reuse:  # the loss-level backward only
             # the losses (and the weighting's domain) are checked before anything is formed:
             # the one host sync of the step
             if (world == 1 and checking) or domain is not None:
@@ -973,6 +997,12 @@ class Balancer:
                     ok = ok & domain[0].all()
                 if not bool(ok):
                     self._refuse(step, domain)
+            if reuse:  # amortised balancing: the stored weights, one weighted backward
+                assert amortiser is not None and amortiser.weights is not None
+                _amortise.reuse_step(
+                    step, info, amortiser.weights, objectives, aux, self._shared_ids
+                )
+                return info
             if self._cut is not None:
                 step.captured = []
             step.writes.backward([total], [None])
@@ -1138,6 +1168,7 @@ class Balancer:
             w = agg.solve((g64 + g64.T) / 2, ctx)
             info.grad_weights = w.detach()
             info.weights = w.detach().to(info.loss_weights.dtype) * info.loss_weights
+            step.solved = info.grad_weights
             grads.write_weights(w, step.writes)
         else:
             jac = grads.jacobian()
@@ -1164,6 +1195,8 @@ class Balancer:
             else:  # a missing-task step: the weighting's observe takes the present indices
                 self.weighting.observe(step.raw, present=step.present)
             self.tasks = step.all_names
+            if self._amortiser is not None and step.solved is not None:
+                self._amortiser.record(self.step_count, step.names, step.solved)
             self.step_count += 1
         info.step = self.step_count
         self.last_info = info

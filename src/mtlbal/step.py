@@ -107,6 +107,9 @@ class StepInfo:
             otherwise. They are not in ``tasks`` and have no entry in any per-task field: no
             weight is reported for them (neither 0 nor NaN), so a logger
             (:func:`mtlbal.logging.info_to_dict`) writes nothing for them.
+        reused: ``True`` on a reuse step of amortised balancing (``Balancer(solve_every=k)``,
+            :mod:`mtlbal._amortise`): no per-task gradient was formed (``gramian`` is
+            ``None``) and ``grad_weights`` are those of the last solve step.
     """
 
     tasks: tuple[str, ...]
@@ -121,6 +124,7 @@ class StepInfo:
     micro_batches: int = 1
     extras: dict[str, Any] = field(default_factory=dict)
     missing: tuple[str, ...] = ()
+    reused: bool = False
     _stats: tuple[Tensor, Tensor, Tensor] | None = field(default=None, repr=False, compare=False)
 
     def _derived(self) -> tuple[Tensor, Tensor, Tensor] | None:

@@ -47,7 +47,11 @@ from mtlbal.engine.branches import BranchStage
 from mtlbal.engine.cut import CutPerTaskGrads, CutPoint, check_selector, split_task_grads
 from mtlbal.engine.dense import DensePerTaskGrads, batched_grads, task_grad_norms
 from mtlbal.engine.fallback import BatchedBackward
-from mtlbal.engine.layerwise import LayerwiseCapture, layerwise_per_task_grads
+from mtlbal.engine.layerwise import (
+    LayerwiseCapture,
+    layerwise_per_task_grads,
+    supported_module,
+)
 from mtlbal.step import Need, StepContext, StepInfo, gramian_stats
 from mtlbal.transforms.base import GradientTransform
 from mtlbal.transforms.branch_calibration import BranchCalibration
@@ -71,6 +75,7 @@ class _Step:
     captured: list[tuple[Tensor, Tensor]] = field(default_factory=list)
     branch_caps: list[list[tuple[Tensor, Tensor]]] | None = None
     records: list[Any] = field(default_factory=list)
+    norm_records: list[Any] = field(default_factory=list)  # GradNorm's layer (layer-wise norms)
     scale: Tensor | None = None  # the GradScaler's scale (a tensor: no host sync)
     given: list[Tensor] = field(default_factory=list)  # the user's loss tensors
     lr_factor: float = 1.0
@@ -337,6 +342,8 @@ class Balancer:
         # garbage-collected without remove()
         self._cut: CutPoint | None = None
         self._capture: LayerwiseCapture | None = None
+        self._norm_capture: LayerwiseCapture | None = None
+        self._norm_mode = BatchedBackward()
         self._branches: BranchStage | None = None
         try:
             if isinstance(at, nn.Module):
@@ -354,6 +361,13 @@ class Balancer:
                     self._capture = capture
                 else:
                     capture.remove()
+            if (
+                engine in ("auto", "layerwise")
+                and at == "params"
+                and accumulate == 1
+                and Need.LAYER_NORMS in self.weighting.needs
+            ):
+                self._norm_capture = self._layer_norm_capture()
             if calib is not None:
                 self._branches = BranchStage(calib)
         except BaseException:
@@ -367,6 +381,8 @@ class Balancer:
             out.append(self._cut)
         if self._capture is not None:
             out.append(self._capture)
+        if getattr(self, "_norm_capture", None) is not None:
+            out.append(self._norm_capture)
         if self._branches is not None:
             out.append(self._branches)
         return out
@@ -424,6 +440,7 @@ class Balancer:
         self._cut = None
         self._branches = None
         self._capture = None
+        self._norm_capture = None
         self._hooks.clear()
 
     def epoch_end(self) -> None:
@@ -561,6 +578,8 @@ class Balancer:
         self.__dict__.setdefault("accumulate", 1)
         self.__dict__.setdefault("solve_every", 1)
         self.__dict__.setdefault("_amortiser", None)
+        self.__dict__.setdefault("_norm_capture", None)
+        self.__dict__.setdefault("_norm_mode", BatchedBackward())
         self._finalizer = weakref.finalize(self, _remove_all, self._handles())
 
     # ------------------------------------------------------------------ the step
@@ -762,6 +781,7 @@ class Balancer:
         captured = self._cut.take() if self._cut is not None else []
         branch_caps = self._branches.take() if self._branches is not None else None
         records = self._capture.take() if self._capture is not None else []
+        norm_records = self._norm_capture.take() if self._norm_capture is not None else []
         if self._cut is not None and not captured:
             raise ValueError(
                 f"no output of the cut point {type(self._cut.module).__name__} was captured "
@@ -781,6 +801,7 @@ class Balancer:
             captured=captured,
             branch_caps=branch_caps,
             records=records,
+            norm_records=norm_records,
             given=given_tensors(losses),
             all_names=all_names,
             present=present,
@@ -1065,8 +1086,63 @@ class Balancer:
                 return norms2.sqrt().detach()
         else:
             params = list(self.weighting.grad_norm_params())
+            if self._identity_pays(step):
+                # the layer-wise identity: the norms are the diagonal of the layer's Gramian,
+                # ‖δ_tᵀ a‖² = ⟨(a aᵀ) δ_t, δ_t⟩, from its input a and the per-task gradients δ_t
+                # at its output (no per-task weight gradient is formed; exact)
+                grads = layerwise_per_task_grads(
+                    step.stacked,
+                    step.norm_records,
+                    params,
+                    retain_graph=True,
+                    task_losses=step.values,
+                    writes=GradWrites(),  # nothing outside the layer: no write to keep
+                    mode=self._norm_mode,
+                )
+                return grads.gramian().diagonal().clamp_min(0).sqrt().to(step.raw.dtype).detach()
             reduce = dist_util.all_mean if step.world > 1 else None
         return task_grad_norms(step.values, params, reduce=reduce).detach()
+
+    def _identity_pays(self, step: _Step) -> bool:
+        """Whether GradNorm's norms take the layer-wise identity this step: single process,
+        the layer's calls recorded, and ``N (d_in + m d_out) < 0.7 m d_in d_out`` (the identity's
+        cost against ``m`` weight gradients ``δ_tᵀ a``, with a margin for its graph walks; ``N``
+        the rows of every call). Shapes only: no host sync."""
+        if self._norm_capture is None or step.world != 1 or not step.norm_records:
+            return False
+        m = len(step.values)
+        rows = 0
+        d_in = d_out = 0
+        for rec in step.norm_records:
+            d_in, d_out = rec.a.shape[-1], rec.out_shape[-1]
+            rows += rec.a.numel() // max(d_in, 1)
+        return rows * (d_in + m * d_out) < 0.7 * m * d_in * d_out
+
+    def _layer_norm_capture(self) -> LayerwiseCapture | None:
+        """Forward hooks on the supported layers that own exactly the parameters a weighting
+        measures gradient norms on (GradNorm's ``W``); ``None`` when they are not such layers
+        (the norms are then taken with one backward per task)."""
+        wanted = {id(q) for q in self.weighting.grad_norm_params()}
+        if not wanted:
+            return None
+        mods: list[nn.Module] = []
+        owned: set[int] = set()
+        for root in self.shared_modules:
+            for mod in root.modules():
+                own = {id(q) for q in mod.parameters(recurse=False) if q.requires_grad}
+                # Linear layers only: for a convolution or a normalisation layer the per-task
+                # loop is cheaper than the identity's batched backward and graph walks
+                linear = isinstance(mod, nn.Linear) and supported_module(mod)
+                if own and own <= wanted and linear and not own & owned:
+                    mods.append(mod)
+                    owned |= own
+        if owned != wanted:
+            return None
+        capture = LayerwiseCapture(mods)
+        if not capture.modules:
+            capture.remove()
+            return None
+        return capture
 
     def _needs_per_task_grads(self) -> bool:
         # an aggregator or diagnostics; a transform only where it applies to a shared parameter

@@ -703,16 +703,16 @@ def _frontier(
         front = {id(node) for node, _ in edges}
         if len(front) < 2:
             continue
-        stack: list[Any] = [nxt for node, _ in edges for nxt, _ in node.next_functions]
+        todo = [nxt for node, _ in edges for nxt, _ in node.next_functions]
         below: set[int] = set()
-        while stack:
-            fn = stack.pop()
+        while todo:
+            fn = todo.pop()
             if fn is None or id(fn) in below:
                 continue
             if id(fn) in front:
                 return None
             below.add(id(fn))
-            stack.extend(nxt for nxt, _ in fn.next_functions)
+            todo.extend(nxt for nxt, _ in fn.next_functions)
     return out, owned
 
 

@@ -256,6 +256,7 @@ def train_one(
             weighting=spec.weighting,
             aggregator=spec.aggregator,
             at=net.trunk if spec.at == "cut" else "params",
+            solve_every=spec.solve_every,
         ).to(device)
         opt = mtlbal.wrap(torch.optim.Adam(net.parameters(), lr=cfg.lr), balancer)
     gen = torch.Generator().manual_seed(seed)

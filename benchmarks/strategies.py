@@ -31,6 +31,8 @@ class Spec:
     weighting: LossWeighting | None = None
     aggregator: Aggregator | None = None
     at: Literal["params", "cut"] = "params"
+    # amortised balancing: Balancer(solve_every=k) (the "-k10" variants)
+    solve_every: int = 1
     # strategies that need epoch statistics (IGB, DWA) have balancer.epoch_end() called anyway
 
 
@@ -119,6 +121,24 @@ def _igb(version: int) -> Callable[[], Factory | None]:
     return resolve_factory
 
 
+def _amortised(name: str, k: int) -> Callable[[], Factory | None]:
+    """Strategy ``name`` with ``Balancer(solve_every=k)``."""
+
+    def resolve_factory() -> Factory | None:
+        base = STRATEGIES[name]()
+        if base is None:
+            return None
+
+        def make(m: int, seed: int) -> Spec:
+            spec = base(m, seed)
+            spec.solve_every = k
+            return spec
+
+        return make
+
+    return resolve_factory
+
+
 def _static(f: Factory) -> Callable[[], Factory | None]:
     return lambda: f
 
@@ -175,6 +195,15 @@ STRATEGIES: dict[str, Callable[[], Factory | None]] = {
     "COSMOS": _dynamic("COSMOS", role="weighting", lambda_=1.0),
     "PBI": _dynamic("PBI", role="weighting"),
 }
+
+
+def _factory(key: str) -> Factory | None:
+    """The factory of a registry key, or of ``<name>-k<k>``: strategy ``name`` with amortised
+    balancing, ``Balancer(solve_every=k)`` (asked for by name only, never in the default set)."""
+    if key in STRATEGIES:
+        return STRATEGIES[key]()
+    base, _, k = key.rpartition("-k")
+    return _amortised(base, int(k))()
 
 DESCRIPTIONS: dict[str, str] = {
     "STL": "single-task baselines: one network per task, same architecture and budget",
@@ -241,6 +270,9 @@ def resolve(name: str) -> str:
     """The registry name of ``name`` (aliases and case accepted); ``KeyError`` if unknown."""
     if name in STRATEGIES:
         return name
+    base, sep, k = name.rpartition("-k")
+    if sep and k.isdigit() and int(k) >= 1:  # amortised: <name>-k<k>
+        return f"{resolve(base)}-k{int(k)}"
     if name in ALIASES:
         return ALIASES[name]
     low = {k.lower(): k for k in [*STRATEGIES, *ALIASES]}
@@ -253,7 +285,7 @@ def resolve(name: str) -> str:
 def get(name: str) -> Factory:
     """The factory of strategy ``name``; ``LookupError`` when mtlbal does not have it yet."""
     key = resolve(name)
-    factory = STRATEGIES[key]()
+    factory = _factory(key)
     if factory is None:
         raise LookupError(f"strategy {key!r} is not available in this version of mtlbal")
     return factory
@@ -268,7 +300,7 @@ def available(names: list[str] | None = None) -> tuple[list[str], dict[str, str]
     explicit = names is not None
     for n in names if names is not None else list(STRATEGIES):
         key = resolve(n)
-        factory = STRATEGIES[key]()
+        factory = _factory(key)
         if factory is None:
             if explicit:
                 raise LookupError(f"strategy {key!r} is not available in this version of mtlbal")

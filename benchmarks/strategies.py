@@ -205,6 +205,7 @@ def _factory(key: str) -> Factory | None:
     base, _, k = key.rpartition("-k")
     return _amortised(base, int(k))()
 
+
 DESCRIPTIONS: dict[str, str] = {
     "STL": "single-task baselines: one network per task, same architecture and budget",
     "Equal": "sum of the losses (no balancing)",

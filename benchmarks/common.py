@@ -301,6 +301,7 @@ def train_one(
             aggregator=spec.aggregator,
             at=net.trunk if spec.at == "cut" else "params",
             **({"transforms": spec.transforms} if spec.transforms is not None else {}),
+            solve_every=spec.solve_every,
         ).to(device)
         reference_heads = (heads or OPTIONS["heads"]) == "reference" and spec.reference_heads
         head_modules = list(net.heads)

@@ -48,14 +48,17 @@ class Spec:
     # the method's reference weights the task heads' gradients (registry.Bench.reference_heads)
     reference_heads: bool = False
     closure: bool = False  # the step needs backward(losses, closure=...) (F-MTL)
+    # amortised balancing: Balancer(solve_every=k) (the "<name>-k<k>" variants)
+    solve_every: int = 1
     # strategies that need epoch statistics (IGB, DWA) have balancer.epoch_end() called anyway
 
 
 class Factory:
     """``factory(m, seed, task_types=None) → Spec`` for one benchmark row."""
 
-    def __init__(self, row: Bench) -> None:
+    def __init__(self, row: Bench, solve_every: int = 1) -> None:
         self.row = row
+        self.solve_every = solve_every
 
     def __call__(self, m: int, seed: int, task_types: Sequence[TaskType] | None = None) -> Spec:
         kw = build_bench(self.row, m, seed, task_types)
@@ -66,6 +69,7 @@ class Factory:
             transforms=kw.get("transforms"),
             reference_heads=self.row.reference_heads,
             closure=self.row.closure,
+            solve_every=self.solve_every,
         )
 
 
@@ -77,7 +81,11 @@ QUICK: list[str] = [n for n, b in STRATEGIES.items() if b.quick]
 
 def code_of(name: str) -> str:
     """The Balancer call of row ``name`` as a user writes it (``m`` tasks, ``seed``)."""
-    return _code(STRATEGIES[resolve(name)])
+    key = resolve(name)
+    if key in STRATEGIES:
+        return _code(STRATEGIES[key])
+    base, _, k = key.rpartition("-k")
+    return _code(STRATEGIES[base])[:-1] + f", solve_every={int(k)})"
 
 
 def _code(b: Bench) -> str:
@@ -119,6 +127,9 @@ def resolve(name: str) -> str:
     """The registry name of ``name`` (aliases and case accepted); ``KeyError`` if unknown."""
     if name in STRATEGIES:
         return name
+    base, sep, k = name.rpartition("-k")
+    if sep and k.isdigit() and int(k) >= 1:  # amortised: <name>-k<k>
+        return f"{resolve(base)}-k{int(k)}"
     if name in ALIASES:
         return ALIASES[name]
     low = {k.lower(): k for k in [*STRATEGIES, *ALIASES]}
@@ -129,8 +140,16 @@ def resolve(name: str) -> str:
 
 
 def get(name: str) -> Callable[..., Spec]:
-    """The factory of strategy ``name``: ``get(name)(m, seed, task_types=None) → Spec``."""
-    return Factory(STRATEGIES[resolve(name)])
+    """The factory of strategy ``name``: ``get(name)(m, seed, task_types=None) → Spec``.
+
+    ``<name>-k<k>`` (e.g. ``UPGrad-k10``) is row ``name`` with amortised balancing,
+    ``Balancer(solve_every=k)``: asked for by name only, never in the default set.
+    """
+    key = resolve(name)
+    if key in STRATEGIES:
+        return Factory(STRATEGIES[key])
+    base, _, k = key.rpartition("-k")
+    return Factory(STRATEGIES[base], solve_every=int(k))
 
 
 def available(names: list[str] | None = None) -> tuple[list[str], dict[str, str]]:

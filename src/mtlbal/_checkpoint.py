@@ -15,6 +15,9 @@ The saved dict (``FORMAT_VERSION`` 1)::
         "weighting": dict,                # each strategy's Stateful.state_dict()
         "aggregator": dict | None,
         "transforms": list[dict],
+        "amortise": dict,                 # only with Balancer(solve_every=k > 1): the stored
+                                          # weights, their task names, the step of the last
+                                          # solve, the schedule (mtlbal._amortise)
     }
 
 Each strategy's own dict records its class and configuration (see :mod:`mtlbal._stateful`).
@@ -50,9 +53,17 @@ def _config(balancer: Balancer) -> dict[str, Any]:
     }
 
 
+def _keys(balancer: Balancer) -> tuple[str, ...]:
+    return _KEYS + (("amortise",) if _amortiser(balancer) is not None else ())
+
+
+def _amortiser(balancer: Balancer) -> Any:
+    return getattr(balancer, "_amortiser", None)
+
+
 def balancer_state_dict(balancer: Balancer) -> dict[str, Any]:
     """The state of ``balancer``: the format in this module's docstring."""
-    return {
+    out: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "step": balancer.step_count,
         "tasks": list(balancer.tasks) if balancer.tasks is not None else None,
@@ -61,6 +72,10 @@ def balancer_state_dict(balancer: Balancer) -> dict[str, Any]:
         "aggregator": None if balancer.aggregator is None else balancer.aggregator.state_dict(),
         "transforms": [t.state_dict() for t in balancer.transforms],
     }
+    amortiser = _amortiser(balancer)
+    if amortiser is not None:
+        out["amortise"] = amortiser.state_dict()
+    return out
 
 
 def load_balancer_state_dict(
@@ -92,8 +107,9 @@ def load_balancer_state_dict(
             f"got {type(state).__name__}"
         )
     errors: list[str] = []
-    missing = [k for k in _KEYS if k not in state]
-    unexpected = [str(k) for k in state if k not in _KEYS]
+    keys = _keys(balancer)
+    missing = [k for k in keys if k not in state]
+    unexpected = [str(k) for k in state if k not in keys]
     if strict:
         errors += [f"Balancer: missing key {k!r}" for k in missing]
         errors += [f"Balancer: unexpected key {k!r}" for k in unexpected]
@@ -181,6 +197,10 @@ def load_balancer_state_dict(
         errors += e
         missing += [f"{place}.{k}" for k in mi]
         unexpected += [f"{place}.{k}" for k in un]
+    amortiser = _amortiser(balancer)
+    load_amortise = amortiser is not None and "amortise" in state
+    if load_amortise:
+        errors += amortiser.check_state(state["amortise"])
     if errors:
         raise ValueError(_join(errors))
 
@@ -200,4 +220,6 @@ def load_balancer_state_dict(
         balancer.step_count = int(step)  # type: ignore[arg-type]
     if "tasks" in state:
         balancer.tasks = tuple(tasks) if tasks is not None else None
+    if load_amortise:
+        amortiser.load(state["amortise"])
     return _IncompatibleKeys(missing, unexpected)

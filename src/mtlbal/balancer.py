@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from mtlbal import _accumulate
+from mtlbal import _accumulate, _amortise
 from mtlbal import _distributed as dist_util
 from mtlbal._accumulate import AccumulationMode, Window
 from mtlbal._checkpoint import balancer_state_dict, load_balancer_state_dict
@@ -50,7 +50,11 @@ from mtlbal.engine.branches import BranchStage
 from mtlbal.engine.cut import CutPerTaskGrads, CutPoint, check_selector, split_task_grads
 from mtlbal.engine.dense import DensePerTaskGrads, batched_grads, task_grad_norms
 from mtlbal.engine.fallback import BatchedBackward
-from mtlbal.engine.layerwise import LayerwiseCapture, layerwise_per_task_grads
+from mtlbal.engine.layerwise import (
+    LayerwiseCapture,
+    layerwise_per_task_grads,
+    supported_module,
+)
 from mtlbal.step import Need, StepContext, StepInfo, gramian_stats
 from mtlbal.transforms.arl import ARL
 from mtlbal.transforms.base import GradientTransform
@@ -75,6 +79,7 @@ class _Step:
     captured: list[tuple[Tensor, Tensor]] = field(default_factory=list)
     branch_caps: list[list[tuple[Tensor, Tensor]]] | None = None
     records: list[Any] = field(default_factory=list)
+    norm_records: list[Any] = field(default_factory=list)  # GradNorm's layer (layer-wise norms)
     scale: Tensor | None = None  # the GradScaler's scale (a tensor: no host sync)
     given: list[Tensor] = field(default_factory=list)  # the user's loss tensors
     lr_factor: float = 1.0
@@ -87,6 +92,7 @@ class _Step:
     flat_heads: tuple[list[Tensor], list[Tensor]] | None = None
     branch_coeffs: Tensor | None = None  # ARL's per-modality coefficients (solve stage)
     regularizer: Tensor | None = None  # Rep-MTL's value (reported in info.extras)
+    solved: Tensor | None = None  # a Gramian aggregator's weights (solve_every)
 
 
 class _Refused(Exception):
@@ -179,6 +185,14 @@ class Balancer:
             labels): the task set is otherwise learnt from the first step. A later step may
             leave tasks out (a dict without them, or ``None`` for them): see
             :meth:`backward`. With ``tasks`` given, any other name is refused.
+        solve_every: amortised balancing (:mod:`mtlbal._amortise`): with ``k > 1`` the
+            per-task gradients are formed and the aggregator solved on the first step and then
+            every ``k``-th step (and on a step whose task set changed); in between the last
+            weights ``w`` are reused with one ordinary backward of ``Σ_t w_t ℓ_t`` (the heads
+            still receive ``Σ_t ∇ℓ_t``), ``info.reused`` set. Needs a Gramian aggregator (its
+            update is ``Jᵀ w``); refused with a Jacobian aggregator, transforms, gradient
+            accumulation or modality branches. The aggregator's state advances on solve steps
+            only. Default 1 (solve every step).
 
     Example:
         >>> import torch, mtlbal
@@ -208,6 +222,7 @@ class Balancer:
         branches: Sequence[nn.Module] | BranchCalibration | None = None,
         accumulate: int = 1,
         tasks: Sequence[str] | None = None,
+        solve_every: int = 1,
     ) -> None:
         # ---- validate the whole configuration first: no hook exists until it has passed
         shared_list = list(shared) if not isinstance(shared, nn.Module) else [shared]
@@ -266,6 +281,13 @@ class Balancer:
             if not isinstance(t, GradientTransform):
                 raise TypeError(f"transforms must be GradientTransforms, got {type(t).__name__}")
         declared = _check_declared_tasks(tasks, weighting)
+        _amortise.check_solve_every(
+            solve_every,
+            aggregator=aggregator,
+            transforms=tlist,
+            accumulate=accumulate,
+            branches=branches,
+        )
         calib: BranchCalibration | None = None
         if branches is not None:
             calib = (
@@ -289,6 +311,8 @@ class Balancer:
         self.at: Literal["params"] | nn.Module = at
         self.select = select
         self.accumulate = accumulate
+        self.solve_every = solve_every
+        self._amortiser = _amortise.Amortiser(solve_every) if solve_every > 1 else None
         self.step_count = 0
         # every task name (canonical order): declared, or learnt from the first step
         self.tasks: tuple[str, ...] | None = declared
@@ -361,6 +385,8 @@ class Balancer:
         # garbage-collected without remove()
         self._cut: CutPoint | None = None
         self._capture: LayerwiseCapture | None = None
+        self._norm_capture: LayerwiseCapture | None = None
+        self._norm_mode = BatchedBackward()
         self._branches: BranchStage | None = None
         try:
             if isinstance(at, nn.Module):
@@ -379,6 +405,13 @@ class Balancer:
                     self._capture = capture
                 else:
                     capture.remove()
+            if (
+                engine in ("auto", "layerwise")
+                and at == "params"
+                and accumulate == 1
+                and Need.LAYER_NORMS in self.weighting.needs
+            ):
+                self._norm_capture = self._layer_norm_capture()
             if calib is not None:
                 self._branches = BranchStage(calib)
         except BaseException:
@@ -392,6 +425,8 @@ class Balancer:
             out.append(self._cut)
         if self._capture is not None:
             out.append(self._capture)
+        if getattr(self, "_norm_capture", None) is not None:
+            out.append(self._norm_capture)
         if self._branches is not None:
             out.append(self._branches)
         return out
@@ -449,6 +484,7 @@ class Balancer:
         self._cut = None
         self._branches = None
         self._capture = None
+        self._norm_capture = None
         self._hooks.clear()
 
     def epoch_end(self) -> None:
@@ -559,6 +595,7 @@ class Balancer:
             ("diagnostics", False),
             ("chunk_size", None),
             ("engine", "auto"),
+            ("solve_every", 1),
         ):
             value = getattr(self, name)
             if value != default:
@@ -587,6 +624,10 @@ class Balancer:
         self._names_cache = None
         self._by_design = None
         self.__dict__.setdefault("_warned_fallback", False)
+        self.__dict__.setdefault("solve_every", 1)
+        self.__dict__.setdefault("_amortiser", None)
+        self.__dict__.setdefault("_norm_capture", None)
+        self.__dict__.setdefault("_norm_mode", BatchedBackward())
         self._finalizer = weakref.finalize(self, _remove_all, self._handles())
 
     # ------------------------------------------------------------------ the step
@@ -815,6 +856,7 @@ class Balancer:
         captured = self._cut.take() if self._cut is not None else []
         branch_caps = self._branches.take() if self._branches is not None else None
         records = self._capture.take() if self._capture is not None else []
+        norm_records = self._norm_capture.take() if self._norm_capture is not None else []
         if self._cut is not None and not captured:
             raise ValueError(
                 f"no output of the cut point {type(self._cut.module).__name__} was captured "
@@ -834,6 +876,7 @@ class Balancer:
             captured=captured,
             branch_caps=branch_caps,
             records=records,
+            norm_records=norm_records,
             given=given_tensors(losses),
             all_names=all_names,
             present=present,
@@ -1044,7 +1087,9 @@ class Balancer:
         total = objectives.sum() if aux is None else objectives.sum() + aux
 
         domain = weighted.domain if checking else None
-        if not needs_grads:  # the loss-level backward only
+        amortiser = self._amortiser
+        reuse = amortiser is not None and not amortiser.due(self.step_count, step.names)
+        if not needs_grads or reuse:  # the loss-level backward only
             # the losses (and the weighting's domain) are checked before anything is formed:
             # the one host sync of the step
             if (world == 1 and checking) or domain is not None:
@@ -1053,6 +1098,12 @@ class Balancer:
                     ok = ok & domain[0].all()
                 if not bool(ok):
                     self._refuse(step, domain)
+            if reuse:  # amortised balancing: the stored weights, one weighted backward
+                assert amortiser is not None and amortiser.weights is not None
+                _amortise.reuse_step(
+                    step, info, amortiser.weights, objectives, aux, self._shared_ids
+                )
+                return info
             if self._cut is not None:
                 step.captured = []
             step.writes.backward([total], [None])
@@ -1125,8 +1176,63 @@ class Balancer:
                 return norms2.sqrt().detach()
         else:
             params = list(self.weighting.grad_norm_params())
+            if self._identity_pays(step):
+                # the layer-wise identity: the norms are the diagonal of the layer's Gramian,
+                # ‖δ_tᵀ a‖² = ⟨(a aᵀ) δ_t, δ_t⟩, from its input a and the per-task gradients δ_t
+                # at its output (no per-task weight gradient is formed; exact)
+                grads = layerwise_per_task_grads(
+                    step.stacked,
+                    step.norm_records,
+                    params,
+                    retain_graph=True,
+                    task_losses=step.values,
+                    writes=GradWrites(),  # nothing outside the layer: no write to keep
+                    mode=self._norm_mode,
+                )
+                return grads.gramian().diagonal().clamp_min(0).sqrt().to(step.raw.dtype).detach()
             reduce = dist_util.all_mean if step.world > 1 else None
         return task_grad_norms(step.values, params, reduce=reduce).detach()
+
+    def _identity_pays(self, step: _Step) -> bool:
+        """Whether GradNorm's norms take the layer-wise identity this step: single process,
+        the layer's calls recorded, and ``N (d_in + m d_out) < 0.7 m d_in d_out`` (the identity's
+        cost against ``m`` weight gradients ``δ_tᵀ a``, with a margin for its graph walks; ``N``
+        the rows of every call). Shapes only: no host sync."""
+        if self._norm_capture is None or step.world != 1 or not step.norm_records:
+            return False
+        m = len(step.values)
+        rows = 0
+        d_in = d_out = 0
+        for rec in step.norm_records:
+            d_in, d_out = rec.a.shape[-1], rec.out_shape[-1]
+            rows += rec.a.numel() // max(d_in, 1)
+        return rows * (d_in + m * d_out) < 0.7 * m * d_in * d_out
+
+    def _layer_norm_capture(self) -> LayerwiseCapture | None:
+        """Forward hooks on the supported layers that own exactly the parameters a weighting
+        measures gradient norms on (GradNorm's ``W``); ``None`` when they are not such layers
+        (the norms are then taken with one backward per task)."""
+        wanted = {id(q) for q in self.weighting.grad_norm_params()}
+        if not wanted:
+            return None
+        mods: list[nn.Module] = []
+        owned: set[int] = set()
+        for root in self.shared_modules:
+            for mod in root.modules():
+                own = {id(q) for q in mod.parameters(recurse=False) if q.requires_grad}
+                # Linear layers only: for a convolution or a normalisation layer the per-task
+                # loop is cheaper than the identity's batched backward and graph walks
+                linear = isinstance(mod, nn.Linear) and supported_module(mod)
+                if own and own <= wanted and linear and not own & owned:
+                    mods.append(mod)
+                    owned |= own
+        if owned != wanted:
+            return None
+        capture = LayerwiseCapture(mods)
+        if not capture.modules:
+            capture.remove()
+            return None
+        return capture
 
     def _needs_per_task_grads(self) -> bool:
         # an aggregator or diagnostics; a transform only where it applies to a shared parameter
@@ -1382,6 +1488,7 @@ class Balancer:
             w = agg.solve((g64 + g64.T) / 2, ctx)
             info.grad_weights = w.detach()
             info.weights = w.detach().to(info.loss_weights.dtype) * info.loss_weights
+            step.solved = info.grad_weights
             grads.write_weights(w, step.writes)
         else:
             jac = grads.jacobian()
@@ -1408,6 +1515,8 @@ class Balancer:
             else:  # a missing-task step: the weighting's observe takes the present indices
                 self.weighting.observe(step.raw, present=step.present)
             self.tasks = step.all_names
+            if self._amortiser is not None and step.solved is not None:
+                self._amortiser.record(self.step_count, step.names, step.solved)
             self.step_count += 1
         info.step = self.step_count
         self.last_info = info

@@ -118,6 +118,9 @@ class StepInfo:
             (per-task loop)"`` where that backward ran as ``m`` plain passes; see
             :mod:`mtlbal.engine.report`; ``Balancer.describe()`` says why); ``None`` at a cut
             point and when no per-task gradient was formed.
+        reused: ``True`` on a reuse step of amortised balancing (``Balancer(solve_every=k)``,
+            :mod:`mtlbal._amortise`): no per-task gradient was formed (``gramian`` is
+            ``None``) and ``grad_weights`` are those of the last solve step.
     """
 
     tasks: tuple[str, ...]
@@ -133,6 +136,7 @@ class StepInfo:
     extras: dict[str, Any] = field(default_factory=dict)
     missing: tuple[str, ...] = ()
     engine_paths: dict[str, str] | None = None
+    reused: bool = False
     _stats: tuple[Tensor, Tensor, Tensor] | None = field(default=None, repr=False, compare=False)
 
     def _derived(self) -> tuple[Tensor, Tensor, Tensor] | None:

@@ -867,6 +867,24 @@ def _frontier(
                     stack.append(nxt)
         out.append(edges)
         owned.append(mine)
+    for edges in out:
+        # one task entering the shared part at two nodes, one below the other (e.g. a head
+        # that also reads a trunk weight through a term every task shares): its gradient at
+        # the lower edge is a total derivative that already holds the upper edge's share, which
+        # the batched backward would add again; decline the split
+        front = {id(node) for node, _ in edges}
+        if len(front) < 2:
+            continue
+        todo = [nxt for node, _ in edges for nxt, _ in node.next_functions]
+        below: set[int] = set()
+        while todo:
+            fn = todo.pop()
+            if fn is None or id(fn) in below:
+                continue
+            if id(fn) in front:
+                return None
+            below.add(id(fn))
+            todo.extend(nxt for nxt, _ in fn.next_functions)
     return out, owned
 
 

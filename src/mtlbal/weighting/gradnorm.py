@@ -26,6 +26,13 @@ a warning.
 
 Shapes: ``L`` ``[m]``; ``w`` ``[m]``; layer norms ``[m]``.
 
+Cost at the parameters: the Balancer takes ``‖∇_W L_t‖`` with one backward per task restricted
+to ``W`` (each through its own head), or — when ``W`` is a Linear layer's parameters and
+``N (d_in + m d_out) < 0.7 m d_in d_out`` (``N`` rows of its input) — from the layer-wise
+identity ``‖δ_tᵀ a‖² = ⟨(a aᵀ) δ_t, δ_t⟩`` (:mod:`mtlbal.engine.layerwise`: ``δ_t`` the per-task
+gradients at the layer's output, ``a`` its input), which forms no per-task weight gradient. Both
+are exact.
+
 Example:
     >>> import torch
     >>> gn = GradNorm(num_tasks=3)

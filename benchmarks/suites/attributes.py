@@ -19,8 +19,8 @@ than the number of tasks, so the tasks compete for it) and one 2-way linear head
 cross-entropy per task, Adam. **Metrics**: test accuracy per attribute (CelebA's convention),
 their mean and worst; Δm% against the single-task networks (one MLP per attribute, same
 budget). **Conflict** is measured, not assumed: the share of task pairs whose gradients at the
-shared parameters have a negative cosine, on a few batches at initialisation and after the
-Equal run's training. **Cost**: the process-CPU time of one training step per strategy for
+shared parameters have a negative cosine, on a few test batches at initialisation and after
+one epoch of Equal training. **Cost**: the process-CPU time of one training step per strategy for
 ``m`` = 5, 10, 20, 40 attributes (interleaved rounds, medians, the ratio to Equal measured in
 the same process), which shows how each method's cost grows with the number of tasks.
 """

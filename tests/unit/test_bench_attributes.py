@@ -92,3 +92,10 @@ def test_tiny_run() -> None:
     }
     assert "m = 4" in a["markdown"]
     json.dumps(a)
+
+
+def test_the_command_finds_the_suite() -> None:
+    from benchmarks import __main__ as cli
+
+    assert "attributes" in cli.discover()
+    assert cli.expand(["attributes"]) == (["attributes"], False)

@@ -174,3 +174,10 @@ def test_tiny_run_params_and_cut_point() -> None:
     assert "Δm%" in a["markdown"] and "MGDA-UB" in a["markdown"]
     assert [m["key"] for m in a["metrics"]] == keys
     json.dumps(a)
+
+
+def test_the_command_finds_the_suite() -> None:
+    from benchmarks import __main__ as cli
+
+    assert "scenes" in cli.discover()
+    assert cli.expand(["scenes"]) == (["scenes"], False)

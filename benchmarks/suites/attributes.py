@@ -289,8 +289,9 @@ def run(
         f"{confl['init']['mean_cos']:+.3f}), {100 * confl['trained']['negative_pairs']:.0f} % "
         f"after {conf_steps} steps (mean {confl['trained']['mean_cos']:+.3f})."
     )
+    title = TITLE if m == 24 else TITLE.replace("24 binary", f"{m} binary")
     md = (
-        f"### {TITLE}\n\n{intro}\n\n{summ.markdown}\n\n" + "\n".join(acc_lines) + f"\n\n{conf_md}\n"
+        f"### {title}\n\n{intro}\n\n{summ.markdown}\n\n" + "\n".join(acc_lines) + f"\n\n{conf_md}\n"
     )
     if cost_rows:
         ms_list = list(dict.fromkeys(r["m"] for r in cost_rows))
@@ -311,7 +312,7 @@ def run(
     md += missing_note(missing)
     return {
         "name": NAME,
-        "title": TITLE,
+        "title": title,
         "description": DESCRIPTION,
         "config": {
             "m": m,

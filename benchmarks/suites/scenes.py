@@ -147,7 +147,8 @@ def _box(
 class Scene:
     """One rendered scene: ``image [3, S, S]`` (float32 in [0, 1]), ``label [S, S]`` (int64),
     ``depth [S, S]``, ``normal [3, S, S]`` (unit, camera coordinates) and ``instance [S, S]``
-    (which surface each pixel hit: 0 back wall, 1 floor, 2 side wall, 3.. objects)."""
+    (which surface each pixel hit, by its place in the scene: back wall, floor, the side wall
+    when there is one, then the objects)."""
 
     image: np.ndarray
     label: np.ndarray

@@ -27,6 +27,8 @@ class Need(str, Enum):
     ``grad_norm_params`` (GradNorm). ``LR_FACTOR``: ``lr_0 / lr_now`` of the optimizer (IGB
     v2). ``EPOCHS``: epoch boundaries (``epoch_end``: DWA, IGB). ``LOSSES_AFTER_STEP``: the
     losses re-evaluated on the same batch after the optimizer step (``Balancer.update``: FAMO).
+    ``VALIDATION``: per-task validation losses, fed with ``Balancer.observe_validation`` (or
+    the wrapper's, or the Lightning / Hugging Face integrations' validation loops): CoBa.
     """
 
     GRAMIAN = "gramian"
@@ -35,6 +37,7 @@ class Need(str, Enum):
     LR_FACTOR = "lr_factor"
     EPOCHS = "epochs"
     LOSSES_AFTER_STEP = "losses_after_step"
+    VALIDATION = "validation"
 
 
 @dataclass

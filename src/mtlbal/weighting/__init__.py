@@ -1,6 +1,7 @@
 """Loss-level strategies: ``L [m] → w [m]`` (and per-task objectives for the Balancer)."""
 
 from mtlbal.weighting.base import Equal, LossContext, LossWeighting, WeightedLosses
+from mtlbal.weighting.coba import CoBa
 from mtlbal.weighting.cosmos import COSMOS
 from mtlbal.weighting.dwa import DWA
 from mtlbal.weighting.famo import FAMO
@@ -19,6 +20,7 @@ from mtlbal.weighting.uw_so import UWSO
 
 __all__ = [
     "COSMOS",
+    "CoBa",
     "DWA",
     "FAMO",
     "IGB",

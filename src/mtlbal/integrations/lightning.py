@@ -204,7 +204,7 @@ class BalancingMixin:
             cls.validation_step = _wrap_validation_step(val)  # type: ignore[attr-defined]
         end = cls.__dict__.get("on_validation_epoch_end")
         if callable(end) and not getattr(end, "_mtlbal_wrapped", False):
-            cls.on_validation_epoch_end = _wrap_validation_epoch_end(end)  # type: ignore[attr-defined]
+            cls.on_validation_epoch_end = _wrap_validation_epoch_end(end)  # type: ignore[method-assign]
 
     def on_validation_epoch_end(self) -> None:
         """Feed the per-task mean validation losses of the loop that ends to the balancer

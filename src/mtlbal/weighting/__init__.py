@@ -11,32 +11,39 @@ from mtlbal.weighting.gradnorm import GradNorm
 from mtlbal.weighting.igb import IGB
 from mtlbal.weighting.imtl_l import IMTLL
 from mtlbal.weighting.ldc_mtl import LDCMTL
+from mtlbal.weighting.med_grpo import MedGRPO
+from mtlbal.weighting.mt_grpo import MTGRPO, RatioPreservingSampler
 from mtlbal.weighting.pbi import PBI
 from mtlbal.weighting.rlw import RLW
 from mtlbal.weighting.scale_invariant import ScaleInvariant
 from mtlbal.weighting.stch import STCH
 from mtlbal.weighting.uncertainty import UncertaintyWeighting
 from mtlbal.weighting.uw_so import UWSO
+from mtlbal.weighting.visatb import VisATB
 
 __all__ = [
     "COSMOS",
-    "CoBa",
     "DWA",
     "FAMO",
     "IGB",
     "IMTLL",
     "LDCMTL",
+    "MTGRPO",
     "PBI",
     "RLW",
     "STCH",
     "UWSO",
+    "CoBa",
     "Equal",
     "GO4Align",
     "GeometricMean",
     "GradNorm",
     "LossContext",
     "LossWeighting",
+    "MedGRPO",
+    "RatioPreservingSampler",
     "ScaleInvariant",
     "UncertaintyWeighting",
+    "VisATB",
     "WeightedLosses",
 ]

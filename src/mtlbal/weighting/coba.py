@@ -153,6 +153,7 @@ class CoBa(LossWeighting):
     # w_t depends on the state only (the validation history), never on the step's losses
     linear_in_losses = True
 
+    num_tasks: int
     v0: Tensor | None
     val_steps: Tensor | None
     val_hist: Tensor | None

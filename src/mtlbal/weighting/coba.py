@@ -191,10 +191,11 @@ class CoBa(LossWeighting):
         self.variant: Literal["paper", "code"] = variant
         self.reduction: Literal["sum", "mean"] = reduction
         self.add_state("v0", None)
-        self.add_state("val_steps", None)
-        self.add_state("val_hist", None)
-        self.add_state("slope_hist", None)
-        self.add_state("max_slope_hist", None)
+        # histories: their first dimension is time, not the tasks
+        self.add_state("val_steps", None, per_task=False)
+        self.add_state("val_hist", None, per_task=False)
+        self.add_state("slope_hist", None, per_task=False)
+        self.add_state("max_slope_hist", None, per_task=False)
         self.add_state("weights", torch.full((num_tasks,), 1.0 / num_tasks, dtype=torch.float64))
         self.steps = 0  # committed training steps
         self.observations = 0  # validation observations

@@ -110,8 +110,9 @@ class MedGRPO(LossWeighting):
         self.steepness = float(steepness)
         self.target = float(target)
         self.eps = float(eps)
-        self.add_state("loss_window", None)  # [≤window, m], the last steps' losses
-        self.add_state("reward_window", None)  # [window, m], NaN where a task had no reward
+        # [≤window, m], the last steps' losses; [window, m] rewards, NaN where a task had none
+        self.add_state("loss_window", None, per_task=False)
+        self.add_state("reward_window", None, per_task=False)
 
     def hparams(self) -> dict[str, object]:
         return {

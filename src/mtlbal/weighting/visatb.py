@@ -126,7 +126,7 @@ class VisATB(LossWeighting):
         w = visatb_weights(vecs[0], vecs[1], vecs[2], self.temperature)
         if reduction == "mean":
             w = w / self.num_tasks
-        self.register_buffer("weights", w.to(torch.get_default_dtype()), persistent=False)
+        self.register_buffer("weights", w, persistent=False)  # float64, cast where used
 
     def hparams(self) -> dict[str, object]:
         return {

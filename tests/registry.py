@@ -307,6 +307,63 @@ REGISTRY: list[Entry] = [
     Entry("CRMOGM+UPGrad", lambda m: {"aggregator": A.CRMOGM(A.UPGrad(), alpha=0.5)}),
     # FULLER-style calibration needs a model with modality branches: its task level alone is
     # "PCGrad" at the cut above; both levels are tested in tests/unit/test_fuller.py.
+    # ---- issue 13 (a): validation-driven and GRPO-family weightings
+    # CoBa reads validation losses: the loops feed the step's losses (no gradient) after each
+    # step (extras["validate_every"], feed_validation); warm-up 4 steps, so a 4-step loop that
+    # feeds none (tests/unit/test_state_io.py) is not refused; identical losses give equal slopes
+    Entry(
+        "CoBa",
+        lambda m: {"weighting": W.CoBa(m, warmup_steps=4, history=4)},
+        extras={"validate_every": 1},
+        missing="refuse",
+    ),
+    Entry(
+        "CoBa-code",
+        lambda m: {"weighting": W.CoBa(m, warmup_steps=4, history=4, variant="code")},
+        extras={"validate_every": 1},
+        missing="refuse",
+    ),
+    # MT-GRPO on supervised losses: the IWU step needs balancer.update(re-evaluated losses)
+    Entry(
+        "MTGRPO",
+        lambda m: {"weighting": W.MTGRPO(m, lam=0.5)},
+        extras={"update_after_step": True},
+        missing="refuse",
+    ),
+    # c / running median: identical losses get one weight 1/L
+    Entry(
+        "MedGRPO",
+        lambda m: {"weighting": W.MedGRPO(m, window=3)},
+        identical="scaled",
+        missing="refuse",
+    ),
+    # fixed unequal weights bound to task positions (like Constant)
+    Entry(
+        "VisATB",
+        lambda m: {
+            "weighting": W.VisATB(
+                [0.2 + 0.3 * t for t in range(m)],
+                [0.5 - 0.1 * t for t in range(m)],
+                [0.9 - 0.2 * t for t in range(m)],
+            )
+        },
+        identical=None,
+        permutation=False,
+        missing="own",
+    ),
+    # ---- end of issue 13 (a)
 ]
 
-__all__ = ["REGISTRY", "Entry", "mtlbal"]
+
+def feed_validation(entry: Entry, balancer: Any, losses: Callable[[], Any], k: int) -> None:
+    """After step ``k``: feed validation losses (``losses()``, without gradient) to an entry
+    that reads them (``extras["validate_every"]``: every that many steps)."""
+    every = entry.extras.get("validate_every", 0)
+    if every and (k + 1) % every == 0:
+        import torch
+
+        with torch.no_grad():
+            balancer.observe_validation(losses())
+
+
+__all__ = ["REGISTRY", "Entry", "feed_validation", "mtlbal"]

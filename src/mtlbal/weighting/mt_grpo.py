@@ -101,7 +101,6 @@ class MTGRPO(LossWeighting):
         "MT-GRPO's weights are a softmax over every task's logit and its logit step uses every "
         "task's reward and improvement; give every task a loss in every step"
     )
-    linear_in_losses = True
 
     num_tasks: int
     logits: Tensor

@@ -174,6 +174,13 @@ STRATEGIES: dict[str, Callable[[], Factory | None]] = {
     "LDC-MTL": _dynamic("LDCMTL", role="weighting"),
     "COSMOS": _dynamic("COSMOS", role="weighting", lambda_=1.0),
     "PBI": _dynamic("PBI", role="weighting"),
+    # ---- issue 13 (a). CoBa reads validation losses: train_one holds out a tenth of the
+    # training set for it and feeds one validation batch per step. MT-GRPO gets
+    # balancer.update (its IWU step, rewards −L). VisATB needs contributions measured by pilot
+    # runs on validation sets: not benchmarked.
+    "CoBa": _dynamic("CoBa", role="weighting"),
+    "MTGRPO": _dynamic("MTGRPO", role="weighting"),
+    "MedGRPO": _dynamic("MedGRPO", role="weighting"),
 }
 
 DESCRIPTIONS: dict[str, str] = {
@@ -216,6 +223,9 @@ DESCRIPTIONS: dict[str, str] = {
     "COSMOS": "`weighting.COSMOS(lambda_=1.0)` (cosine-penalised linear scalarization, r = 1/m)",
     "PBI": "`weighting.PBI()` (penalty boundary intersection, uniform preference)",
     "CRMOGM-MGDA": "`aggregation.CRMOGM(MGDA())` (EMA of MGDA's weights, alpha=0.9)",
+    "CoBa": "`weighting.CoBa(m)` (validation-slope weights; a tenth of train held out for them)",
+    "MTGRPO": "`weighting.MTGRPO(m)` (IWU task weights from −L and its decrease per step)",
+    "MedGRPO": "`weighting.MedGRPO(m)` (c / running median of each task's loss)",
 }
 
 ALIASES = {

@@ -378,6 +378,10 @@ _MINIMAL: dict[str, Callable[[int], Any]] = {
     "n_byzantine": lambda m: 1,
     "trim_number": lambda m: 1,
     "aggregator": _wrapped_aggregator,
+    # VisATB's measured vectors (equal: equal weights)
+    "out_contributions": lambda m: [0.0] * m,
+    "in_contributions": lambda m: [0.0] * m,
+    "difficulty": lambda m: [0.5] * m,
 }
 
 

@@ -208,8 +208,9 @@ def test_identical_declarations_are_explained() -> None:
         assert e.identical in ("sum", "mean", "scaled", "parallel", None), e.name
         if e.identical is None:
             # per-task randomness, or a method that is not symmetric in the tasks (PCD's primary,
-            # M-ConFIG's cyclic schedule); random (Random) or fixed unequal (Constant) weights
-            names = ("RLW", "IGBv2", "MConFIG", "Random", "Constant")
+            # M-ConFIG's cyclic schedule); random (Random) or fixed unequal (Constant, VisATB)
+            # weights
+            names = ("RLW", "IGBv2", "MConFIG", "Random", "Constant", "VisATB")
             assert any(k in e.name for k in names) or e.name == "PCD", e.name
 
 

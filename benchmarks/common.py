@@ -309,6 +309,14 @@ def train_one(
     gen = torch.Generator().manual_seed(seed)
     n = problem.x_train.shape[0]
     names = [t.name for t in problem.tasks]
+    # validation-driven strategies (Need.VALIDATION: CoBa) get a validation split held out of
+    # the training set (the last tenth; the test set is never used) and one validation batch
+    # after every step, as in CoBa's paper; they train on the other nine tenths
+    n_val = 0
+    if balancer is not None and mtlbal.step.Need.VALIDATION in balancer.needs:
+        n_val = max(1, n // 10)
+        n -= n_val
+    val_at = 0
     t0 = time.perf_counter()
     for _ in range(cfg.epochs):
         perm = torch.randperm(n, generator=gen).to(problem.x_train.device)
@@ -347,6 +355,17 @@ def train_one(
                         for t, (task, p) in enumerate(zip(problem.tasks, preds))
                     ]
                 balancer.update(dict(zip(names, after)))
+            if n_val:
+                vi = n + (torch.arange(val_at, val_at + cfg.batch_size) % n_val)
+                val_at = (val_at + cfg.batch_size) % n_val
+                vi = vi.to(problem.x_train.device)
+                with torch.no_grad():
+                    preds = model(problem.x_train[vi])
+                    vloss = [
+                        _task_loss(task, p, problem.y_train[vi][:, t])
+                        for t, (task, p) in enumerate(zip(problem.tasks, preds))
+                    ]
+                opt.observe_validation(dict(zip(names, vloss)))
         if balancer is not None:
             balancer.epoch_end()
     wall = time.perf_counter() - t0

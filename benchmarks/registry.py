@@ -663,6 +663,76 @@ REGISTRY += [
         )
     ),
 ]
+# ---- issue 13 (a): validation-driven and GRPO-family weightings
+# CoBa reads validation losses: the loops feed the step's losses (no gradient) after each
+# step (extras["validate_every"], tests/registry.py's feed_validation); warm-up 4 steps, so a
+# 4-step loop that feeds none (tests/unit/test_state_io.py) is not refused; identical losses give
+# equal slopes. The benchmark holds out a tenth of the training set as CoBa's validation split and
+# feeds one validation batch per step (benchmarks/common.py). VisATB needs contributions measured
+# by pilot runs on validation sets: not benchmarked.
+REGISTRY += [
+    Entry(
+        "CoBa",
+        lambda m: {"weighting": W.CoBa(m, warmup_steps=4, history=4)},
+        extras={"validate_every": 1},
+        missing="refuse",
+        bench=(
+            Bench(
+                "CoBa",
+                "weighting=weighting.CoBa(m)",
+                note="validation-slope weights; a tenth of train held out for them",
+            ),
+        ),
+    ),
+    Entry(
+        "CoBa-code",
+        lambda m: {"weighting": W.CoBa(m, warmup_steps=4, history=4, variant="code")},
+        extras={"validate_every": 1},
+        missing="refuse",
+    ),
+    # MT-GRPO on supervised losses: the IWU step needs balancer.update(re-evaluated losses)
+    Entry(
+        "MTGRPO",
+        lambda m: {"weighting": W.MTGRPO(m, lam=0.5)},
+        extras={"update_after_step": True},
+        missing="refuse",
+        bench=(
+            Bench(
+                "MTGRPO",
+                "weighting=weighting.MTGRPO(m)",
+                note="IWU task weights from −L and its decrease per step",
+            ),
+        ),
+    ),
+    # c / running median: identical losses get one weight 1/L
+    Entry(
+        "MedGRPO",
+        lambda m: {"weighting": W.MedGRPO(m, window=3)},
+        identical="scaled",
+        missing="refuse",
+        bench=(
+            Bench(
+                "MedGRPO",
+                "weighting=weighting.MedGRPO(m)",
+                note="c / running median of each task's loss",
+            ),
+        ),
+    ),
+    # fixed unequal weights bound to task positions (like Constant)
+    Entry(
+        "VisATB",
+        lambda m: {
+            "weighting": W.VisATB(
+                [0.2 + 0.3 * t for t in range(m)],
+                [0.5 - 0.1 * t for t in range(m)],
+                [0.9 - 0.2 * t for t in range(m)],
+            )
+        },
+        identical=None,
+        permutation=False,
+        missing="own",
+    ),
+]
 # F-MTL needs a closure at every step (backward(losses, closure=...)), which the generic
 # battery does not pass: these entries run in tests/unit/test_fmtl.py (resume, refusal, the
 # equations) and tests/distributed/test_ddp_fmtl_arl.py (DDP). ARL needs a model with modality

@@ -146,6 +146,10 @@ def _trajectory(
             with torch.no_grad():  # FAMO: the same point re-evaluated after the step
                 after = toy_losses(point()) - shift
             balancer.update({"L1": after[0], "L2": after[1]})
+        if mtlbal.step.Need.VALIDATION in balancer.needs:
+            with torch.no_grad():  # CoBa: no data here, the losses themselves are validation
+                after = toy_losses(point()) - shift
+            balancer.observe_validation({"L1": after[0], "L2": after[1]})
         if (k + 1) % epoch == 0:
             balancer.epoch_end()
         if (k + 1) % record_every == 0:

@@ -94,10 +94,15 @@ class Stateful(nn.Module):
         return gen
 
     # ------------------------------------------------------------------ declared tensor state
-    def add_state(self, name: str, default: Tensor | None) -> None:
-        """Declare a persistent tensor state ``name`` with its ``default`` (``None`` = lazy)."""
+    def add_state(self, name: str, default: Tensor | None, *, per_task: bool = True) -> None:
+        """Declare a persistent tensor state ``name`` with its ``default`` (``None`` = lazy).
+
+        ``per_task=False``: a lazy state whose first dimension is not the task count (a
+        history that grows: CoBa's validation losses); a loaded one may have any shape."""
         if name in self._state_defaults:
             raise ValueError(f"state {name!r} is declared twice")
+        if not per_task:
+            self.__dict__.setdefault("_free_shape_states", set()).add(name)
         self._state_defaults[name] = None if default is None else default.detach().clone()
         self.register_buffer(name, None if default is None else default.detach().clone())
 
@@ -346,6 +351,7 @@ class Stateful(nn.Module):
                     if (
                         isinstance(value, Tensor)
                         and num_tasks is not None
+                        and name not in mod.__dict__.get("_free_shape_states", ())
                         and (value.dim() == 0 or value.shape[0] != num_tasks)
                     ):
                         errors.append(

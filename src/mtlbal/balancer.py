@@ -548,6 +548,112 @@ class Balancer:
             snapshot.restore()
             raise
 
+    def observe_validation(self, losses: Losses) -> None:
+        """Feed the per-task validation losses to every strategy that declared
+        ``Need.VALIDATION`` (CoBa): the one way validation reaches a strategy.
+
+        ``losses``: ``{task: loss}`` (every task of the Balancer, matched by name; a mean over
+        the validation set or over a few validation batches) or a sequence / ``[m]`` tensor in
+        the canonical task order. Call it between optimizer steps, as often as the method wants
+        (CoBa: every step or every few steps; the Lightning and Hugging Face integrations call
+        it at the end of each validation loop with the per-task means). Needs the task names:
+        after the first :meth:`backward`, or with ``tasks=`` given to the Balancer.
+
+        Each strategy stores what it uses from them as its declared state (saved by
+        :meth:`state_dict`). Under DDP every rank calls it with its own losses and the
+        strategies see their rank mean (one ``all_reduce``; with equal validation shards, as a
+        ``DistributedSampler`` gives, that is the mean over the whole validation set); a rank
+        that refuses its losses makes every rank refuse. All-or-nothing: a refused call
+        (a missing task, a non-finite loss, a strategy that raises) changes no state. Without
+        a strategy that needs them the losses are checked and otherwise ignored.
+        """
+        if self._window is not None:
+            raise ValueError(
+                "observe_validation() while an accumulation window is open: call it after the "
+                "window's last micro-batch and optimizer.step()"
+            )
+        tasks = self.tasks
+        if tasks is None:
+            raise ValueError(
+                "observe_validation() needs the task names: call it after the first "
+                "backward(), or give tasks=(...) to the Balancer"
+            )
+        if dist_util.world_size() == 1:
+            stacked = self._validation_losses(losses, tasks)
+        else:
+            error: Exception | None = None
+            local: Tensor | None = None
+            try:
+                # the collective's device (a CUDA tensor under NCCL), back to the CPU after
+                local = self._validation_losses(losses, tasks).to(dist_util.collective_device())
+            except Exception as e:
+                error = e
+            mean = dist_util.all_mean_or_refused(local, len(tasks))
+            if mean is None:
+                dist_util.raise_refused(error)
+            assert mean is not None
+            stacked = mean.to(device="cpu", dtype=torch.float64)
+        finite = torch.isfinite(stacked)
+        if not bool(finite.all()):
+            bad = [n for n, ok in zip(tasks, finite.tolist()) if not ok]
+            raise ValueError(f"observe_validation(): non-finite validation loss for task(s) {bad}")
+        snapshot = StrategySnapshot(self.strategies)
+        try:
+            for s in self.strategies:
+                if Need.VALIDATION not in getattr(s, "needs", frozenset()):
+                    continue
+                fn = getattr(s, "observe_validation", None)
+                if not callable(fn):
+                    raise TypeError(
+                        f"{type(s).__name__} declares Need.VALIDATION but has no "
+                        "observe_validation(losses) method"
+                    )
+                fn(stacked)
+        except BaseException:
+            snapshot.restore()
+            raise
+
+    @staticmethod
+    def _validation_losses(losses: Losses, tasks: tuple[str, ...]) -> Tensor:
+        if isinstance(losses, Mapping):
+            names = tuple(str(k) for k in losses)
+            missing = [t for t in tasks if t not in names]
+            unknown = [n for n in names if n not in tasks]
+            if missing or unknown:
+                raise ValueError(
+                    "observe_validation() needs a validation loss for every task: "
+                    + "; ".join(
+                        x
+                        for x in (
+                            f"missing {missing}" if missing else "",
+                            f"unknown {unknown}" if unknown else "",
+                        )
+                        if x
+                    )
+                    + f" (the tasks are {list(tasks)})"
+                )
+            by_name = {str(k): v for k, v in losses.items()}
+            values = [by_name[n] for n in tasks]
+        elif isinstance(losses, Tensor):
+            values = list(losses.detach().reshape(-1).unbind(0))
+        else:
+            values = list(losses)
+        if len(values) != len(tasks):
+            raise ValueError(
+                f"observe_validation() got {len(values)} losses for {len(tasks)} tasks "
+                f"{list(tasks)}"
+            )
+        out = []
+        for n, v in zip(tasks, values):
+            t = torch.as_tensor(v).detach()
+            if t.numel() != 1:
+                raise ValueError(
+                    f"observe_validation(): the validation loss of task {n!r} must be a scalar, "
+                    f"got shape {tuple(t.shape)}"
+                )
+            out.append(t.reshape(()).to(device="cpu", dtype=torch.float64))
+        return torch.stack(out)
+
     @staticmethod
     def _update_losses(losses: Losses, tasks: tuple[str, ...]) -> Tensor:
         if isinstance(losses, Mapping):

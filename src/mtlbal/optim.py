@@ -181,6 +181,11 @@ class BalancedOptimizer(Optimizer):
         """``balancer.epoch_end()``: mark the end of a training epoch (IGB, DWA)."""
         self.balancer.epoch_end()
 
+    def observe_validation(self, losses: Losses) -> None:
+        """``balancer.observe_validation(losses)``: feed per-task validation losses to the
+        strategies that declared ``Need.VALIDATION`` (CoBa)."""
+        self.balancer.observe_validation(losses)
+
     def lr_factor(self) -> float:
         """``lr_0 / lr_now`` of the first parameter group (IGB v2's reward scale)."""
         now = float(self.optimizer.param_groups[0].get("lr", 1.0))

@@ -31,6 +31,8 @@ class Need(str, Enum):
     again (``backward(losses, closure=...)``: F-MTL's perturbed passes); a step without one is
     refused. ``SALIENCY``: the per-task gradients at the cut point taken with their graph
     (second order), for a regulariser of the task saliencies (Rep-MTL).
+    ``VALIDATION``: per-task validation losses, fed with ``Balancer.observe_validation`` (or
+    the wrapper's, or the Lightning / Hugging Face integrations' validation loops): CoBa.
     """
 
     GRAMIAN = "gramian"
@@ -41,6 +43,7 @@ class Need(str, Enum):
     LOSSES_AFTER_STEP = "losses_after_step"
     CLOSURE = "closure"
     SALIENCY = "saliency"
+    VALIDATION = "validation"
 
 
 @dataclass

@@ -18,7 +18,7 @@ from _harness import WORLD
 from torch import Tensor, nn
 
 import mtlbal
-from registry import REGISTRY, Entry
+from registry import REGISTRY, Entry, feed_validation
 
 pytestmark = [
     pytest.mark.distributed,
@@ -108,6 +108,7 @@ def run(entry: Entry, at: str, shard: int | None, reverse: bool = False) -> dict
         if entry.extras.get("update_after_step"):
             with torch.no_grad():
                 bal.update(losses())
+        feed_validation(entry, bal, losses, k)
         weights.append(info.weights.detach().clone())
         grams.append(torch.zeros(M, M) if info.gramian is None else info.gramian.clone())
         if entry.epoch_every and (k + 1) % entry.epoch_every == 0:

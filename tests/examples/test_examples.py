@@ -43,6 +43,7 @@ SCRIPTS = [
     Script("ddp_torchrun.py", ("--steps", "10"), torchrun=True),
     Script("amp.py", ("--steps", "20")),
     Script("accumulation.py", ("--steps", "5")),
+    Script("grpo_toy.py", ("--steps", "100")),
 ]
 
 # gloo's loopback transport occasionally aborts a worker at teardown on a loaded machine (see

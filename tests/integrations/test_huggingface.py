@@ -282,3 +282,37 @@ def test_a_second_train_and_a_given_optimizer(tmp_path: Path) -> None:
     # the strategy parameters are stepped by the wrapper's own optimizer
     assert trainer._balanced.balancer_optimizer is not None
     assert not torch.equal(next(iter(trainer.balancer.parameters())), before[0])
+
+
+def test_evaluate_feeds_the_per_task_means(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = TwoTask()
+    bal = mtlbal.Balancer(model.bert, weighting=mtlbal.weighting.CoBa(2, warmup_steps=1000))
+    trainer = BalancedTrainer(
+        model=model,
+        args=_args(tmp_path, per_device_eval_batch_size=8),
+        train_dataset=Data(),
+        eval_dataset=Data(),
+        balancer=bal,
+    )
+    trainer.train()
+    metrics = trainer.evaluate()
+    coba = bal.weighting
+    assert coba.observations == 1 and coba.v0 is not None
+    model.eval()
+    data = Data()
+    with torch.no_grad():
+        halves = [
+            model(
+                input_ids=data.ids[i : i + 8],
+                labels=data.label[i : i + 8],
+                target=data.target[i : i + 8],
+            )["losses"]
+            for i in (0, 8)
+        ]
+    expected = torch.tensor(
+        [sum(float(h[t]) for h in halves) / 2 for t in ("cls", "reg")], dtype=torch.float64
+    )
+    torch.testing.assert_close(coba.v0, expected, rtol=1e-5, atol=1e-6)
+    assert metrics["eval_loss_cls"] == pytest.approx(float(expected[0]), rel=1e-5)
+    assert metrics["eval_loss"] == pytest.approx(float(expected.sum()), rel=1e-5)

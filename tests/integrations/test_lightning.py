@@ -321,3 +321,45 @@ def test_import_mtlbal_does_not_import_lightning() -> None:
         "assert not any(m.split('.')[0] in ('lightning', 'pytorch_lightning') for m in sys.modules)"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+class ValidatedModule(BalancedLightningModule):
+    """validation_step returns the per-task losses: the mixin feeds their loop means to CoBa."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = Net()
+        self.balancer = mtlbal.Balancer(
+            self.net.trunk, weighting=mtlbal.weighting.CoBa(2, warmup_steps=1000)
+        )
+        self.user_hook_calls = 0
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        return self.net.losses(*batch)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> Any:
+        return self.net.losses(*batch)
+
+    def on_validation_epoch_end(self) -> None:  # the user's own hook: wrapped, still fed
+        self.user_hook_calls += 1
+
+    def configure_optimizers(self) -> Any:
+        return mtlbal.wrap(torch.optim.SGD(self.net.parameters(), lr=LR), self.balancer)
+
+
+def test_validation_loop_feeds_the_per_task_means() -> None:
+    module = ValidatedModule()
+    trainer = _trainer(max_steps=STEPS, num_sanity_val_steps=2)
+    val = DataLoader(TensorDataset(*(t[:24] for t in _data().tensors)), batch_size=8)
+    trainer.fit(module, _loader(), val)
+    coba = module.balancer.weighting
+    # one validation loop at the end of the (4-step) epoch; the sanity check is not fed
+    assert coba.observations == 1 and module.user_hook_calls == 2
+    with torch.no_grad():
+        per_batch = [module.net.losses(*b) for b in val]
+    expected = torch.tensor(
+        [sum(float(b[t]) for b in per_batch) / len(per_batch) for t in ("a", "b")],
+        dtype=torch.float64,
+    )
+    assert coba.v0 is not None
+    torch.testing.assert_close(coba.v0, expected, rtol=1e-6, atol=1e-7)

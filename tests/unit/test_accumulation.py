@@ -13,7 +13,7 @@ from torch import Tensor
 
 import mtlbal
 from conftest import Problem, assert_same, make_problem
-from registry import REGISTRY, Entry
+from registry import REGISTRY, Entry, feed_validation
 
 # an entry may declare that it refuses gradient accumulation (tested in its own file)
 CASES = [(e, at) for e in REGISTRY for at in e.at if e.extras.get("accumulate", True)]
@@ -51,6 +51,7 @@ def train(entry: Entry, p: Problem, opt: Any, k: int, steps: int) -> list[Any]:
             with torch.no_grad():
                 parts = [losses_of(p, slice(j * size, (j + 1) * size)) for j in range(k)]
                 opt.balancer.update({n: sum(d[n] for d in parts) / k for n in parts[0]})
+        feed_validation(entry, opt.balancer, lambda: losses_of(p, slice(0, B)), s)
         if entry.epoch_every and (s + 1) % entry.epoch_every == 0:
             opt.balancer.epoch_end()
     return infos

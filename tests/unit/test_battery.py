@@ -12,7 +12,7 @@ import torch
 
 import mtlbal
 from conftest import Problem, assert_same, make_problem
-from registry import REGISTRY, Entry
+from registry import REGISTRY, Entry, feed_validation
 
 CASES = [(e, at) for e in REGISTRY for at in e.at]
 IDS = [f"{e.name}@{at}" for e, at in CASES]
@@ -37,6 +37,7 @@ def run_steps(entry: Entry, p: Problem, opt: Any, start: int, stop: int) -> list
             # FAMO-style: re-evaluate the same batch after the step and feed it back
             with torch.no_grad():
                 opt.balancer.update(p.losses())
+        feed_validation(entry, opt.balancer, p.losses, k)
         weights.append(info.weights.detach().clone())
         if entry.epoch_every and (k + 1) % entry.epoch_every == 0:
             opt.balancer.epoch_end()

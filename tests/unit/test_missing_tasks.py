@@ -23,7 +23,7 @@ from conftest import Problem, assert_same, make_problem
 from mtlbal import aggregation as A
 from mtlbal import weighting as W
 from mtlbal.logging import info_to_dict
-from registry import REGISTRY, Entry
+from registry import REGISTRY, Entry, feed_validation
 
 M = 3
 PRESENT = (0, 2)  # task1 has no labels in the missing-task steps
@@ -47,6 +47,7 @@ def _warm_up(entry: Entry, p: Problem, opt: Any, steps: int = 4) -> None:
         opt.zero_grad()
         opt.backward(p.losses())
         opt.step()
+        feed_validation(entry, opt.balancer, p.losses, k)
         if entry.epoch_every and (k + 1) % entry.epoch_every == 0:
             opt.balancer.epoch_end()
 

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 import mtlbal
-from registry import REGISTRY, Entry
+from registry import REGISTRY, Entry, feed_validation
 
 from .test_transaction import assert_same, refuse_then_step
 
@@ -206,6 +206,7 @@ def train(entry: Entry, model: Model, opt: Any, steps: int) -> list[tuple[list[T
         if entry.extras.get("update_after_step"):
             with torch.no_grad():
                 opt.balancer.update(model.losses())
+        feed_validation(entry, opt.balancer, model.losses, len(out) - 1)
     return out
 
 

@@ -29,7 +29,7 @@ from mtlbal import aggregation as A
 from mtlbal import transforms as T
 from mtlbal import weighting as W
 from mtlbal.step import Need
-from registry import REGISTRY, Entry
+from registry import REGISTRY, Entry, feed_validation
 
 M = 3
 F64 = torch.float64
@@ -116,6 +116,7 @@ def _run(
         if check is not None:
             check.after(tasks, grads, info, kw)
         out.append((grads, info.weights.detach().to(F64).clone()))
+        feed_validation(entry, bal, tasks.losses, k)
         if not move:
             continue
         opt.step()
@@ -208,9 +209,9 @@ def test_identical_declarations_are_explained() -> None:
         assert e.identical in ("sum", "mean", "scaled", "parallel", None), e.name
         if e.identical is None:
             # per-task randomness, or a method that is not symmetric in the tasks (PCD's primary,
-            # M-ConFIG's cyclic schedule); random (Random) or fixed unequal (Constant) weights;
-            # Rep-MTL's CSA term, whose gradient does not vanish for identical saliencies
-            names = ("RLW", "IGBv2", "MConFIG", "Random", "Constant", "RepMTL+")
+            # M-ConFIG's cyclic schedule); random (Random) or fixed unequal (Constant, VisATB)
+            # weights; Rep-MTL's CSA term, whose gradient does not vanish for identical saliencies
+            names = ("RLW", "IGBv2", "MConFIG", "Random", "Constant", "VisATB", "RepMTL+")
             assert any(k in e.name for k in names) or e.name == "PCD", e.name
 
 
@@ -459,6 +460,34 @@ NS = _namespace()
 # that are not configuration data, ``repr_omits``, are not given)
 NON_DEFAULT: dict[str, dict[str, Any]] = {
     "Equal": {},
+    # issue 13 (a)
+    "CoBa": {
+        "num_tasks": 3,
+        "warmup_steps": 5,
+        "history": 7,
+        "tau": 2.0,
+        "variant": "code",
+        "reduction": "mean",
+    },
+    "MTGRPO": {
+        "num_tasks": 3,
+        "lam": 0.9,
+        "lr": 0.1,
+        "weight_decay": 1e-4,
+        "optimizer": "sgd",
+        "betas": (0.8, 0.99),
+        "adam_eps": 1e-6,
+        "improvement_clip": 0.2,
+        "reduction": "mean",
+    },
+    "MedGRPO": {"num_tasks": 3, "window": 9, "steepness": 3.0, "target": 2.0, "eps": 1e-9},
+    "VisATB": {
+        "out_contributions": [0.1, 0.2],
+        "in_contributions": [0.3, 0.1],
+        "difficulty": [0.5, 0.6],
+        "temperature": 0.25,
+        "reduction": "mean",
+    },
     "DWA": {"num_tasks": 3, "temperature": 1.5},
     "FAMO": {
         "num_tasks": 3,
@@ -632,6 +661,11 @@ MINIMAL: dict[str, dict[str, Any]] = {
     "SparseMask": {"ratio": 0.5},
     "Constant": {"weights": [1.0, 2.0]},
     "CRMOGM": {"aggregator": A.UPGrad()},
+    "VisATB": {
+        "out_contributions": [0.1, 0.2],
+        "in_contributions": [0.3, 0.1],
+        "difficulty": [0.5, 0.6],
+    },
 }
 
 

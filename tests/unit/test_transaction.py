@@ -12,7 +12,7 @@ import torch
 
 import mtlbal
 from conftest import Problem, assert_same, make_problem
-from registry import REGISTRY, Entry
+from registry import REGISTRY, Entry, feed_validation
 
 M = 3
 CASES = [
@@ -40,6 +40,7 @@ def train(entry: Entry, p: Problem, opt: Any, steps: int, *, zero: bool = True) 
         if entry.extras.get("update_after_step"):
             with torch.no_grad():
                 opt.balancer.update(p.losses())
+        feed_validation(entry, opt.balancer, p.losses, k)
         if entry.epoch_every and (k + 1) % entry.epoch_every == 0:
             opt.balancer.epoch_end()
 

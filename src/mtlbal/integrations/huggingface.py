@@ -14,6 +14,12 @@ them under ``losses``. :class:`BalancedTrainer` runs the model, hands the losses
   ``optimizer.pt`` has it, and ``trainer.train(resume_from_checkpoint=...)`` restores it.
 - Mixed precision: the accelerator's ``GradScaler`` (fp16 on a GPU) is passed to
   ``balancer.backward``; bf16 needs no scaler. HF refuses fp16 on a CPU.
+- Validation losses (``Need.VALIDATION``: CoBa): ``evaluate()`` (called by the ``Trainer``
+  with ``eval_strategy``, or by you) averages each task's loss over the evaluation batches
+  (each batch counts once), reports them as ``eval_loss_<task>`` and feeds them to the
+  balancer (``observe_validation``) when an evaluation dataset's losses cover every task.
+  ``eval_loss`` is their sum. Under DDP each rank feeds its own means and the balancer takes
+  their rank mean.
 - Gradient accumulation (``gradient_accumulation_steps=K``): each batch is a micro-batch of the
   balancer's accumulation window, closed on the batch after which the ``Trainer`` steps
   (accelerate's ``sync_gradients``), so the update is the balanced update of the ``K`` batches
@@ -99,6 +105,7 @@ class BalancedTrainer(Trainer):
         self.losses_key = losses_key
         self.last_info: Any = None
         self._balanced: BalancedOptimizer | None = None
+        self._val_sums: dict[str, tuple[Tensor, int]] | None = None
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         """The ``Trainer``'s optimizer with the balancer's learnable parameters added, wrapped
@@ -149,3 +156,51 @@ class BalancedTrainer(Trainer):
         else:
             self.last_info = opt.backward(losses, scaler=scaler, last=last)
         return torch.stack([v.detach().float() for v in losses.values()]).sum()
+
+    def prediction_step(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Tensor | Any],
+        prediction_loss_only: bool,
+        ignore_keys: list[str] | None = None,
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        """Evaluation: run the model, record each task's loss for :meth:`evaluate`, return the
+        detached sum of the task losses as the batch's loss (no logits, no labels)."""
+        model.eval()
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            outputs = model(**inputs)
+        losses = losses_from_outputs(outputs, self.losses_key)
+        if self._val_sums is not None:
+            for name, v in losses.items():
+                value = v.detach().to(torch.float64).reshape(()).cpu()
+                total, count = self._val_sums.get(
+                    str(name), (torch.zeros((), dtype=torch.float64), 0)
+                )
+                self._val_sums[str(name)] = (total + value, count + 1)
+        total_loss = torch.stack([v.detach().float().reshape(()) for v in losses.values()]).sum()
+        return total_loss, None, None
+
+    def evaluate(
+        self,
+        eval_dataset: Any | None = None,
+        ignore_keys: list[str] | None = None,
+        metric_key_prefix: str = "eval",
+    ) -> dict[str, float]:
+        """The ``Trainer``'s ``evaluate``, then the per-task mean losses are added to the
+        metrics (``<prefix>_loss_<task>``) and fed to the balancer
+        (:meth:`~mtlbal.Balancer.observe_validation`) when they cover every task."""
+        self._val_sums = {}
+        try:
+            metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        finally:
+            sums, self._val_sums = self._val_sums, None
+        if not sums:
+            return metrics
+        means = {name: total / count for name, (total, count) in sums.items()}
+        for name, v in means.items():
+            metrics[f"{metric_key_prefix}_loss_{name}"] = float(v)
+        tasks = self.balancer.tasks
+        if tasks is not None and set(means) == set(tasks):
+            self.balancer.observe_validation(means)
+        return metrics

@@ -28,6 +28,12 @@ Manual optimization (``self.automatic_optimization = False``) needs no mixin: ca
 ``self.manual_backward(loss)``, then ``opt.step()`` and ``opt.zero_grad()`` (see
 ``docs/integrations.md``).
 
+Validation losses (``Need.VALIDATION``: CoBa): a ``validation_step`` that returns the per-task
+losses (``{task: loss}`` or ``{"losses": {task: loss}, ...}``) has them averaged over the
+validation loop (each batch counts once) and fed to the balancer at its end
+(``on_validation_epoch_end``: ``opt.observe_validation(means)``); the sanity check's batches are
+not fed. Under DDP each rank feeds its own means and the balancer takes their rank mean.
+
 Gradient accumulation (``accumulate_grad_batches=K``): each batch is a micro-batch of the
 balancer's accumulation window, which closes on the batch after which Lightning steps the
 optimizer, so the update is the balanced update of the ``K`` batches together (see
@@ -115,6 +121,63 @@ def _wrap_training_step(fn: Callable[..., Any]) -> Callable[..., Any]:
     return training_step
 
 
+def _validation_losses(output: Any) -> Mapping[str, torch.Tensor] | None:
+    """``validation_step``'s per-task losses (``{task: loss}`` or under ``"losses"``), or None."""
+    if not isinstance(output, Mapping):
+        return None
+    if "losses" in output and isinstance(output["losses"], Mapping):
+        return output["losses"]
+    if (
+        output
+        and "loss" not in output
+        and all(isinstance(v, torch.Tensor) for v in output.values())
+    ):
+        return output
+    return None
+
+
+def _wrap_validation_step(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def validation_step(self: Any, *args: Any, **kwargs: Any) -> Any:
+        depth = self.__dict__.get("_mtlbal_val_depth", 0)
+        self.__dict__["_mtlbal_val_depth"] = depth + 1
+        try:
+            output = fn(self, *args, **kwargs)
+        finally:
+            self.__dict__["_mtlbal_val_depth"] = depth
+        losses = None if depth else _validation_losses(output)
+        if losses is not None and not self.trainer.sanity_checking:
+            sums = self.__dict__.setdefault("_mtlbal_val_sums", {})
+            for name, v in losses.items():
+                value = v.detach().to(torch.float64).reshape(())
+                total, count = sums.get(str(name), (0.0, 0))
+                sums[str(name)] = (value + total, count + 1)
+        return output
+
+    validation_step._mtlbal_wrapped = True  # type: ignore[attr-defined]
+    return validation_step
+
+
+def _wrap_validation_epoch_end(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def on_validation_epoch_end(self: Any, *args: Any, **kwargs: Any) -> Any:
+        out = fn(self, *args, **kwargs)
+        _feed_validation(self)
+        return out
+
+    on_validation_epoch_end._mtlbal_wrapped = True  # type: ignore[attr-defined]
+    return on_validation_epoch_end
+
+
+def _feed_validation(module: Any) -> None:
+    """Feed the epoch's per-task mean validation losses to the balancer (once per loop)."""
+    sums = module.__dict__.pop("_mtlbal_val_sums", None)
+    if not sums or module.trainer.sanity_checking:
+        return
+    means = {name: total / count for name, (total, count) in sums.items()}
+    balanced_optimizer(module.trainer).observe_validation(means)
+
+
 class BalancingMixin:
     """Balancing for a ``LightningModule`` in automatic optimization: list it first in the bases,
     ``class Net(BalancingMixin, LightningModule)``; see the module's documentation.
@@ -136,6 +199,21 @@ class BalancingMixin:
         step = cls.__dict__.get("training_step")
         if callable(step) and not getattr(step, "_mtlbal_wrapped", False):
             cls.training_step = _wrap_training_step(step)  # type: ignore[attr-defined]
+        val = cls.__dict__.get("validation_step")
+        if callable(val) and not getattr(val, "_mtlbal_wrapped", False):
+            cls.validation_step = _wrap_validation_step(val)  # type: ignore[attr-defined]
+        end = cls.__dict__.get("on_validation_epoch_end")
+        if callable(end) and not getattr(end, "_mtlbal_wrapped", False):
+            cls.on_validation_epoch_end = _wrap_validation_epoch_end(end)  # type: ignore[method-assign]
+
+    def on_validation_epoch_end(self) -> None:
+        """Feed the per-task mean validation losses of the loop that ends to the balancer
+        (``opt.observe_validation``; skipped during the sanity check). A subclass's own
+        ``on_validation_epoch_end`` is wrapped to do the same after it runs."""
+        _feed_validation(self)
+        parent = getattr(super(), "on_validation_epoch_end", None)
+        if callable(parent):
+            parent()
 
     def backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
         """Balance the losses ``training_step`` returned (automatic optimization); in manual

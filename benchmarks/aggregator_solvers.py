@@ -21,6 +21,7 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -41,11 +42,13 @@ class Solver:
     torchjd: Callable[[int], object] | None = None  # built from torchjd.aggregation as ``tj``
 
 
-def _tj(expr: str) -> Callable[[int], object]:
-    def build(m: int) -> object:
-        import torchjd.aggregation as tj  # noqa: F401  (used by eval)
+def _tj(make: Callable[[Any, int], object]) -> Callable[[int], object]:
+    """TorchJD's counterpart, built by ``make(torchjd.aggregation, m)`` (imported lazily)."""
 
-        return eval(expr, {"tj": tj, "m": m})
+    def build(m: int) -> object:
+        import torchjd.aggregation as tj
+
+        return make(tj, m)
 
     return build
 
@@ -53,34 +56,50 @@ def _tj(expr: str) -> Callable[[int], object]:
 # the issue-10 catalogue and the older solvers; TorchJD's counterpart at its default scale
 # (our reduction="mean" where TorchJD's default is the mean: the same computation)
 SOLVERS: list[Solver] = [
-    Solver("UPGrad", lambda m: A.UPGrad(reduction="mean"), _tj("tj.UPGradWeighting()")),
-    Solver("DualProj", lambda m: A.DualProj(reduction="mean"), _tj("tj.DualProjWeighting()")),
+    Solver("UPGrad", lambda m: A.UPGrad(reduction="mean"), _tj(lambda tj, m: tj.UPGradWeighting())),
+    Solver(
+        "DualProj",
+        lambda m: A.DualProj(reduction="mean"),
+        _tj(lambda tj, m: tj.DualProjWeighting()),
+    ),
     Solver(
         "CAGrad",
         lambda m: A.CAGrad(0.4, rescale=0, reduction="mean"),
-        _tj("tj.CAGradWeighting(c=0.4)"),
+        _tj(lambda tj, m: tj.CAGradWeighting(c=0.4)),
     ),
-    Solver("MGDA", lambda m: A.MGDA(), _tj("tj.MGDAWeighting()")),
-    Solver("IMTLG", lambda m: A.IMTLG(reduction="mean"), _tj("tj.IMTLGWeighting()")),
-    Solver("AlignedMTL", lambda m: A.AlignedMTL(), _tj("tj.AlignedMTLWeighting()")),
-    Solver("NashMTL", lambda m: A.NashMTL(on_failure="warn"), _tj("tj.NashMTL(n_tasks=m)")),
-    Solver("PCGrad", lambda m: A.PCGrad(), _tj("tj.PCGradWeighting()")),
-    Solver("GradVac", lambda m: A.GradVac(), _tj("tj.GradVacWeighting()")),
-    Solver("FairGrad", lambda m: A.FairGrad(on_failure="warn"), _tj("tj.FairGradWeighting()")),
-    Solver("Krum", lambda m: A.Krum(1), _tj("tj.KrumWeighting(n_byzantine=1)")),
+    Solver("MGDA", lambda m: A.MGDA(), _tj(lambda tj, m: tj.MGDAWeighting())),
+    Solver("IMTLG", lambda m: A.IMTLG(reduction="mean"), _tj(lambda tj, m: tj.IMTLGWeighting())),
+    Solver("AlignedMTL", lambda m: A.AlignedMTL(), _tj(lambda tj, m: tj.AlignedMTLWeighting())),
+    Solver(
+        "NashMTL", lambda m: A.NashMTL(on_failure="warn"), _tj(lambda tj, m: tj.NashMTL(n_tasks=m))
+    ),
+    Solver("PCGrad", lambda m: A.PCGrad(), _tj(lambda tj, m: tj.PCGradWeighting())),
+    Solver("GradVac", lambda m: A.GradVac(), _tj(lambda tj, m: tj.GradVacWeighting())),
+    Solver(
+        "FairGrad",
+        lambda m: A.FairGrad(on_failure="warn"),
+        _tj(lambda tj, m: tj.FairGradWeighting(alpha=1.0)),
+    ),
+    Solver("Krum", lambda m: A.Krum(1), _tj(lambda tj, m: tj.KrumWeighting(n_byzantine=1))),
     Solver("PCD", lambda m: A.PCD(), None),
     Solver("MoDo", lambda m: A.MoDo(), None),
     Solver("SDMGrad", lambda m: A.SDMGrad(), None),
     Solver("CRMOGM(MGDA)", lambda m: A.CRMOGM(A.MGDA()), None),
-    Solver("Sum", lambda m: A.Sum(), _tj("tj.SumWeighting()")),
-    Solver("Mean", lambda m: A.Mean(), _tj("tj.MeanWeighting()")),
-    Solver("Constant", lambda m: A.Constant([1.0] * m), _tj("tj.ConstantWeighting(torch.ones(m))")),
-    Solver("Random", lambda m: A.Random(), _tj("tj.RandomWeighting()")),
+    Solver("Sum", lambda m: A.Sum(), _tj(lambda tj, m: tj.SumWeighting())),
+    Solver("Mean", lambda m: A.Mean(), _tj(lambda tj, m: tj.MeanWeighting())),
+    Solver(
+        "Constant",
+        lambda m: A.Constant([1.0] * m),
+        _tj(lambda tj, m: tj.ConstantWeighting(torch.ones(m))),
+    ),
+    Solver("Random", lambda m: A.Random(), _tj(lambda tj, m: tj.RandomWeighting())),
     # Jacobian methods: one aggregator(J) call
-    Solver("ConFIG", lambda m: A.ConFIG(), _tj("tj.ConFIG()")),
+    Solver("ConFIG", lambda m: A.ConFIG(), _tj(lambda tj, m: tj.ConFIG())),
     Solver("MConFIG", lambda m: A.MConFIG(), None),
-    Solver("TrimmedMean", lambda m: A.TrimmedMean(1), _tj("tj.TrimmedMean(trim_number=1)")),
-    Solver("GradDrop", lambda m: A.GradDrop(), _tj("tj.GradDrop()")),
+    Solver(
+        "TrimmedMean", lambda m: A.TrimmedMean(1), _tj(lambda tj, m: tj.TrimmedMean(trim_number=1))
+    ),
+    Solver("GradDrop", lambda m: A.GradDrop(), _tj(lambda tj, m: tj.GradDrop())),
     Solver("MoCo", lambda m: A.MoCo(), None),
     Solver("ExcessMTL", lambda m: A.ExcessMTL(), None),
     Solver("DBMTL", lambda m: A.DBMTL(), None),

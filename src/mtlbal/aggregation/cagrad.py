@@ -171,9 +171,7 @@ def _dual_slsqp(
         jac=jac,
         method="SLSQP",
         bounds=[(0.0, 1.0)] * m,
-        constraints=(
-            {"type": "eq", "fun": lambda w: 1.0 - w.sum(), "jac": lambda w: -np.ones(m)},
-        ),
+        constraints=({"type": "eq", "fun": lambda w: 1.0 - w.sum(), "jac": lambda w: -np.ones(m)},),
         options={"ftol": ftol, "maxiter": max_iter},
     )
     w = np.asarray(res.x, dtype=np.float64)

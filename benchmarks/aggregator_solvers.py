@@ -118,7 +118,7 @@ def _call_theirs(obj: object, gram: torch.Tensor, jac: torch.Tensor) -> Callable
     from torchjd.aggregation import Aggregator as TjAggregator
 
     if isinstance(obj, TjAggregator):
-        return lambda: obj(jac)  # type: ignore[operator]
+        return lambda: obj(jac)
     return lambda: obj(gram)  # type: ignore[operator]
 
 

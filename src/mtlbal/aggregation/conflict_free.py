@@ -16,10 +16,11 @@ and so is ``d``; the references normalise the rounding residue of ``x`` instead 
 arbitrary direction there (here ``x`` below ``max(m, n)·eps·‖U⁺‖‖w‖`` counts as 0).
 
 Numerics: ``U`` and its pseudo-inverse are computed in float64. When the cosine matrix
-``K = U Uᵀ`` (``[m, m]``) is well conditioned (``λ_min ≥ 1e-6 λ_max``, no singular value under the
-cutoff), ``U⁺w = Uᵀ K⁻¹ w`` from one ``m × m`` eigendecomposition (``J Jᵀ`` is the only ``O(m² n)``
-work); otherwise one thin SVD of ``U`` (singular values below ``rtol · σ_max`` dropped; ``rtol=None``: ``max(m, n) · eps(float64)``, the
-``torch.linalg.pinv``/TorchJD default). Pitfall of the references: TorchJD (``pinv``) and the
+``K = U Uᵀ`` (``[m, m]``) is well conditioned (``λ_min ≥ 1e-6 λ_max``, no singular value under
+the cutoff), ``U⁺w = Uᵀ K⁻¹ w`` from one ``m × m`` eigendecomposition (``J Jᵀ`` is the only
+``O(m² n)`` work); otherwise one thin SVD of ``U`` (singular values below ``rtol · σ_max``
+dropped; ``rtol=None``: ``max(m, n) · eps(float64)``, the ``torch.linalg.pinv``/TorchJD
+default). Pitfall of the references: TorchJD (``pinv``) and the
 official ``conflictfree`` (``lstsq``, ``rcond = max(m, n)·eps``) work in the gradients' dtype; in
 float32 with ``n ~ 10⁶`` parameters that cutoff is ``≈ 0.12 σ_max``, so the direction of two
 gradients with cosine above ~0.97 is silently truncated to the rank-1 answer. For ``m = 2`` the

@@ -15,9 +15,12 @@ lost. Where ``w`` is orthogonal to the gradients' span (``g_2 = −g_1``) the ex
 and so is ``d``; the references normalise the rounding residue of ``x`` instead and return an
 arbitrary direction there (here ``x`` below ``max(m, n)·eps·‖U⁺‖‖w‖`` counts as 0).
 
-Numerics: ``U`` and its pseudo-inverse are computed in float64 (one thin SVD, singular values
-below ``rtol · σ_max`` dropped; ``rtol=None``: ``max(m, n) · eps(float64)``, the
-``torch.linalg.pinv``/TorchJD default). Pitfall of the references: TorchJD (``pinv``) and the
+Numerics: ``U`` and its pseudo-inverse are computed in float64. When the cosine matrix
+``K = U Uᵀ`` (``[m, m]``) is well conditioned (``λ_min ≥ 1e-6 λ_max``, no singular value under
+the cutoff), ``U⁺w = Uᵀ K⁻¹ w`` from one ``m × m`` eigendecomposition (``J Jᵀ`` is the only
+``O(m² n)`` work); otherwise one thin SVD of ``U`` (singular values below ``rtol · σ_max``
+dropped; ``rtol=None``: ``max(m, n) · eps(float64)``, the ``torch.linalg.pinv``/TorchJD
+default). Pitfall of the references: TorchJD (``pinv``) and the
 official ``conflictfree`` (``lstsq``, ``rcond = max(m, n)·eps``) work in the gradients' dtype; in
 float32 with ``n ~ 10⁶`` parameters that cutoff is ``≈ 0.12 σ_max``, so the direction of two
 gradients with cosine above ~0.97 is silently truncated to the rank-1 answer. For ``m = 2`` the
@@ -68,6 +71,31 @@ def config_direction(
     )
     if w.shape[0] != m:
         raise ValueError(f"ConFIG: pref has {w.shape[0]} entries for {m} tasks")
+    # fast path, exact when chosen: through the cosine matrix K = U Uᵀ (m × m) instead of an
+    # [m, n] SVD. For a full-row-rank U, U⁺w = Uᵀ K⁻¹ w; K's eigenvalues carry round-off of
+    # eps·λ_max, so the path is taken only when λ_min/λ_max ≥ 1e-6 (relative error ~1e-10)
+    # and no singular value of U is under the pseudo-inverse's cutoff (σ² = λ)
+    gram = g @ g.T
+    sq = gram.diagonal()
+    if bool((sq > 0).all()):
+        inv_norm = sq.rsqrt()
+        cos = gram * inv_norm[:, None] * inv_norm[None, :]
+        lam, vec = torch.linalg.eigh((cos + cos.T) / 2)
+        eps = torch.finfo(g.dtype).eps
+        cut = max(g.shape) * eps if rtol is None else rtol
+        lo, hi = (float(v) for v in lam[[0, -1]].tolist())
+        if hi > 0 and lo >= max(1e-6, 4 * cut * cut) * hi:
+            y = vec @ ((vec.T @ w) / lam)  # K⁻¹ w
+            c = y * inv_norm  # x = U⁺w = Jᵀ c
+            xx = c @ gram @ c  # ‖x‖²
+            if float(xx) <= 0:  # w = 0
+                return torch.zeros(g.shape[1], dtype=g.dtype, device=g.device)
+            return ((gram @ c).sum() / xx * c) @ g
+    return _config_svd(g, w, rtol)
+
+
+def _config_svd(g: Tensor, w: Tensor, rtol: float | None) -> Tensor:
+    """The ConFIG update from one thin SVD of ``U`` (any rank; ``g`` float64)."""
     norms = g.norm(dim=1, keepdim=True)
     units = torch.where(norms > 0, g / torch.where(norms > 0, norms, 1.0), 0.0)
     # x = U⁺w from one thin SVD, U = P diag(σ) Qᵀ: singular values ≤ rtol·σ_max are dropped,

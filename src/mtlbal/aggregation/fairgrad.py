@@ -58,7 +58,6 @@ import warnings
 from typing import Literal
 
 import numpy as np
-import scipy.linalg
 import torch
 from torch import Tensor
 
@@ -98,10 +97,13 @@ def _newton(a: np.ndarray, p: float, tol: float, max_iter: int) -> tuple[np.ndar
         xp = np.power(x, -p)
         grad = a @ x - xp
         hess = a + np.diag(p * xp / x)
-        try:  # the Hessian is positive definite: a Cholesky solve
-            step = -scipy.linalg.cho_solve(scipy.linalg.cho_factor(hess, check_finite=False), grad)
-        except (np.linalg.LinAlgError, scipy.linalg.LinAlgError):
+        # the Hessian is positive definite: a Cholesky solve, by torch (it follows
+        # torch.set_num_threads; NumPy/SciPy's BLAS threads contend on a loaded machine:
+        # 0.76 s for one 256 × 256 factorisation was measured)
+        chol, info = torch.linalg.cholesky_ex(torch.from_numpy(hess))
+        if int(info) != 0:
             return x, np.inf
+        step = -torch.cholesky_solve(torch.from_numpy(grad)[:, None], chol)[:, 0].numpy()
         t = 1.0
         neg = step < 0
         if neg.any():  # stay strictly inside the orthant

@@ -17,6 +17,10 @@ Scale: the paper's output is a mean (TorchJD's convention, ``reduction="mean"``)
 
 Requirements: ``m ≥ 2b + 1``; otherwise a ``ValueError``.
 
+Computation: one sort along the tasks; for ``b = 1`` none: the column minima and maxima, the
+sum of the values strictly between them plus the kept copies of the two extremes (ties handled
+exactly; no ``Σ − extremes`` subtraction, which a huge outlier would cancel).
+
 Properties: permutation equivariant, positively homogeneous of degree 1 (sorting commutes with
 a positive scale), no state, no host sync. ``StepInfo.weights`` reports the loss weights (no
 per-task weight exists).
@@ -30,6 +34,7 @@ Example:
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from mtlbal.aggregation.base import Aggregator, Reduction
@@ -47,8 +52,22 @@ def trimmed_mean(jacobian: Tensor, trim_number: int) -> Tensor:
             f"TrimmedMean: {m} tasks with trim_number={trim_number}: needs at least "
             f"2 * trim_number + 1 = {2 * trim_number + 1} tasks"
         )
-    kept = jacobian.sort(dim=0).values[trim_number : m - trim_number]
-    return kept.mean(dim=0)
+    b = trim_number
+    if b == 0:
+        return jacobian.mean(dim=0)
+    if b > 1:
+        return jacobian.sort(dim=0).values[b : m - b].mean(dim=0)
+    # b = 1 without a sort: the column minima and maxima, the values strictly between them
+    # summed, and the kept copies of the two extremes added (ties handled exactly; no
+    # Σ-all-minus-extremes subtraction, which a huge outlier would cancel)
+    lo, hi = jacobian.amin(dim=0), jacobian.amax(dim=0)
+    at_lo, at_hi = jacobian == lo, jacobian == hi
+    total = torch.where(at_lo | at_hi, 0.0, jacobian).sum(dim=0)
+    n_lo = at_lo.sum(dim=0) - 1  # kept copies of the minimum (beyond the dropped one)
+    n_hi = at_hi.sum(dim=0) - 1
+    total = total + n_lo.to(total.dtype) * lo + n_hi.to(total.dtype) * hi
+    # lo == hi: a constant column (the counts above would count it twice)
+    return torch.where(lo == hi, lo, total / (m - 2))
 
 
 class TrimmedMean(Aggregator):

@@ -50,7 +50,7 @@ from torch import Tensor
 
 from mtlbal.aggregation.base import GramianAggregator, Reduction
 
-__all__ = ["UPGrad", "nonneg_qp", "upgrad_weights"]
+__all__ = ["UPGrad", "batched_nonneg_qp", "nonneg_qp", "upgrad_weights"]
 
 
 def _lawson_hanson(a: np.ndarray, q: np.ndarray, thr: float, limit: int) -> np.ndarray:
@@ -166,6 +166,112 @@ def dual_cone_problem(
     return a + reg_eps * np.eye(m), p
 
 
+def batched_nonneg_qp(
+    a: Tensor, q: Tensor, *, max_iter: int = 0, who: str = "batched_nonneg_qp"
+) -> Tensor:
+    """``X[i] = argmin_{x ≥ 0} ½ xᵀ a x + q[i]ᵀ x`` for every row ``i`` of ``q`` (``[k, m]``),
+    all sharing one symmetric positive definite ``a`` (``[m, m]``); float64, on ``a``'s device.
+
+    One primal–dual active-set (semismooth Newton) iteration for all the problems at once:
+    each problem's free-set system ``a[F, F] x_F = −q_F`` is gathered into a batch padded to the
+    largest free set (identity on the padding) and solved by one batched Cholesky; problems
+    whose active set has settled leave the batch. The KKT conditions of every result are then
+    checked in one batched product; a problem that cycles, exceeds ``max_iter`` (default
+    ``3m + 10``), whose system is not numerically positive definite, or whose result violates
+    KKT is solved again by :func:`nonneg_qp` (Lawson–Hanson, finite termination), which raises
+    ``RuntimeError`` if that fails too. One host read per iteration (the settled check).
+    """
+    k, m = q.shape
+    a = a.to(torch.float64)
+    q = q.to(device=a.device, dtype=torch.float64)
+    x_all = torch.zeros(k, m, dtype=torch.float64, device=a.device)
+    if k == 0 or m == 0:
+        return x_all
+    limit = max_iter or 3 * m + 10
+    todo = torch.arange(k, device=a.device)  # problems still iterating
+    active = q >= 0  # where the gradient at x = 0 already points into the constraint
+    # a with an identity block appended: padding slot r of a batch gathers index m + r, so the
+    # padded systems are block-diagonal [a[F, F], I] without any masking of the batch
+    ext = torch.block_diag(a, torch.eye(m, dtype=torch.float64, device=a.device))
+    q_ext = torch.cat([q, torch.zeros_like(q)], 1)
+    cols = torch.arange(m, device=a.device)
+    redo: list[Tensor] = []  # problems handed to the exact fallback
+    for _ in range(limit):
+        if todo.numel() == 0:
+            break
+        free = ~active
+        count = free.sum(1)
+        width = int(count.max())
+        # the free indices of each problem first (stable), padded to the widest free set
+        idx = torch.argsort(active.to(torch.int8), dim=1, stable=True)[:, :width]
+        valid = cols[:width][None, :] < count[:, None]
+        pidx = torch.where(valid, idx, m + cols[:width][None, :])
+        x = torch.zeros(todo.numel(), m, dtype=torch.float64, device=a.device)
+        if width > 0:
+            sub = ext[pidx[:, :, None], pidx[:, None, :]]
+            rhs = -q_ext[todo].gather(1, pidx)[:, :, None]
+            chol, info = torch.linalg.cholesky_ex(sub)
+            half = torch.linalg.solve_triangular(chol, rhs, upper=False)
+            sol = torch.linalg.solve_triangular(chol.mT, half, upper=True)[:, :, 0]
+            bad = info != 0
+            x = x.scatter(1, idx, torch.where(valid & ~bad[:, None], sol, 0.0))
+        else:
+            bad = torch.zeros(todo.numel(), dtype=torch.bool, device=a.device)
+        lam = torch.where(free, 0.0, x @ a + q[todo])
+        new = x < lam
+        settled = (new == active).all(1) & ~bad
+        x_all[todo[settled]] = x[settled]
+        redo.append(todo[bad])
+        keep = ~settled & ~bad
+        todo, active = todo[keep], new[keep]
+    redo.append(todo)  # still cycling after the budget
+    # KKT of every result, at once (the tolerance of nonneg_qp)
+    grad = x_all @ a + q
+    kkt = torch.stack(
+        [(-x_all).clamp_min(0).amax(1), (-grad).clamp_min(0).amax(1), (x_all * grad).abs().amax(1)]
+    ).amax(0)
+    scale = torch.maximum(q.abs().amax(1), a.abs().max()).clamp_min(1.0)
+    bound = 1e-7 * scale * x_all.abs().amax(1).clamp_min(1.0)
+    failed = ~(kkt <= bound)
+    failed[torch.cat(redo)] = True
+    rows = torch.nonzero(failed).flatten().tolist()
+    if rows:
+        a_np = a.cpu().numpy()
+        q_np = q.cpu().numpy()
+        for r in rows:
+            try:
+                x_all[r] = torch.as_tensor(nonneg_qp(a_np, q_np[r]), device=a.device)
+            except np.linalg.LinAlgError as e:
+                raise RuntimeError(
+                    f"{who}: singular Gramian in the QP; use reg_eps > 0 (default 1e-4)"
+                ) from e
+    return x_all
+
+
+def dual_cone_tensors(
+    gramian: Tensor, pref: Tensor | None, norm_eps: float, reg_eps: float, name: str
+) -> tuple[Tensor, Tensor]:
+    """As :func:`dual_cone_problem`, as float64 tensors on ``G``'s device (one host read: the
+    finiteness and trace checks)."""
+    if gramian.dim() != 2 or gramian.shape[0] != gramian.shape[1]:
+        raise ValueError(f"expected a square Gramian [m, m], got {tuple(gramian.shape)}")
+    m = gramian.shape[0]
+    g = gramian.detach().to(torch.float64)
+    g = 0.5 * (g + g.T)
+    p = (
+        torch.ones(m, dtype=torch.float64, device=g.device)
+        if pref is None
+        else pref.detach().to(device=g.device, dtype=torch.float64).reshape(-1)
+    )
+    if p.shape[0] != m:
+        raise ValueError(f"pref has {p.shape[0]} entries for {m} tasks")
+    finite, tr = torch.stack([torch.isfinite(g).all().to(torch.float64), g.trace()]).tolist()
+    if not finite:
+        raise ValueError(f"{name}: the Gramian has non-finite entries")
+    a = g / tr if tr > norm_eps else torch.zeros_like(g)
+    return a + reg_eps * torch.eye(m, dtype=torch.float64, device=g.device), p
+
+
 def upgrad_weights(
     gramian: Tensor,
     pref: Tensor | None = None,
@@ -176,22 +282,13 @@ def upgrad_weights(
     """UPGrad weights ``w = Σ_i v_i`` (``[m]``, float64) for the Gramian ``G`` (``[m, m]``).
 
     ``v_i = argmin_{v ≥ p_i e_i} vᵀ G̃ v`` with ``G̃ = G/trace(G) + reg_eps·I`` (``G̃ = reg_eps·I``
-    when ``trace(G) ≤ norm_eps``). ``pref`` defaults to ones (the sum scale).
+    when ``trace(G) ≤ norm_eps``). ``pref`` defaults to ones (the sum scale). The ``m`` QPs
+    share ``G̃`` and are solved together (:func:`batched_nonneg_qp`), on ``G``'s device.
     """
-    a, p = dual_cone_problem(gramian, pref, norm_eps, reg_eps, "UPGrad")
-    m = a.shape[0]
-    w = np.zeros(m)
-    for i in range(m):
-        u = np.zeros(m)
-        u[i] = p[i]
-        try:
-            x = nonneg_qp(a, a @ u)
-        except np.linalg.LinAlgError as e:
-            raise RuntimeError(
-                "UPGrad: singular Gramian in the QP; use reg_eps > 0 (default 1e-4)"
-            ) from e
-        w += u + x
-    return torch.as_tensor(w, dtype=torch.float64, device=gramian.device)
+    a, p = dual_cone_tensors(gramian, pref, norm_eps, reg_eps, "UPGrad")
+    # problem i: x = v_i − u_i with u_i = p_i e_i, so q_i = G̃ u_i = p_i G̃[:, i] (row i, G̃ symmetric)
+    x = batched_nonneg_qp(a, p[:, None] * a, who="UPGrad")
+    return p + x.sum(0)
 
 
 class DualConeAggregator(GramianAggregator):

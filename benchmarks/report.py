@@ -74,7 +74,7 @@ def overview(results: list[dict[str, Any]]) -> str:
             col = "toy: reached Pareto set"
             per: dict[str, list[bool]] = {}
             for row in r.get("rows", []):
-                per.setdefault(row["strategy"], []).append(row["pareto_dist"] <= 0.1)
+                per.setdefault(row["strategy"], []).append(row["on_front"])
             if per:
                 cols.append(col)
             for strat, hits in per.items():

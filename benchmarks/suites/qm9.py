@@ -527,7 +527,34 @@ def run(
     rows = run_protocol(
         data, names, seeds, proto, device=device, show_progress=show_progress, on_row=on_row
     )
-    summ = summarize(problem.tasks, rows, metric_digits=3, max_metric_columns=11)
+    config = {
+        "n_molecules": len(x),
+        "n_train": problem.x_train.shape[0],
+        "n_val": data.x_val.shape[0],
+        "n_test": problem.x_test.shape[0],
+        "epochs": proto.epochs,
+        "batch_size": proto.batch_size,
+        "lr": proto.lr,
+        "seeds": seeds,
+        "quick": quick,
+    }
+    return build_result(rows, config, out_dir=out_dir, missing=missing)
+
+
+def build_result(
+    rows: list[dict[str, Any]],
+    config: dict[str, Any],
+    *,
+    out_dir: pathlib.Path | None = None,
+    missing: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """The suite's result from the rows of :func:`run_protocol` (also from saved rows, e.g. the
+    ``qm9_rows.jsonl`` a run writes as it goes) and its configuration."""
+    proto = Protocol(epochs=config["epochs"], batch_size=config["batch_size"], lr=config["lr"])
+    seeds = sorted({r["seed"] for r in rows})
+    names = [s for s in dict.fromkeys(r["strategy"] for r in rows) if s != STL]
+    tasks = [TaskSpec(name, "mse", "mae") for name, *_ in TARGETS]
+    summ = summarize(tasks, rows, metric_digits=3, max_metric_columns=11)
     cmp = published_comparison(summ.rows)
     fails = {
         s: [r["solver_failures"] for r in rows if r["strategy"] == s]
@@ -542,8 +569,8 @@ def run(
     )
     units = ", ".join(f"{name} {unit}" for name, _c, _f, _r, unit in TARGETS)
     md = (
-        f"### {TITLE}\n\n{problem.x_train.shape[0]} training / {data.x_val.shape[0]} validation "
-        f"/ {problem.x_test.shape[0]} test molecules (random subset of QM9); MLP 34→256→256 + 11 "
+        f"### {TITLE}\n\n{config['n_train']} training / {config['n_val']} validation "
+        f"/ {config['n_test']} test molecules (random subset of QM9); MLP 34→256→256 + 11 "
         f"heads; Adam lr {proto.lr}, batch {proto.batch_size}, {proto.epochs} epochs, "
         f"ReduceLROnPlateau (×{proto.plateau_factor}, patience {proto.plateau_patience}) on the "
         "validation Δm%, test metrics of the best-validation epoch; Nash-MTL clips the shared "
@@ -551,27 +578,17 @@ def run(
         f"{summ.markdown}\n{fail_md}{_comparison_md(cmp, summ.rows)}"
     )
     figure, plots = delta_m_section(summ.rows if rows else [], out_dir, "qm9", TITLE)
-    md += figure + missing_note(missing)
+    md += figure + missing_note(missing or {})
     return {
         "name": NAME,
         "title": TITLE,
-        "config": {
-            "n_molecules": len(x),
-            "n_train": problem.x_train.shape[0],
-            "n_val": data.x_val.shape[0],
-            "n_test": problem.x_test.shape[0],
-            "epochs": proto.epochs,
-            "batch_size": proto.batch_size,
-            "lr": proto.lr,
-            "seeds": seeds,
-            "quick": quick,
-        },
-        "tasks": [t.key for t in problem.tasks],
+        "config": config,
+        "tasks": [t.key for t in tasks],
         "rows": rows,
         "summary": summ.rows,
         "published": cmp,
         "solver_failures": fails,
         "markdown": md,
         "plots": plots,
-        "missing_strategies": missing,
+        "missing_strategies": missing or {},
     }

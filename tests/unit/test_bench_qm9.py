@@ -67,6 +67,11 @@ def test_protocol_selects_best_validation_epoch_and_counts_failures() -> None:
         val_base=np.asarray(stl["val_mae"]),
     )
     assert again["mu/mae"] == pytest.approx(eq["mu/mae"], rel=1e-6)
+    # the result is rebuilt from the saved rows alone (how the docs page is regenerated)
+    config = {"n_train": 192, "n_val": 24, "n_test": 24, "epochs": 3, "batch_size": 64, "lr": 1e-3}
+    res = qm9.build_result(rows, config)
+    assert [r["strategy"] for r in res["summary"]] == ["STL", "Equal", "NashMTL"]
+    assert "192 training / 24 validation / 24 test" in res["markdown"]
     with pytest.raises(ValueError, match="val_base"):
         qm9.train_one(d, "Equal", 0, proto, val_base=None)
 

@@ -408,8 +408,9 @@ def run_batched(
                 after = toy_losses(x, scale) - shift
             for i, r in enumerate(runs):
                 w = r.spec.weighting
-                if w is not None and callable(getattr(w, "update", None)):
-                    w.update(after[i])
+                update = getattr(w, "update", None)
+                if w is not None and callable(update):
+                    update(after[i])
                 if w is not None and (k + 1) % epoch == 0:
                     w.epoch_end()
             if (k + 1) % record_every == 0:

@@ -648,7 +648,7 @@ def report(
         "missing_strategies": missing or {},
         # the overview's column: runs that end on the front, out of the starts
         "overview": {
-            "title": "toy: on the Pareto front",
+            "title": "on the Pareto front",
             "cells": {s: f"{sum(r['on_front'] for r in res[s])}/{len(res[s])}" for s in names},
         },
     }

@@ -198,6 +198,7 @@ def test_suite_discovery_and_quick_expansion() -> None:
     found = cli.discover()
     assert {"multidigits", "qm9", "toy", "synthetic"} <= set(found)
     names, quick = cli.expand(["quick"])
-    assert quick and names[:3] == ["multidigits", "toy", "synthetic"] and "qm9" not in names
+    assert quick and names[:2] == ["multidigits", "synthetic"]
+    assert "qm9" not in names and "toy" not in names  # toy alone takes ~3.5 min (not in 5)
     names, quick = cli.expand(["all"])
     assert not quick and "qm9" in names

@@ -588,19 +588,31 @@ def summarize(
     return Summary(summary_rows, md, stats)
 
 
-# one colour and one marker per strategy, the same in every plot (registry order; the pairs
-# (colour i mod 10, marker i mod 9) repeat only after 90 strategies; tab10's colours are all
-# dark enough to read as thin lines on white)
+# one colour and one marker per strategy, the same in every plot. The quick rows (what `make
+# bench` shows together) come first, so they get 12 distinct colours (tab10 and two dark extra
+# colours, all dark enough to read as thin lines on white); the (colour, marker) pairs repeat
+# only after 20 × 9 strategies
 _MARKERS = "osD^vP*Xh"
+_COLOURS = [
+    *(f"C{i}" for i in range(10)),
+    "black",
+    "darkgoldenrod",
+    "navy",
+    "maroon",
+    "teal",
+    "olive",
+    "indigo",
+    "darkslategray",
+    "crimson",
+    "sienna",
+]
 
 
 def style(name: str) -> tuple[Any, str]:
     """The (colour, marker) of strategy ``name`` in every plot of the report."""
-    import matplotlib
-
-    names = [STL, *S.STRATEGIES]
+    names = [STL, *S.QUICK, *(n for n in S.STRATEGIES if n not in S.QUICK)]
     i = names.index(name) if name in names else len(names) + sum(map(ord, name))
-    return matplotlib.colormaps["tab10"](i % 10), _MARKERS[i % len(_MARKERS)]
+    return _COLOURS[i % len(_COLOURS)], _MARKERS[i % len(_MARKERS)]
 
 
 def plot_delta_m(summary_rows: list[dict[str, Any]], path: Any, title: str) -> None:

@@ -104,6 +104,13 @@ def test_every_strategy_has_its_own_colour_and_marker() -> None:
     assert len({(tuple(c), m) for c, m in styles}) == len(names)
 
 
+def test_the_quick_rows_have_distinct_colours() -> None:
+    # `make bench` plots these together: a colour shared by two of them reads as one strategy
+    names = [common.STL, *S.QUICK]
+    colours = [common.style(n)[0] for n in names]
+    assert len(set(colours)) == len(names)
+
+
 def test_forest_plot_is_written(tmp_path: pathlib.Path) -> None:
     rows = _results()[1]["summary"]
     path = tmp_path / "f.png"
